@@ -1,0 +1,80 @@
+"""`brainscan`: one thin command per pipeline step, over the same functions the KFP components call.
+
+Commands import their stage lazily, so `brainscan --help` stays fast (TensorFlow loads only
+for the commands that need it). `--json` makes the last output line a JSON summary.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+app = typer.Typer(help=__doc__, no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
+
+
+def emit_json(summary: dict) -> None:
+    """Print a JSON summary as the last output line."""
+    typer.echo(json.dumps(summary, sort_keys=True, default=str))
+
+
+def fail(message: str, code: int = 1) -> None:
+    """A one-line error on stderr and a non-zero exit: no traceback for expected failures."""
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(code)
+
+
+# --------------------------------------------------------------------------- local stack
+stack_app = typer.Typer(help="The embedded local stack (SeaweedFS S3 on 127.0.0.1, MLflow on sqlite).",
+                        no_args_is_help=True)
+app.add_typer(stack_app, name="stack")
+
+WORKDIR_OPTION = typer.Option(Path(".brainscan"), "--workdir", help="Where the stack keeps its data.")
+
+
+@stack_app.command("up")
+def stack_up(workdir: Path = WORKDIR_OPTION) -> None:
+    """Start the stack (or reuse the running one); prints `export` lines for eval."""
+    from brainscan import stack
+
+    try:
+        info = stack.up(workdir)
+    except RuntimeError as err:
+        fail(str(err))
+    typer.echo(info.export_lines())
+
+
+@stack_app.command("down")
+def stack_down(workdir: Path = WORKDIR_OPTION) -> None:
+    """Stop the stack; leaves no process behind."""
+    from brainscan import stack
+
+    typer.echo("stopped" if stack.down(workdir) else "not running", err=True)
+
+
+@stack_app.command("status")
+def stack_status(workdir: Path = WORKDIR_OPTION) -> None:
+    """Say whether the stack runs; exit code 0 when it does, 3 when it does not."""
+    from brainscan import stack
+
+    info = stack.status(workdir)
+    if info is None:
+        typer.echo("not running")
+        raise typer.Exit(3)
+    typer.echo(f"running: pid {info.pid}, S3 {info.s3_endpoint}, MLflow {info.tracking_uri}")
+
+
+# --------------------------------------------------------------------------- data (issue: data in)
+# synth, ingest, validate, split
+
+# --------------------------------------------------------------------------- model (train, evaluate, register, model rollback)
+
+# --------------------------------------------------------------------------- serving (serve, predict, deploy)
+
+# --------------------------------------------------------------------------- pipeline (pipeline run/compile/upload/submit/schedule, demo, retrain)
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,175 @@
+"""One way to read and write artifacts, whether they live in S3 or on a local disk.
+
+Every step takes URIs: ``s3://bucket/prefix`` on a cluster or the local stack, or a plain
+path. Credentials and the endpoint come from the standard environment variables
+(``AWS_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``), never from code.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Iterator
+
+import boto3
+from botocore.config import Config
+
+
+def is_s3(uri: str) -> bool:
+    return str(uri).startswith("s3://")
+
+
+def parse_s3(uri: str) -> tuple[str, str]:
+    """``s3://bucket/some/key`` -> ("bucket", "some/key")."""
+    if not is_s3(uri):
+        raise ValueError(f"not an s3:// URI: {uri!r}")
+    rest = uri[len("s3://"):]
+    bucket, _, key = rest.partition("/")
+    if not bucket:
+        raise ValueError(f"no bucket in {uri!r}")
+    return bucket, key
+
+
+def join(base: str, *parts: str) -> str:
+    """Join URI or path parts with '/', whatever the base is."""
+    out = str(base).rstrip("/")
+    for part in parts:
+        out = f"{out}/{str(part).strip('/')}"
+    return out
+
+
+@lru_cache(maxsize=8)
+def _client(endpoint: str | None, max_pool: int):
+    config = Config(
+        s3={"addressing_style": "path"},  # SeaweedFS, MinIO and loopback endpoints need it
+        retries={"max_attempts": 5, "mode": "standard"},
+        max_pool_connections=max_pool,
+        connect_timeout=5,
+        read_timeout=60,
+    )
+    return boto3.session.Session().client(
+        "s3",
+        endpoint_url=endpoint or None,
+        region_name=os.environ.get("AWS_DEFAULT_REGION") or os.environ.get("AWS_REGION") or "us-east-1",
+        config=config,
+    )
+
+
+def s3_client(max_pool: int = 32):
+    """A boto3 S3 client for the endpoint in the environment (cached per endpoint)."""
+    return _client(os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL"), max_pool)
+
+
+def reset_clients() -> None:
+    """Forget cached clients (after the environment's endpoint or keys changed)."""
+    _client.cache_clear()
+
+
+def ensure_bucket(bucket: str) -> None:
+    client = s3_client()
+    try:
+        client.head_bucket(Bucket=bucket)
+    except client.exceptions.ClientError as err:
+        code = err.response.get("Error", {}).get("Code", "")
+        if code not in ("404", "NoSuchBucket", "NotFound"):
+            raise
+        client.create_bucket(Bucket=bucket)
+
+
+def read_bytes(uri: str) -> bytes:
+    if is_s3(uri):
+        bucket, key = parse_s3(uri)
+        return s3_client().get_object(Bucket=bucket, Key=key)["Body"].read()
+    return Path(uri).read_bytes()
+
+
+def write_bytes(uri: str, data: bytes, content_type: str | None = None) -> str:
+    if is_s3(uri):
+        bucket, key = parse_s3(uri)
+        ensure_bucket(bucket)
+        extra = {"ContentType": content_type} if content_type else {}
+        s3_client().put_object(Bucket=bucket, Key=key, Body=data, **extra)
+    else:
+        path = Path(uri)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_bytes(data)
+        tmp.replace(path)  # atomic: a reader never sees half a file
+    return uri
+
+
+def read_text(uri: str) -> str:
+    return read_bytes(uri).decode("utf-8")
+
+
+def write_text(uri: str, text: str, content_type: str = "text/plain") -> str:
+    return write_bytes(uri, text.encode("utf-8"), content_type)
+
+
+def read_json(uri: str) -> Any:
+    return json.loads(read_text(uri))
+
+
+def write_json(uri: str, obj: Any) -> str:
+    return write_text(uri, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n", "application/json")
+
+
+def exists(uri: str) -> bool:
+    if is_s3(uri):
+        bucket, key = parse_s3(uri)
+        client = s3_client()
+        try:
+            client.head_object(Bucket=bucket, Key=key)
+            return True
+        except client.exceptions.ClientError as err:
+            if err.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound", "NoSuchBucket"):
+                return False
+            raise
+    return Path(uri).exists()
+
+
+def list_files(prefix: str) -> Iterator[tuple[str, int]]:
+    """(uri, size) of every file under a prefix or folder, sorted by URI."""
+    if is_s3(prefix):
+        bucket, key = parse_s3(prefix)
+        key = key.rstrip("/") + "/" if key else ""
+        paginator = s3_client().get_paginator("list_objects_v2")
+        for page in paginator.paginate(Bucket=bucket, Prefix=key):
+            for obj in page.get("Contents", []):
+                yield f"s3://{bucket}/{obj['Key']}", obj["Size"]
+        return
+    root = Path(prefix)
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        yield str(path), path.stat().st_size
+
+
+def upload_dir(local_dir: str | Path, uri: str) -> str:
+    """Copy a local folder to a URI (S3 prefix or another folder)."""
+    local_dir = Path(local_dir)
+    for path in sorted(p for p in local_dir.rglob("*") if p.is_file()):
+        write_bytes(join(uri, path.relative_to(local_dir).as_posix()), path.read_bytes())
+    return uri
+
+
+def download_dir(uri: str, local_dir: str | Path) -> Path:
+    """Copy every file under a URI into a local folder; returns the folder."""
+    local_dir = Path(local_dir)
+    local_dir.mkdir(parents=True, exist_ok=True)
+    if not is_s3(uri):
+        shutil.copytree(uri, local_dir, dirs_exist_ok=True)
+        return local_dir
+    base = uri.rstrip("/") + "/"
+    for file_uri, _ in list_files(uri):
+        target = local_dir / file_uri[len(base):]
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(read_bytes(file_uri))
+    return local_dir
+
+
+def open_text(uri: str) -> io.StringIO:
+    """A text stream over a whole object (manifests are small enough to hold)."""
+    return io.StringIO(read_text(uri))

@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# The project's two entry points on a fresh machine (only Python 3.11 needed):
+#   bash scripts/dev.sh demo   -> the main job: the whole pipeline on the local stack
+#   bash scripts/dev.sh test   -> the test suite
+# Both create .venv from the pinned lock file first (skipped when it is up to date).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PYTHON="${PYTHON:-python3.11}"
+VENV=.venv
+STAMP="$VENV/.brainscan-lock.sha256"
+
+bootstrap() {
+    local want
+    want=$(cat requirements.lock pyproject.toml | sha256sum | cut -d' ' -f1)
+    if [[ -f "$STAMP" && "$(cat "$STAMP")" == "$want" ]]; then
+        return
+    fi
+    echo "[setup] creating $VENV from requirements.lock" >&2
+    [[ -x "$VENV/bin/python" ]] || "$PYTHON" -m venv "$VENV"
+    "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check uv==0.9.30
+    "$VENV/bin/uv" pip install --quiet --python "$VENV/bin/python" -r requirements.lock
+    "$VENV/bin/uv" pip install --quiet --python "$VENV/bin/python" --no-deps -e .
+    echo "$want" > "$STAMP"
+}
+
+cmd="${1:-}"
+shift || true
+case "$cmd" in
+    setup)
+        bootstrap ;;
+    demo)
+        bootstrap
+        exec "$VENV/bin/brainscan" demo "$@" ;;
+    test)
+        bootstrap
+        # pytest exits 5 when nothing was collected: that is a failure here, not a pass.
+        exec "$VENV/bin/python" -m pytest -ra "$@" ;;
+    *)
+        echo "usage: bash scripts/dev.sh {setup|demo|test} [args...]" >&2
+        exit 2 ;;
+esac

@@ -1,0 +1,78 @@
+"""The local stack: real SeaweedFS on loopback, idempotent up, clean down, secrets kept out of output."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import boto3
+import pytest
+from botocore.config import Config
+
+from brainscan import stack
+
+
+def _client(info):
+    env = info.env()
+    return boto3.client(
+        "s3", endpoint_url=info.s3_endpoint, aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
+        aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"], region_name="us-east-1",
+        config=Config(s3={"addressing_style": "path"}),
+    )
+
+
+def test_up_is_idempotent_and_down_leaves_nothing(tmp_path):
+    first = stack.up(tmp_path)
+    try:
+        assert first.s3_endpoint.startswith("http://127.0.0.1:")
+        again = stack.up(tmp_path)
+        assert again.pid == first.pid
+        client = _client(first)
+        client.create_bucket(Bucket="stack-test")
+        client.put_object(Bucket="stack-test", Key="a b/c.txt", Body=b"hello")
+        assert client.get_object(Bucket="stack-test", Key="a b/c.txt")["Body"].read() == b"hello"
+        # Every listening socket of the stack is on loopback.
+        out = subprocess.run(["ss", "-ltnp"], capture_output=True, text=True).stdout
+        mine = [line for line in out.splitlines() if f"pid={first.pid}," in line]
+        assert mine, out
+        assert all(" 127.0.0.1:" in line for line in mine), mine
+    finally:
+        assert stack.down(tmp_path) is True
+    assert not stack._alive(first.pid)
+    assert stack.status(tmp_path) is None
+    assert stack.down(tmp_path) is False
+
+
+def test_wrong_keys_are_refused(s3_stack):
+    client = boto3.client(
+        "s3", endpoint_url=s3_stack.s3_endpoint, aws_access_key_id="nobody", aws_secret_access_key="wrong",
+        region_name="us-east-1", config=Config(s3={"addressing_style": "path"}, retries={"max_attempts": 1}),
+    )
+    with pytest.raises(client.exceptions.ClientError):
+        client.list_buckets()
+
+
+def test_cli_exports_work_with_eval_and_hide_the_secret(tmp_path):
+    brainscan = [sys.executable, "-m", "brainscan.cli"]
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "MLFLOW_"))}
+    try:
+        up = subprocess.run([*brainscan, "stack", "up", "--workdir", str(tmp_path)],
+                            capture_output=True, text=True, env=env, timeout=120)
+        assert up.returncode == 0, up.stderr
+        secret = (tmp_path / "stack" / "secret_access_key").read_text()
+        assert secret not in up.stdout + up.stderr
+        script = (
+            f'eval "$({" ".join(brainscan)} stack up --workdir {tmp_path})" && '
+            f'{sys.executable} -c "import boto3; print(boto3.client(\'s3\').list_buckets()[\'ResponseMetadata\'][\'HTTPStatusCode\'])"'
+        )
+        shell = subprocess.run(["bash", "-c", script], capture_output=True, text=True, env=env, timeout=120)
+        assert shell.stdout.strip().endswith("200"), shell.stderr
+        status = subprocess.run([*brainscan, "stack", "status", "--workdir", str(tmp_path)],
+                                capture_output=True, text=True, env=env)
+        assert status.returncode == 0 and "running" in status.stdout
+    finally:
+        subprocess.run([*brainscan, "stack", "down", "--workdir", str(tmp_path)], env=env, timeout=60)
+    status = subprocess.run([*brainscan, "stack", "status", "--workdir", str(tmp_path)],
+                            capture_output=True, text=True, env=env)
+    assert status.returncode == 3
