@@ -68,6 +68,32 @@ def stack_status(workdir: Path = WORKDIR_OPTION) -> None:
 
 # --------------------------------------------------------------------------- data (issue: data in)
 # synth, ingest, validate, split
+data_app = typer.Typer(help="Datasets: the offline synthetic archive.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+
+
+@data_app.command("synth")
+def data_synth(
+    out: Path = typer.Option(..., "--out", help="Folder to write; the archive lands in OUT/Dataset/."),
+    per_class: int = typer.Option(40, "--per-class", min=1, help="Images per class (7 classes)."),
+    seed: int = typer.Option(0, "--seed", help="Same seed, same bytes."),
+    preview: Optional[Path] = typer.Option(None, "--preview", help="Also write a contact-sheet PNG here."),
+    as_json: bool = typer.Option(False, "--json", help="Last output line: a JSON summary."),
+) -> None:
+    """Write a deterministic synthetic CT/MRI archive in the Kaggle layout (the offline default)."""
+    from brainscan import synth
+
+    result = synth.generate(out, per_class=per_class, seed=seed)
+    summary = result.summary()
+    if preview is not None:
+        summary["preview"] = str(synth.preview(preview, seed=seed))
+    typer.echo(f"wrote {result.files} images ({result.per_class}) with {len(result.duplicates)} exact duplicates "
+               f"to {Path(out) / 'Dataset'}", err=True)
+    if as_json:
+        emit_json(summary)
+    else:
+        typer.echo(result.out_dir)
+
 
 # --------------------------------------------------------------------------- model (train, evaluate, register, model rollback)
 
