@@ -95,6 +95,63 @@ def data_synth(
         typer.echo(result.out_dir)
 
 
+@app.command("validate")
+def validate_cmd(
+    data: str = typer.Option(..., "--data", help="Dataset URI holding manifest.csv (s3://... or a folder)."),
+    report: str = typer.Option(..., "--report", help="Where validation.json / validation.html go (URI or folder)."),
+    min_per_class: int = typer.Option(20, "--min-per-class", help="Minimum images in each class."),
+    max_class_ratio: float = typer.Option(5.0, "--max-class-ratio", help="Largest class / smallest class, at most."),
+    min_side: int = typer.Option(64, "--min-side", help="Smallest image side allowed (px)."),
+    max_side: int = typer.Option(4096, "--max-side", help="Largest image side allowed (px)."),
+    allow_corrupt: float = typer.Option(0.0, "--allow-corrupt", help="Fraction of undecodable files tolerated."),
+    check_files: bool = typer.Option(True, "--check-files/--trust-manifest",
+                                     help="Re-read and decode every file (default) or trust the manifest."),
+    as_json: bool = typer.Option(False, "--json", help="Last output line: a JSON summary."),
+) -> None:
+    """Run the great-expectations suite over the manifest; exit 1 naming failed checks and files."""
+    import logging
+
+    from brainscan.components.validate import validate
+
+    logging.getLogger("great_expectations").setLevel(logging.WARNING)
+    try:
+        result = validate(data, report, check_files=check_files, min_per_class=min_per_class,
+                          max_class_ratio=max_class_ratio, min_side=min_side, max_side=max_side,
+                          allow_corrupt=allow_corrupt)
+    except (FileNotFoundError, ValueError) as err:
+        fail(str(err))
+    typer.echo(f"validation {'passed' if result.success else 'FAILED'}: {result.rows} images, "
+               f"{len(result.expectations) - len(result.failed)}/{len(result.expectations)} expectations met, "
+               f"{result.summary()['duplicates']} exact duplicates; report {result.report_html}", err=True)
+    if as_json:
+        emit_json(result.summary())
+    if not result.success:
+        fail("validation failed:\n" + result.failure_message())
+
+
+@app.command("split")
+def split_cmd(
+    data: str = typer.Option(..., "--data", help="Dataset URI holding manifest.csv (s3://... or a folder)."),
+    out: str = typer.Option(..., "--out", help="Where train.csv, val.csv, test.csv and split_report.json go."),
+    val: float = typer.Option(0.15, "--val", help="Validation fraction."),
+    test: float = typer.Option(0.15, "--test", help="Test fraction."),
+    seed: int = typer.Option(42, "--seed", help="Same seed, same split."),
+    as_json: bool = typer.Option(False, "--json", help="Last output line: a JSON summary."),
+) -> None:
+    """Stratified train/val/test split; exact and near duplicates always share a split."""
+    from brainscan.components.split import split
+
+    try:
+        result = split(data, out, val=val, test=test, seed=seed)
+    except (FileNotFoundError, ValueError) as err:
+        fail(str(err))
+    typer.echo(f"split {result.counts} in {result.groups} groups; {result.exact_duplicates} exact and "
+               f"{result.near_duplicates} near duplicates kept together; {len(result.excluded)} undecodable left out; "
+               f"report {result.report_uri}", err=True)
+    if as_json:
+        emit_json(result.summary())
+
+
 # --------------------------------------------------------------------------- model (train, evaluate, register, model rollback)
 
 # --------------------------------------------------------------------------- serving (serve, predict, deploy)

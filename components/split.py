@@ -1,0 +1,215 @@
+"""Split: stratified train/val/test where duplicates never cross splits.
+
+`split(data, out)` reads `{data}/manifest.csv` and writes `{out}/train.csv`, `val.csv`,
+`test.csv` (the manifest columns plus `group`) and `{out}/split_report.json`.
+
+Duplicates leak a test set into training (the seed project leaked 122 test images), so
+images are first grouped: exact duplicates share a sha256, near duplicates (a re-encoded,
+resized or slightly brightened copy) have perceptual hashes within a small Hamming distance.
+Groups are joined with union-find, and whole groups are assigned to splits, class by class,
+so each split keeps the class proportions. Undecodable rows are never split.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+from collections import Counter, defaultdict
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+from brainscan import storage
+from brainscan.labels import CLASSES
+
+log = logging.getLogger(__name__)
+
+SPLITS = ("train", "val", "test")
+# 256-bit perceptual hashes: on the phantoms and the real sample, re-encoded / resized /
+# brightened copies stay within 6 bits while unrelated slices sit 20+ bits apart (with
+# 64-bit hashes unrelated look-alike slices came within 4 bits: too many false joins).
+HASH_SIZE = 16
+MAX_DISTANCE = 10
+
+
+@dataclass
+class SplitResult:
+    out: str
+    counts: dict[str, int]  # images per split
+    per_class: dict[str, dict[str, int]]  # split -> class -> images
+    groups: int  # groups (an image without duplicates is a group of one)
+    duplicate_groups: int  # groups of more than one image
+    exact_duplicates: int  # extra copies with the same sha256
+    near_duplicates: int  # extra images joined by perceptual hash only
+    excluded: list[str]  # undecodable rows, never split
+    cross_split_duplicates: int  # always 0; checked after assignment
+    mixed_class_groups: int  # duplicate groups whose images carry different labels (a labelling problem)
+    report_uri: str
+
+    def summary(self) -> dict:
+        return {k: v for k, v in self.__dict__.items() if k != "excluded"} | {"excluded": len(self.excluded)}
+
+
+class _UnionFind:
+    def __init__(self, n: int):
+        self.parent = list(range(n))
+
+    def find(self, i: int) -> int:
+        while self.parent[i] != i:
+            self.parent[i] = self.parent[self.parent[i]]  # path halving
+            i = self.parent[i]
+        return i
+
+    def union(self, a: int, b: int) -> None:
+        ra, rb = self.find(a), self.find(b)
+        if ra != rb:
+            self.parent[max(ra, rb)] = min(ra, rb)
+
+
+def _phash(uri: str) -> np.ndarray | None:
+    """The perceptual hash of a stored image as packed uint64 words (None if it does not decode)."""
+    import imagehash
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(storage.read_bytes(uri))) as image:
+            bits = imagehash.phash(image.convert("L"), hash_size=HASH_SIZE).hash.flatten()
+            return np.packbits(bits).view(np.uint64)
+    except Exception as err:
+        log.warning("split: cannot hash %s: %s", uri, err)
+        return None
+
+
+def perceptual_hashes(paths: list[str], workers: int = 16) -> list[np.ndarray | None]:
+    """Hashes of many stored images, read in parallel (S3 reads are I/O-bound)."""
+    from tqdm import tqdm
+
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        return list(tqdm(pool.map(_phash, paths), total=len(paths), desc="perceptual hashes",
+                         unit="img", disable=len(paths) < 50, mininterval=2))
+
+
+def group_duplicates(sha256: list[str], hashes: list[np.ndarray | None],
+                     max_distance: int = MAX_DISTANCE) -> tuple[list[int], int, int]:
+    """Group ids (union-find over exact and near duplicates); (groups, exact extras, near-only extras)."""
+    n = len(sha256)
+    uf = _UnionFind(n)
+    first_of: dict[str, int] = {}
+    for i, digest in enumerate(sha256):
+        if digest in first_of:
+            uf.union(first_of[digest], i)
+        else:
+            first_of[digest] = i
+    exact_roots = [uf.find(i) for i in range(n)]
+    exact_extra = n - len(set(exact_roots))
+    # near duplicates: all pairs within max_distance bits (n is thousands: XOR + popcount row by row is fine)
+    have = [i for i, h in enumerate(hashes) if h is not None]
+    if have:
+        words = np.stack([hashes[i] for i in have])
+        for row, i in enumerate(have):
+            distances = np.bitwise_count(words[row + 1:] ^ words[row]).sum(axis=1)
+            for offset in np.nonzero(distances <= max_distance)[0]:
+                uf.union(i, have[row + 1 + offset])
+    roots = [uf.find(i) for i in range(n)]
+    near_extra = len(set(exact_roots)) - len(set(roots))
+    # stable group ids: the index of the group's first row
+    return roots, exact_extra, near_extra
+
+
+def _assign(df: pd.DataFrame, val: float, test: float, seed: int) -> dict[int, str]:
+    """Group -> split. Groups are stratified by their (majority) class and shuffled with the seed."""
+    rng = np.random.default_rng(seed)
+    group_class = df.groupby("group")["class7"].agg(lambda s: s.value_counts().index[0])
+    group_size = df.groupby("group").size()
+    assignment: dict[int, str] = {}
+    for class7 in sorted(group_class.unique()):
+        groups = sorted(group_class.index[group_class == class7])
+        groups = [groups[i] for i in rng.permutation(len(groups))]
+        total = int(group_size[groups].sum())
+        target = {"test": test * total, "val": val * total}
+        filled = {"test": 0, "val": 0}
+        # Fill test, then val, with whole groups up to their share; the rest trains.
+        # A group that would overshoot its split's share by more than half goes on to the next split.
+        for g in groups:
+            size = int(group_size[g])
+            for name in ("test", "val"):
+                if filled[name] + size <= target[name] + 0.5 * max(size, 1) and filled[name] < target[name]:
+                    assignment[g] = name
+                    filled[name] += size
+                    break
+            else:
+                assignment[g] = "train"
+    return assignment
+
+
+def split(data: str, out: str, val: float = 0.15, test: float = 0.15, seed: int = 42,
+          max_distance: int = MAX_DISTANCE, workers: int = 16) -> SplitResult:
+    """Split `{data}/manifest.csv` into `{out}/{train,val,test}.csv` with duplicates kept together."""
+    if not (0 <= val < 1 and 0 <= test < 1 and val + test < 1):
+        raise ValueError(f"val ({val}) and test ({test}) must be fractions in [0, 1) with val + test < 1")
+    manifest_uri = storage.join(data, "manifest.csv")
+    if not storage.exists(manifest_uri):
+        raise FileNotFoundError(f"no manifest at {manifest_uri}; run `brainscan ingest` first")
+    manifest = pd.read_csv(storage.open_text(manifest_uri), dtype={"sha256": str, "path": str})
+    missing = [c for c in ("path", "sha256", "class7", "decodable") if c not in manifest.columns]
+    if missing:
+        raise ValueError(f"{manifest_uri} lacks column(s) {', '.join(missing)}")
+    unknown = sorted(set(manifest["class7"].dropna()) - set(CLASSES))
+    if unknown:
+        raise ValueError(f"{manifest_uri} has unknown class(es) {unknown}; run `brainscan validate` first")
+
+    decodable = manifest["decodable"].astype(str).str.strip().str.lower().isin(["true", "1"])
+    hashes = perceptual_hashes(manifest["path"].tolist(), workers=workers)
+    # a row the manifest calls decodable but that does not decode now is excluded too
+    usable = decodable & pd.Series([h is not None for h in hashes], index=manifest.index)
+    excluded = manifest.loc[~usable, "path"].tolist()
+    if excluded:
+        log.warning("split: %d undecodable file(s) left out of every split: %s", len(excluded), excluded[:5])
+    df = manifest[usable].reset_index(drop=True)
+    kept_hashes = [h for h, ok in zip(hashes, usable) if ok]
+    if df.empty:
+        raise ValueError(f"{manifest_uri}: no decodable images to split")
+
+    roots, exact_extra, near_extra = group_duplicates(df["sha256"].tolist(), kept_hashes, max_distance)
+    df["group"] = roots
+    mixed = df.groupby("group")["class7"].nunique()
+    if (mixed > 1).any():
+        # kept together anyway (a leak is worse); stratified by the group's majority class
+        log.warning("split: %d duplicate group(s) hold images of more than one class", int((mixed > 1).sum()))
+    assignment = _assign(df, val, test, seed)
+    df["split"] = df["group"].map(assignment)
+
+    # The promise of this step, checked rather than assumed.
+    splits_per_sha = df.groupby("sha256")["split"].nunique()
+    splits_per_group = df.groupby("group")["split"].nunique()
+    cross = int((splits_per_sha > 1).sum() + (splits_per_group > 1).sum())
+    if cross:
+        raise RuntimeError(f"internal error: {cross} duplicate group(s) span splits")
+
+    columns = list(manifest.columns) + ["group"]
+    counts, per_class = {}, {}
+    for name in SPLITS:
+        part = df[df["split"] == name].sort_values("path")[columns]
+        storage.write_text(storage.join(out, f"{name}.csv"), part.to_csv(index=False), "text/csv")
+        counts[name] = len(part)
+        per_class[name] = {c: int(n) for c, n in sorted(Counter(part["class7"]).items())}
+
+    sizes = df.groupby("group").size()
+    duplicate_groups = [sorted(g["path"].tolist()) for _, g in df.groupby("group") if len(g) > 1]
+    report_uri = storage.join(out, "split_report.json")
+    mixed_groups = [sorted(f"{p} ({c})" for p, c in zip(g["path"], g["class7"]))
+                    for _, g in df.groupby("group") if g["class7"].nunique() > 1]
+    result = SplitResult(out, counts, per_class, int(len(sizes)), len(duplicate_groups), exact_extra,
+                         near_extra, excluded, 0, len(mixed_groups), report_uri)
+    storage.write_json(report_uri, {
+        "manifest": manifest_uri,
+        "seed": seed, "val": val, "test": test, "max_hamming_distance": max_distance,
+        **result.summary(),
+        "excluded": excluded,
+        "duplicate_group_members": duplicate_groups,
+        "mixed_class_group_members": mixed_groups,
+    })
+    log.info("split: %s", counts)
+    return result
