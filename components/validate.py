@@ -107,21 +107,21 @@ def _expected_tumor(class7: str) -> int:
         return -1
 
 
-def _inspect_file(path: str) -> tuple[bool, bool, str]:
-    """(decodes, sha256 matches the bytes, error) for one stored file."""
+def _inspect_file(path: str) -> tuple[bool, str | None, str]:
+    """(decodes, sha256 of the stored bytes or None when unreadable, error message) for one stored file."""
     from PIL import Image
 
     try:
         data = storage.read_bytes(path)
     except Exception as err:  # missing object, unreadable file: reported, not raised
-        return False, False, f"unreadable: {type(err).__name__}: {err}"
+        return False, None, f"unreadable: {type(err).__name__}: {err}"
     digest = hashlib.sha256(data).hexdigest()
     try:
         with Image.open(io.BytesIO(data)) as image:
             image.load()  # decode the pixels, not only the header
     except Exception as err:
-        return False, True, f"does not decode: {type(err).__name__}: {err}"
-    return True, True, digest
+        return False, digest, f"does not decode: {type(err).__name__}: {err}"
+    return True, digest, ""
 
 
 def _as_bool(value) -> bool:
@@ -152,10 +152,10 @@ def prepare(manifest: pd.DataFrame, check_files: bool = True, workers: int = 16)
         with ThreadPoolExecutor(max_workers=workers) as pool:
             checks = list(pool.map(_inspect_file, df["path"].fillna("").tolist()))
         df["decodes"] = [ok and flag for (ok, _, _), flag in zip(checks, df["decodable"])]
-        df["decode_error"] = [("" if ok else detail) if flag else "manifest: decodable=false"
-                              for (ok, _, detail), flag in zip(checks, df["decodable"])]
-        df["sha256_matches"] = [ok_sha and (not ok or detail == sha)
-                                for (ok, ok_sha, detail), sha in zip(checks, df["sha256"].fillna(""))]
+        df["decode_error"] = [error if error else ("" if flag else "manifest: decodable=false")
+                              for (_, _, error), flag in zip(checks, df["decodable"])]
+        df["sha256_matches"] = [digest is not None and digest == sha
+                                for (_, digest, _), sha in zip(checks, df["sha256"].fillna(""))]
     else:
         df["decodes"] = df["decodable"]
         df["decode_error"] = ["" if flag else "manifest: decodable=false" for flag in df["decodable"]]
