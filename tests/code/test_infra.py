@@ -1,0 +1,304 @@
+"""infra/: Dockerfiles (hadolint), Kubernetes manifests (kubernetes-validate, kustomize resource
+lists, custom kinds) and the InferenceService builder."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import kubernetes_validate
+import pytest
+import yaml
+
+from brainscan.serving import inferenceservice as isvc_mod
+
+ROOT = Path(__file__).resolve().parents[2]
+INFRA = ROOT / "infra"
+K8S = INFRA / "k8s"
+HADOLINT = Path(sys.executable).parent / "hadolint"
+K8S_VERSION = "1.33.0"  # the cluster version the manifests are validated against
+BUILTIN_API_VERSIONS = {"v1", "apps/v1", "rbac.authorization.k8s.io/v1", "batch/v1"}
+DOCKERFILES = sorted((INFRA / "docker").glob("*.Dockerfile"))
+
+
+def manifest_files() -> list[Path]:
+    return sorted(p for p in K8S.rglob("*.yaml") if p.name != "kustomization.yaml")
+
+
+def documents(path: Path) -> list[dict]:
+    return [doc for doc in yaml.safe_load_all(path.read_text()) if doc is not None]
+
+
+def kustomize_resources(folder: Path) -> list[Path]:
+    """The files a kustomization pulls in, following nested kustomizations (resource lists only:
+    no patches or generators are used here, and this is not a kustomize engine)."""
+    spec = yaml.safe_load((folder / "kustomization.yaml").read_text())
+    files = []
+    for entry in spec.get("resources", []):
+        target = folder / entry
+        assert target.exists(), f"{folder / 'kustomization.yaml'} lists {entry}, which does not exist"
+        files += kustomize_resources(target) if target.is_dir() else [target]
+    return files
+
+
+# --------------------------------------------------------------------------- Dockerfiles
+
+def test_dockerfiles_exist():
+    assert {p.name for p in DOCKERFILES} >= {"serving.Dockerfile", "pipeline.Dockerfile"}
+
+
+@pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)
+def test_dockerfile_passes_hadolint(dockerfile):
+    config = INFRA / ".hadolint.yaml"
+    cmd = [str(HADOLINT), "--format", "json", "--no-color"]
+    if config.exists():
+        cmd += ["--config", str(config)]
+    proc = subprocess.run(cmd + [str(dockerfile)], capture_output=True, text=True, timeout=60)
+    findings = json.loads(proc.stdout or "[]")
+    serious = [f for f in findings if f["level"] in ("warning", "error")]
+    assert not serious, "\n".join(f"{f['line']}: {f['code']} {f['level']}: {f['message']}" for f in serious)
+
+
+def test_hadolint_catches_a_bad_dockerfile(tmp_path):
+    # the lint test above can fail: a root, unpinned, latest-tagged image is flagged
+    bad = tmp_path / "bad.Dockerfile"
+    bad.write_text("FROM python:latest\nRUN pip install requests\nCMD python -m http.server\n")
+    proc = subprocess.run([str(HADOLINT), "--format", "json", str(bad)], capture_output=True, text=True, timeout=60)
+    codes = {f["code"] for f in json.loads(proc.stdout)}
+    assert {"DL3007", "DL3013", "DL3025"} <= codes
+
+
+@pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)
+def test_dockerfile_pinned_base_non_root_and_lock(dockerfile):
+    text = dockerfile.read_text()
+    assert re.search(r"^FROM python:3\.11-slim\s*$", text, re.M)
+    users = re.findall(r"^USER\s+(\S+)", text, re.M)
+    assert users and users[-1] not in ("root", "0"), "the last USER must not be root"
+    assert "-r /tmp/requirements.txt" in text and "COPY requirements.lock" in text
+    assert "--no-deps /app" in text  # the project on top of the lock, without re-resolving
+    assert "TENSORFLOW_GPU" in text and "tensorflow[and-cuda]" in text
+
+
+def test_serving_image_runs_the_model_server():
+    text = (INFRA / "docker" / "serving.Dockerfile").read_text()
+    cmd = json.loads(re.search(r"^CMD (\[.*\])\s*$", text, re.M).group(1))
+    assert "brainscan serve --host 0.0.0.0 --model \"$MODEL_URI\"" in cmd[-1]
+    assert re.search(r"^EXPOSE 8080 8081", text, re.M)
+
+
+def test_pipeline_image_bakes_the_imagenet_weights():
+    text = (INFRA / "docker" / "pipeline.Dockerfile").read_text()
+    assert "keras.applications.Xception(weights='imagenet')" in text
+    assert "include_top=False" in text  # the headless weights that transfer learning loads
+    assert re.search(r"^ENV .*KERAS_HOME=/opt/keras", text, re.M | re.S)
+
+
+def test_dockerignore_keeps_the_context_small():
+    lines = set((ROOT / ".dockerignore").read_text().split())
+    assert {".git", ".venv", "tests"} <= lines
+    assert not {"brainscan", "components", "serving", "pipelines", "requirements.lock"} & lines
+
+
+# --------------------------------------------------------------------------- manifests
+
+def test_every_manifest_parses_and_names_itself():
+    files = manifest_files()
+    assert len(files) >= 8
+    for path in files:
+        for doc in documents(path):
+            assert {"apiVersion", "kind", "metadata"} <= doc.keys(), path
+            assert doc["metadata"].get("name"), path
+
+
+def test_builtin_kinds_validate_against_kubernetes_schema():
+    checked = 0
+    for path in manifest_files():
+        for doc in documents(path):
+            if doc["apiVersion"] in BUILTIN_API_VERSIONS:
+                kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+                checked += 1
+    assert checked >= 6  # service accounts, roles, bindings, the secret template
+
+
+def test_schema_validation_can_fail():
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role",
+                                      "metadata": {"name": "x"}, "rules": [{"verbs": "get"}]},
+                                     K8S_VERSION, strict=True)
+
+
+def test_kustomizations_list_existing_files_and_every_manifest_but_the_secret_template():
+    listed = set(kustomize_resources(K8S))
+    for sub in ("base", "retrain"):
+        assert set(kustomize_resources(K8S / sub)) <= listed
+    template = K8S / "secrets" / "s3-secret.template.yaml"
+    assert template not in listed  # never applied by `kubectl apply -k`: it would overwrite the real one
+    examples = {p for p in manifest_files() if "examples" in p.parts}
+    assert set(manifest_files()) - listed == {template} | examples
+    kinds = {doc["kind"] for path in listed for doc in documents(path)}
+    assert kinds >= {"ServingRuntime", "ServiceAccount", "Role", "RoleBinding", "EventSource", "Sensor"}
+
+
+def test_secret_template_holds_placeholders_only():
+    (secret,) = documents(K8S / "secrets" / "s3-secret.template.yaml")
+    assert secret["kind"] == "Secret" and secret["metadata"]["name"] == isvc_mod.DEFAULT_S3_SECRET
+    assert "data" not in secret  # no base64 values that could hide a real key
+    for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        assert re.fullmatch(r"<[^>]+>", secret["stringData"][key]), key
+    annotations = secret["metadata"]["annotations"]
+    assert "serving.kserve.io/s3-endpoint" in annotations and "serving.kserve.io/s3-usehttps" in annotations
+
+
+def test_service_accounts_reference_the_s3_secret():
+    accounts = {doc["metadata"]["name"]: doc for doc in documents(K8S / "base" / "service-accounts.yaml")}
+    assert isvc_mod.DEFAULT_SERVICE_ACCOUNT in accounts
+    for account in accounts.values():
+        assert {"name": isvc_mod.DEFAULT_S3_SECRET} in account["secrets"]
+
+
+def test_deploy_role_covers_what_the_deploy_step_calls():
+    docs = {doc["kind"]: doc for doc in documents(K8S / "base" / "rbac-deploy.yaml")}
+    rule = next(r for r in docs["Role"]["rules"] if r["resources"] == ["inferenceservices"])
+    assert rule["apiGroups"] == ["serving.kserve.io"]
+    # get/list/watch to read status, create for the first deploy, patch to roll out, update (PUT) to roll back
+    assert set(rule["verbs"]) == {"get", "list", "watch", "create", "patch", "update"}
+    binding = docs["RoleBinding"]
+    assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "brainscan-deployer"}
+    assert {s["name"] for s in binding["subjects"]} >= {"brainscan-pipeline"}
+
+
+def test_serving_runtime_required_fields():
+    (runtime,) = documents(K8S / "base" / "serving-runtime.yaml")
+    assert runtime["apiVersion"] == "serving.kserve.io/v1alpha1"
+    spec = runtime["spec"]
+    assert spec["supportedModelFormats"][0]["name"] and "v2" in spec["protocolVersions"]
+    (container,) = spec["containers"]
+    assert container["name"] == "kserve-container" and container["image"]
+    assert container["args"][:1] == ["serve"] and "/mnt/models" in container["args"]
+    assert container["securityContext"]["runAsNonRoot"] is True
+    # the container part is a valid Kubernetes container
+    kubernetes_validate.validate(_pod({"containers": [container]}), K8S_VERSION, strict=True)
+
+
+def test_argo_events_source_and_sensor():
+    (source,) = documents(K8S / "retrain" / "eventsource-minio.yaml")
+    (sensor,) = documents(K8S / "retrain" / "sensor-retrain.yaml")
+    assert source["apiVersion"] == sensor["apiVersion"] == "argoproj.io/v1alpha1"
+    assert (source["kind"], sensor["kind"]) == ("EventSource", "Sensor")
+    ((event_name, minio),) = source["spec"]["minio"].items()
+    assert minio["bucket"]["name"] and minio["endpoint"] and minio["events"]
+    assert all(e.startswith("s3:ObjectCreated:") for e in minio["events"])
+    assert minio["accessKey"]["name"] == minio["secretKey"]["name"] == isvc_mod.DEFAULT_S3_SECRET
+
+    (dependency,) = sensor["spec"]["dependencies"]
+    assert (dependency["eventSourceName"], dependency["eventName"]) == (source["metadata"]["name"], event_name)
+    (trigger,) = sensor["spec"]["triggers"]
+    assert trigger["rateLimit"]["requestsPerUnit"] >= 1  # a bulk upload must not start hundreds of runs
+    workflow = trigger["template"]["argoWorkflow"]
+    assert workflow["operation"] == "submit"
+    resource = workflow["source"]["resource"]
+    assert resource["kind"] == "Workflow"
+    (template,) = resource["spec"]["templates"]
+    args = template["container"]["args"]
+    assert args[:2] == ["pipeline", "submit"] and "--host" in args
+    assert template["container"]["command"] == ["brainscan"]
+    # parameters from the event land on a parameter that exists
+    for param in workflow["parameters"]:
+        assert param["src"]["dependencyName"] == dependency["name"]
+        index = int(re.fullmatch(r"spec\.arguments\.parameters\.(\d+)\.value", param["dest"]).group(1))
+        assert index < len(resource["spec"]["arguments"]["parameters"])
+    # the sensor's account exists and may create workflows
+    rbac = {doc["kind"]: doc for doc in documents(K8S / "retrain" / "rbac-sensor.yaml")}
+    assert rbac["ServiceAccount"]["metadata"]["name"] == sensor["spec"]["template"]["serviceAccountName"]
+    assert "create" in rbac["Role"]["rules"][0]["verbs"] and "workflows" in rbac["Role"]["rules"][0]["resources"]
+
+
+def test_example_inferenceservice_is_what_the_builder_makes():
+    (example,) = documents(K8S / "examples" / "inferenceservice.yaml")
+    assert example == isvc_mod.to_dict(isvc_mod.build_inference_service()), \
+        "regenerate: python -m brainscan.serving.inferenceservice > infra/k8s/examples/inferenceservice.yaml"
+
+
+# --------------------------------------------------------------------------- the InferenceService builder
+
+def _pod(spec: dict) -> dict:
+    return {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "check"}, "spec": spec}
+
+
+def _predictor_pod(manifest: dict) -> dict:
+    """The pod-level fields of a predictor, as a Pod, so the Kubernetes schema can check them."""
+    predictor = dict(manifest["spec"]["predictor"])
+    for key in ("minReplicas", "maxReplicas", "canaryTrafficPercent"):
+        predictor.pop(key, None)
+    return _pod(predictor)
+
+
+def test_builder_sets_every_parameter():
+    from kserve import V1beta1InferenceService
+
+    isvc = isvc_mod.build_inference_service(
+        name="bt", namespace="ml", image="registry.local/serving:1.2", model_uri="models:/brain-tumor/7",
+        gpus=2, node_selector={"gpu": "a100"},
+        tolerations=[{"key": "gpu", "operator": "Equal", "value": "yes", "effect": "NoExecute",
+                      "tolerationSeconds": 30}],
+        service_account="sa-s3", min_replicas=2, max_replicas=5, canary_traffic_percent=20,
+        resources={"requests": {"cpu": "2", "memory": "6Gi"}, "limits": {"memory": "10Gi"}},
+        s3_secret="creds", env={"BRAINSCAN_MAX_BATCH": "16"})
+    assert isinstance(isvc, V1beta1InferenceService)
+    manifest = isvc_mod.to_dict(isvc)
+    assert manifest["apiVersion"] == "serving.kserve.io/v1beta1" and manifest["kind"] == "InferenceService"
+    assert manifest["metadata"]["name"] == "bt" and manifest["metadata"]["namespace"] == "ml"
+    predictor = manifest["spec"]["predictor"]
+    assert predictor["serviceAccountName"] == "sa-s3"
+    assert (predictor["minReplicas"], predictor["maxReplicas"], predictor["canaryTrafficPercent"]) == (2, 5, 20)
+    assert predictor["nodeSelector"] == {"gpu": "a100"}
+    assert predictor["tolerations"] == [{"key": "gpu", "operator": "Equal", "value": "yes", "effect": "NoExecute",
+                                         "tolerationSeconds": 30}]
+    (container,) = predictor["containers"]
+    assert container["image"] == "registry.local/serving:1.2"
+    assert container["resources"] == {"requests": {"cpu": "2", "memory": "6Gi"},
+                                      "limits": {"memory": "10Gi", "nvidia.com/gpu": "2"}}
+    assert {"name": "MODEL_URI", "value": "models:/brain-tumor/7"} in container["env"]
+    assert {"name": "BRAINSCAN_MAX_BATCH", "value": "16"} in container["env"]
+    assert container["envFrom"] == [{"secretRef": {"name": "creds"}}]
+    assert container["readinessProbe"]["httpGet"] == {"path": "/v2/health/ready", "port": 8080}
+    assert container["livenessProbe"]["httpGet"] == {"path": "/v2/health/live", "port": 8080}
+    assert container["ports"] == [{"containerPort": 8080, "name": "http1", "protocol": "TCP"}]
+    assert container["securityContext"]["runAsNonRoot"] is True
+    kubernetes_validate.validate(_predictor_pod(manifest), K8S_VERSION, strict=True)
+
+
+def test_builder_gpu_defaults_and_cpu_only():
+    gpu = isvc_mod.to_dict(isvc_mod.build_inference_service())["spec"]["predictor"]
+    assert gpu["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    assert gpu["nodeSelector"] == isvc_mod.DEFAULT_NODE_SELECTOR
+    assert gpu["tolerations"][0]["key"] == "nvidia.com/gpu"
+    assert "canaryTrafficPercent" not in gpu
+
+    cpu = isvc_mod.to_dict(isvc_mod.build_inference_service(gpus=0))["spec"]["predictor"]
+    assert "nvidia.com/gpu" not in cpu["containers"][0]["resources"]["limits"]
+    assert "nodeSelector" not in cpu and "tolerations" not in cpu
+
+
+def test_builder_raw_deployment_adds_the_grpc_port():
+    manifest = isvc_mod.to_dict(isvc_mod.build_inference_service(deployment_mode="RawDeployment", probes=False))
+    assert manifest["metadata"]["annotations"]["serving.kserve.io/deploymentMode"] == "RawDeployment"
+    ports = manifest["spec"]["predictor"]["containers"][0]["ports"]
+    assert {"containerPort": 8081, "name": "h2c", "protocol": "TCP"} in ports
+    assert "readinessProbe" not in manifest["spec"]["predictor"]["containers"][0]
+    kubernetes_validate.validate(_predictor_pod(manifest), K8S_VERSION, strict=True)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"model_uri": ""}, "model_uri"),
+    ({"gpus": -1}, "gpus"),
+    ({"min_replicas": 3, "max_replicas": 2}, "min_replicas"),
+    ({"canary_traffic_percent": 101}, "canary_traffic_percent"),
+    ({"deployment_mode": "Knative"}, "deployment_mode"),
+])
+def test_builder_rejects_bad_parameters(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        isvc_mod.build_inference_service(**kwargs)
