@@ -156,6 +156,47 @@ def split_cmd(
 
 # --------------------------------------------------------------------------- serving (serve, predict, deploy)
 
+# deploy: components/deploy.py (InferenceService on a cluster, or the local model server)
+@app.command("deploy")
+def deploy_cmd(
+    model: str = typer.Option(..., "--model", help="Model to serve: models:/brain-tumor@champion, s3://... or a path."),
+    namespace: str = typer.Option("kubeflow-user", "--namespace", help="Kubernetes namespace of the InferenceService."),
+    name: str = typer.Option("brain-tumor", "--name", help="InferenceService name."),
+    canary: Optional[int] = typer.Option(None, "--canary", min=1, max=100,
+                                         help="Send only this percent of traffic to the new model (canary rollout)."),
+    local: bool = typer.Option(False, "--local", help="(Re)start the local model server instead of a cluster deploy."),
+    workdir: Path = typer.Option(Path(".brainscan"), "--workdir", help="Local server state (with --local)."),
+    timeout: float = typer.Option(600, "--timeout", help="Seconds to wait for Ready before rolling back."),
+    image: Optional[str] = typer.Option(None, "--image", help="Serving image (default: $BRAINSCAN_SERVING_IMAGE)."),
+    gpus: int = typer.Option(1, "--gpus", min=0, help="GPUs per predictor replica (0: CPU only)."),
+    min_replicas: int = typer.Option(1, "--min-replicas", min=0, help="Fewest predictor replicas."),
+    max_replicas: int = typer.Option(3, "--max-replicas", min=1, help="Most predictor replicas."),
+    kubeconfig: Optional[Path] = typer.Option(None, "--kubeconfig",
+                                              help="Kubeconfig (default: $KUBECONFIG, ~/.kube/config or in-cluster)."),
+    poll_interval: float = typer.Option(5.0, "--poll-interval", help="Seconds between status polls.", hidden=True),
+    as_json: bool = typer.Option(False, "--json", help="Last output line: a JSON summary."),
+) -> None:
+    """Deploy a model: create or patch the KServe InferenceService and wait until Ready (rolls back if
+    it is not Ready in time), or with --local (re)start the local model server."""
+    import logging
+
+    from brainscan.components.deploy import deploy
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        result = deploy(model, namespace=namespace, name=name, canary_percent=canary, local=local,
+                        timeout_s=timeout, image=image, gpus=gpus, kubeconfig=kubeconfig,
+                        poll_interval_s=poll_interval, workdir=workdir, min_replicas=min_replicas,
+                        max_replicas=max_replicas)
+    except (ValueError, RuntimeError, FileNotFoundError) as err:
+        fail(str(err).splitlines()[0])
+    typer.echo(result.message, err=True)
+    if as_json:
+        emit_json(result.summary())
+    if not result.ready:
+        fail("deploy failed: " + result.message)
+
+
 # --------------------------------------------------------------------------- pipeline (pipeline run/compile/upload/submit/schedule, demo, retrain)
 
 

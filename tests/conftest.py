@@ -3,4 +3,5 @@
 pytest_plugins = [
     "tests.fixtures.stack",
     "tests.fixtures.data",
+    "tests.fixtures.kube",
 ]

@@ -1,0 +1,255 @@
+"""deploy: put a registered model into service.
+
+On a cluster: build the InferenceService (`brainscan.serving.inferenceservice`), create it or
+patch the existing one with `kserve.KServeClient`, and poll its status until the new generation
+is Ready. If it is not Ready in time, roll back: a canary gets its traffic share set back to 0
+(all traffic to the previous, still running revision) and the previous spec is re-applied.
+
+Locally (`local=True`): (re)start the local KServe model server on the model
+(`brainscan.serving.local`).
+
+kserve is imported inside the functions: the CLI imports this module.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from brainscan.serving import inferenceservice as isvc_builder
+
+log = logging.getLogger(__name__)
+
+DEFAULT_NAMESPACE = "kubeflow-user"
+DEFAULT_NAME = "brain-tumor"
+
+
+@dataclass
+class DeployResult:
+    model_uri: str
+    target: str                      # "cluster" or "local"
+    name: str
+    namespace: str | None
+    action: str                      # created | patched | started
+    ready: bool
+    rolled_back: bool = False
+    canary_percent: int | None = None
+    previous_model_uri: str | None = None
+    url: str | None = None
+    generation: int | None = None
+    waited_s: float = 0.0
+    polls: int = 0
+    message: str = ""
+    conditions: list[dict] = field(default_factory=list)
+
+    def summary(self) -> dict:
+        return asdict(self)
+
+
+def deploy(
+    model_uri: str,
+    namespace: str = DEFAULT_NAMESPACE,
+    name: str = DEFAULT_NAME,
+    canary_percent: int | None = None,
+    local: bool = False,
+    timeout_s: float = 600,
+    image: str | None = None,
+    gpus: int = 1,
+    kubeconfig: str | os.PathLike | None = None,
+    poll_interval_s: float = 5.0,
+    workdir: str | os.PathLike = ".brainscan",
+    **isvc_options: Any,
+) -> DeployResult:
+    """Deploy `model_uri`; returns a DeployResult whose `ready` says whether it is serving.
+
+    `image` defaults to $BRAINSCAN_SERVING_IMAGE, then the builder's default. `kubeconfig`:
+    None reads $KUBECONFIG / ~/.kube/config, or the in-cluster service account when run in
+    a pod (the pipeline's deploy step). Other keyword arguments go to
+    `build_inference_service` (node_selector, tolerations, service_account, min_replicas, ...).
+    """
+    if not model_uri:
+        raise ValueError("no model URI: give --model models:/brain-tumor@champion, an s3:// URI or a path")
+    if canary_percent is not None and not 0 < canary_percent <= 100:
+        raise ValueError(f"canary percent must be within 1..100, got {canary_percent}")
+    if timeout_s <= 0:
+        raise ValueError(f"timeout must be positive, got {timeout_s}")
+    if local:
+        return deploy_local(model_uri, workdir)
+    return deploy_cluster(model_uri, namespace=namespace, name=name, canary_percent=canary_percent,
+                          timeout_s=timeout_s, image=image, gpus=gpus, kubeconfig=kubeconfig,
+                          poll_interval_s=poll_interval_s, **isvc_options)
+
+
+# --------------------------------------------------------------------------- cluster
+
+def deploy_cluster(model_uri: str, namespace: str, name: str, canary_percent: int | None, timeout_s: float,
+                   image: str | None, gpus: int, kubeconfig, poll_interval_s: float,
+                   **isvc_options: Any) -> DeployResult:
+    from kserve import KServeClient
+    from kubernetes.config import ConfigException
+
+    try:
+        client = KServeClient(config_file=str(kubeconfig) if kubeconfig else None)
+    except (ConfigException, OSError) as err:
+        raise RuntimeError(f"no usable Kubernetes configuration ({err}): pass --kubeconfig, set KUBECONFIG, "
+                           f"or run inside the cluster") from err
+    isvc = isvc_builder.build_inference_service(
+        name=name, namespace=namespace, image=image or os.environ.get("BRAINSCAN_SERVING_IMAGE")
+        or isvc_builder.DEFAULT_IMAGE, model_uri=model_uri, gpus=gpus,
+        canary_traffic_percent=canary_percent, **isvc_options)
+
+    previous = _get_or_none(client, name, namespace)
+    if previous is None:
+        log.info("creating InferenceService %s/%s for %s", namespace, name, model_uri)
+        sent = client.create(isvc, namespace=namespace)
+        action = "created"
+    else:
+        previous_predictor = previous.get("spec", {}).get("predictor", {})
+        if canary_percent is None and previous_predictor.get("canaryTrafficPercent") is not None:
+            # a merge patch keeps fields it does not mention: promote explicitly to all traffic
+            isvc.spec.predictor.canary_traffic_percent = 100
+        log.info("patching InferenceService %s/%s: %s -> %s%s", namespace, name, _model_uri_of(previous), model_uri,
+                 f" (canary {canary_percent}%)" if canary_percent else "")
+        sent = client.patch(name, isvc, namespace=namespace)
+        action = "patched"
+
+    generation = sent.get("metadata", {}).get("generation")
+    ready, current, waited, polls = wait_ready(client, name, namespace, generation, timeout_s, poll_interval_s)
+    result = DeployResult(
+        model_uri=model_uri, target="cluster", name=name, namespace=namespace, action=action, ready=ready,
+        canary_percent=canary_percent, previous_model_uri=_model_uri_of(previous) if previous else None,
+        url=(current or {}).get("status", {}).get("url"), generation=generation, waited_s=round(waited, 3),
+        polls=polls, conditions=(current or {}).get("status", {}).get("conditions", []))
+    if ready:
+        result.message = f"{namespace}/{name} is Ready with {model_uri} (generation {generation})"
+        log.info(result.message)
+        return result
+
+    not_ready = _not_ready_reason(current)
+    if previous is None:
+        result.message = (f"{namespace}/{name} did not become Ready within {timeout_s:g}s ({not_ready}); there is no "
+                          f"previous revision to roll back to, the InferenceService is left for inspection")
+    else:
+        rollback(client, previous, namespace, canary=canary_percent is not None)
+        result.rolled_back = True
+        result.message = (f"{namespace}/{name} did not become Ready within {timeout_s:g}s ({not_ready}); rolled back "
+                          f"to the previous spec ({_model_uri_of(previous)})")
+    log.error(result.message)
+    return result
+
+
+def wait_ready(client, name: str, namespace: str, generation: int | None, timeout_s: float,
+               poll_interval_s: float) -> tuple[bool, dict | None, float, int]:
+    """Poll until the InferenceService's Ready condition is True for `generation` (or later).
+
+    Returns (ready, last object seen, seconds waited, polls). An API error during the wait
+    counts as "not ready yet": the control plane may blip while pods roll.
+    """
+    start = time.monotonic()
+    current, polls = None, 0
+    while True:
+        polls += 1
+        try:
+            current = client.get(name, namespace=namespace)
+        except RuntimeError as err:
+            log.warning("reading %s/%s failed, still waiting: %s", namespace, name, str(err).splitlines()[0])
+        if current is not None and is_ready(current, generation):
+            return True, current, time.monotonic() - start, polls
+        waited = time.monotonic() - start
+        if waited >= timeout_s:
+            return False, current, waited, polls
+        log.info("waiting for %s/%s to be Ready: %s (%.0fs of %gs)", namespace, name, _not_ready_reason(current),
+                 waited, timeout_s)
+        time.sleep(min(poll_interval_s, max(timeout_s - waited, 0)))
+
+
+def is_ready(isvc: dict, generation: int | None) -> bool:
+    """Ready=True, observed at the generation we sent (an old Ready status does not count)."""
+    status = isvc.get("status") or {}
+    if generation is not None and status.get("observedGeneration", 0) < generation:
+        return False
+    return any(c.get("type") == "Ready" and str(c.get("status")).lower() == "true"
+               for c in status.get("conditions", []))
+
+
+def rollback(client, previous: dict, namespace: str, canary: bool) -> None:
+    """Return to the InferenceService as it was before this deploy."""
+    from kserve import V1beta1InferenceService
+    from kubernetes.client import V1ObjectMeta
+
+    name = previous["metadata"]["name"]
+    if canary:
+        # immediate: the previous revision still runs and takes all traffic again
+        log.warning("rollback: canary traffic of %s/%s back to 0%%", namespace, name)
+        _patch_canary_zero(client, name, namespace)
+    log.warning("rollback: re-applying the previous spec of %s/%s (%s)", namespace, name, _model_uri_of(previous))
+    meta = previous.get("metadata", {})
+    restored = V1beta1InferenceService(
+        api_version=previous.get("apiVersion", isvc_builder.API_VERSION), kind=isvc_builder.KIND,
+        metadata=V1ObjectMeta(name=name, namespace=namespace, labels=meta.get("labels"),
+                              annotations=meta.get("annotations")),
+        spec=previous["spec"])
+    client.replace(name, restored, namespace=namespace)  # PUT: exactly the old spec, no leftovers
+
+
+def _patch_canary_zero(client, name: str, namespace: str) -> None:
+    from kserve import V1beta1InferenceService, V1beta1InferenceServiceSpec, V1beta1PredictorSpec
+
+    patch = V1beta1InferenceService(api_version=isvc_builder.API_VERSION, kind=isvc_builder.KIND,
+                                    spec=V1beta1InferenceServiceSpec(
+                                        predictor=V1beta1PredictorSpec(canary_traffic_percent=0)))
+    client.patch(name, patch, namespace=namespace)
+
+
+def _get_or_none(client, name: str, namespace: str) -> dict | None:
+    from kubernetes.client.rest import ApiException
+    from urllib3.exceptions import HTTPError
+
+    try:
+        # the CustomObjectsApi under KServeClient, to tell "not found" from real errors
+        from kserve import constants
+        return client.api_instance.get_namespaced_custom_object(
+            constants.KSERVE_GROUP, constants.KSERVE_V1BETA1_VERSION, namespace,
+            constants.KSERVE_PLURAL_INFERENCESERVICE, name)
+    except ApiException as err:
+        if err.status == 404:
+            return None
+        raise RuntimeError(f"cannot read InferenceService {namespace}/{name}: {err.status} {err.reason}") from err
+    except HTTPError as err:
+        raise RuntimeError(f"cannot reach the Kubernetes API for {namespace}/{name}: {err}") from err
+
+
+def _model_uri_of(isvc: dict | None) -> str | None:
+    for container in ((isvc or {}).get("spec", {}).get("predictor", {}).get("containers") or []):
+        for env in container.get("env") or []:
+            if env.get("name") == "MODEL_URI":
+                return env.get("value")
+    return None
+
+
+def _not_ready_reason(isvc: dict | None) -> str:
+    if not isvc:
+        return "status unknown"
+    status = isvc.get("status") or {}
+    for condition in status.get("conditions", []):
+        if condition.get("type") == "Ready":
+            text = f"Ready={condition.get('status')}"
+            detail = condition.get("reason") or condition.get("message")
+            return f"{text} ({detail}), observed generation {status.get('observedGeneration', 0)}" if detail else text
+    return "no Ready condition yet"
+
+
+# --------------------------------------------------------------------------- local
+
+def deploy_local(model_uri: str, workdir: str | os.PathLike = ".brainscan") -> DeployResult:
+    """(Re)start the local model server on `model_uri`; the server's own module does the work."""
+    from brainscan.serving import local
+
+    info = local.start(model_uri, Path(workdir))
+    url = getattr(info, "url", None) or (info.get("url") if isinstance(info, dict) else None)
+    return DeployResult(model_uri=model_uri, target="local", name=DEFAULT_NAME, namespace=None, action="started",
+                        ready=True, url=url, message=f"local model server on {model_uri}" + (f" at {url}" if url else ""))
