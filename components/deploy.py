@@ -37,6 +37,7 @@ class DeployResult:
     action: str                      # created | patched | started
     ready: bool
     rolled_back: bool = False
+    rollback_ready: bool | None = None   # after a rollback: is the previous spec serving again?
     canary_percent: int | None = None
     previous_model_uri: str | None = None
     url: str | None = None
@@ -134,10 +135,14 @@ def deploy_cluster(model_uri: str, namespace: str, name: str, canary_percent: in
         result.message = (f"{namespace}/{name} did not become Ready within {timeout_s:g}s ({not_ready}); there is no "
                           f"previous revision to roll back to, the InferenceService is left for inspection")
     else:
-        rollback(client, previous, namespace, canary=canary_percent is not None)
+        restored = rollback(client, previous, namespace, canary=canary_percent is not None)
         result.rolled_back = True
+        # the previous model comes back as a new generation: wait for it as long again
+        result.rollback_ready, *_ = wait_ready(client, name, namespace, restored.get("metadata", {}).get("generation"),
+                                               timeout_s, poll_interval_s)
         result.message = (f"{namespace}/{name} did not become Ready within {timeout_s:g}s ({not_ready}); rolled back "
-                          f"to the previous spec ({_model_uri_of(previous)})")
+                          f"to the previous spec ({_model_uri_of(previous)}), which is "
+                          f"{'Ready again' if result.rollback_ready else 'NOT Ready either: check the cluster'}")
     log.error(result.message)
     return result
 
@@ -176,8 +181,8 @@ def is_ready(isvc: dict, generation: int | None) -> bool:
                for c in status.get("conditions", []))
 
 
-def rollback(client, previous: dict, namespace: str, canary: bool) -> None:
-    """Return to the InferenceService as it was before this deploy."""
+def rollback(client, previous: dict, namespace: str, canary: bool) -> dict:
+    """Return to the InferenceService as it was before this deploy; returns the object the API stored."""
     from kserve import V1beta1InferenceService
     from kubernetes.client import V1ObjectMeta
 
@@ -193,7 +198,7 @@ def rollback(client, previous: dict, namespace: str, canary: bool) -> None:
         metadata=V1ObjectMeta(name=name, namespace=namespace, labels=meta.get("labels"),
                               annotations=meta.get("annotations")),
         spec=previous["spec"])
-    client.replace(name, restored, namespace=namespace)  # PUT: exactly the old spec, no leftovers
+    return client.replace(name, restored, namespace=namespace)  # PUT: exactly the old spec, no leftovers
 
 
 def _patch_canary_zero(client, name: str, namespace: str) -> None:
