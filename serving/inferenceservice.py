@@ -80,6 +80,9 @@ def build_inference_service(
         raise ValueError(f"canary_traffic_percent must be within 0..100, got {canary_traffic_percent}")
     if deployment_mode not in ("Serverless", "RawDeployment"):
         raise ValueError(f"deployment_mode must be Serverless or RawDeployment, got {deployment_mode!r}")
+    if canary_traffic_percent is not None and deployment_mode != "Serverless":
+        # KServe splits traffic between revisions through Knative; a plain Deployment has no revisions
+        raise ValueError("canary_traffic_percent needs deployment_mode Serverless")
 
     limits = dict((resources or DEFAULT_RESOURCES).get("limits", {}))
     requests = dict((resources or DEFAULT_RESOURCES).get("requests", {}))

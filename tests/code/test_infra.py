@@ -298,6 +298,7 @@ def test_builder_raw_deployment_adds_the_grpc_port():
     ({"min_replicas": 3, "max_replicas": 2}, "min_replicas"),
     ({"canary_traffic_percent": 101}, "canary_traffic_percent"),
     ({"deployment_mode": "Knative"}, "deployment_mode"),
+    ({"deployment_mode": "RawDeployment", "canary_traffic_percent": 10}, "Serverless"),
 ])
 def test_builder_rejects_bad_parameters(kwargs, message):
     with pytest.raises(ValueError, match=message):
