@@ -59,3 +59,21 @@ def test_real_sample_chain(real_data, s3_prefix, tmp_path):
     print(f"real sample: {split_result.counts}, {split_result.exact_duplicates} exact and "
           f"{split_result.near_duplicates} near duplicates in {split_result.duplicate_groups} groups, "
           f"{split_result.mixed_class_groups} groups mixing classes")
+
+
+def test_real_sample_validate_and_split_local(real_data, tmp_path):
+    """validate and split alone on the real files (a manifest built here, local paths): real quirks, no S3."""
+    from tests.fixtures.data import build_manifest
+
+    manifest = build_manifest(real_data / "Dataset", tmp_path / "data")
+    result = validate(str(tmp_path / "data"), str(tmp_path / "report"))
+    assert result.success, result.failure_message()
+    split_result = split(str(tmp_path / "data"), str(tmp_path / "splits"), seed=42)
+    assert split_result.cross_split_duplicates == 0
+    splits = {name: pd.read_csv(tmp_path / "splits" / f"{name}.csv") for name in SPLITS}
+    assert all(set(df["class7"]) == set(CLASSES) for df in splits.values())
+    owners = {}
+    for name, df in splits.items():
+        for group in df["group"]:
+            assert owners.setdefault(group, name) == name
+    assert sum(len(df) for df in splits.values()) == len(manifest)
