@@ -4,4 +4,5 @@ pytest_plugins = [
     "tests.fixtures.stack",
     "tests.fixtures.data",
     "tests.fixtures.kube",
+    "tests.fixtures.registry",
 ]

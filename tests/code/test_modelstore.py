@@ -1,0 +1,57 @@
+"""Model bundles: save and load from a folder and from S3; clear errors for what is not a bundle."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from brainscan import modelstore, storage
+from tests.fixtures.registry import TINY_SIZE, make_tiny_model
+
+
+def _images(n=4, seed=0):
+    return np.random.default_rng(seed).uniform(-1, 1, (n, TINY_SIZE, TINY_SIZE, 3)).astype("float32")
+
+
+def test_local_round_trip_keeps_predictions_and_metadata(tmp_path):
+    model = make_tiny_model(seed=3)
+    modelstore.save_bundle(model, str(tmp_path / "b"), TINY_SIZE, {"epochs": 2}, threshold=0.25,
+                           thresholds={"ct": 0.2, "mri": 0.3})
+    bundle = modelstore.load_bundle(str(tmp_path / "b"))
+    assert bundle.image_size == TINY_SIZE and bundle.threshold == 0.25
+    assert bundle.thresholds == {"ct": 0.2, "mri": 0.3} and bundle.metadata["epochs"] == 2
+    probs = modelstore.predict_probabilities(bundle, _images())
+    assert probs.shape == (4, 7) and np.allclose(probs.sum(axis=1), 1, atol=1e-5)
+    np.testing.assert_allclose(probs, model.predict(_images(), verbose=0), atol=1e-6)
+
+
+def test_s3_round_trip(s3_prefix, tiny_bundle_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("BRAINSCAN_CACHE", str(tmp_path / "cache"))
+    local = modelstore.load_bundle(str(tiny_bundle_dir))
+    storage.upload_dir(tiny_bundle_dir, s3_prefix + "/model")
+    remote = modelstore.load_bundle(s3_prefix + "/model")
+    assert remote.uri == s3_prefix + "/model" and remote.threshold is None
+    np.testing.assert_allclose(modelstore.predict_probabilities(remote, _images()),
+                               modelstore.predict_probabilities(local, _images()), atol=1e-6)
+
+
+def test_not_a_bundle_is_a_clear_error(tmp_path, s3_prefix):
+    with pytest.raises(modelstore.BundleError, match="no such folder"):
+        modelstore.load_bundle(str(tmp_path / "missing"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(modelstore.BundleError, match="not a brainscan model bundle"):
+        modelstore.load_bundle(str(tmp_path / "empty"))
+    with pytest.raises(modelstore.BundleError, match="not a brainscan model bundle"):
+        modelstore.load_bundle(s3_prefix + "/nothing-here")
+    (tmp_path / "wrong").mkdir()
+    (tmp_path / "wrong" / "brainscan_model.json").write_text(json.dumps({"classes": ["a", "b"], "image_size": 8}))
+    with pytest.raises(modelstore.BundleError, match="classes"):
+        modelstore.load_bundle(str(tmp_path / "wrong"))
+
+
+def test_wrong_input_shape_is_rejected(tiny_bundle_dir):
+    bundle = modelstore.load_bundle(str(tiny_bundle_dir))
+    with pytest.raises(ValueError, match="expected preprocessed images"):
+        modelstore.predict_probabilities(bundle, np.zeros((2, 8, 8, 3), dtype="float32"))
