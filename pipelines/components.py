@@ -1,0 +1,215 @@
+"""The KFP v2 lightweight components: one thin wrapper per step of `brainscan.components`.
+
+Each component body imports and calls the step function (KFP ships only the function's
+source to the container, so every import lives inside the body) and turns its result into
+typed outputs: plain values that the next step needs (URIs, the gate decision) and
+artifacts that the Kubeflow UI renders (`Dataset`, `Model`, `Metrics`,
+`ClassificationMetrics`, `HTML`).
+
+The data itself stays where the steps put it (S3 on a cluster or the local stack); the
+artifacts carry its URI in their metadata and a small JSON/HTML copy for the UI.
+
+Images: every step runs on the project's pipeline image, training on its GPU variant.
+Both are read from the environment at compile time (`BRAINSCAN_PIPELINE_IMAGE`,
+`BRAINSCAN_PIPELINE_GPU_IMAGE`), so a user's registry needs no code change.
+"""
+
+# No `from __future__ import annotations`: KFP reads the real annotation objects.
+
+import os
+from typing import NamedTuple
+
+from kfp import dsl
+from kfp.dsl import HTML, ClassificationMetrics, Dataset, Metrics, Model, Output
+
+DEFAULT_IMAGE = "ghcr.io/brainscan/brainscan-pipeline:0.1.0"
+BASE_IMAGE = os.environ.get("BRAINSCAN_PIPELINE_IMAGE", DEFAULT_IMAGE)
+GPU_IMAGE = os.environ.get("BRAINSCAN_PIPELINE_GPU_IMAGE", BASE_IMAGE if "BRAINSCAN_PIPELINE_IMAGE" in os.environ
+                           else DEFAULT_IMAGE + "-gpu")
+
+# The image already holds brainscan and kfp (pinned lock): nothing is pip-installed at run time.
+_COMMON = dict(base_image=BASE_IMAGE, install_kfp_package=False)
+
+
+@dsl.component(**_COMMON)
+def ingest_op(source: str, bucket: str, prefix: str, source_fingerprint: str, dataset: Output[Dataset]) -> NamedTuple(
+        "IngestOutputs", [("data_uri", str), ("fingerprint", str)]):
+    """Copy the raw images into the store (checksummed, idempotent) and write the manifest.
+
+    `source_fingerprint` is not used here: it is in the signature so that KFP's cache key changes
+    whenever the source's images or labels do.
+    """
+    import collections
+    import json
+
+    from brainscan.components.ingest import ingest
+
+    dataset_uri = f"s3://{bucket}/{prefix.strip('/')}/dataset"
+
+    result = ingest(source, dataset_uri)
+    summary = result.summary() if hasattr(result, "summary") else dict(vars(result))
+    with open(dataset.path, "w") as handle:
+        json.dump(summary, handle, indent=2, sort_keys=True, default=str)
+    dataset.metadata.update({"uri": dataset_uri, "source": source, "fingerprint": result.fingerprint,
+                             "files": int(summary.get("files", 0))})
+    outputs = collections.namedtuple("IngestOutputs", ["data_uri", "fingerprint"])
+    return outputs(dataset_uri, result.fingerprint)
+
+
+@dsl.component(**_COMMON)
+def validate_op(data_uri: str, fingerprint: str, report: Output[HTML], metrics: Output[Metrics]) -> str:
+    """Run the great-expectations suite; a failed suite fails the run (nothing is trained on bad data).
+
+    `fingerprint` keys the cache: the same data is validated once.
+    """
+    from brainscan import storage
+    from brainscan.components.validate import validate
+
+    report_dir = storage.join(data_uri, "validation")
+    result = validate(data_uri, report_dir)
+    with open(report.path, "w") as handle:
+        handle.write(storage.read_text(storage.join(report_dir, "validation.html")))
+    report.metadata["uri"] = storage.join(report_dir, "validation.html")
+    metrics.log_metric("images", float(result.rows))
+    metrics.log_metric("expectations_failed", float(len(result.failed)))
+    if not result.success:
+        raise RuntimeError("validation failed:\n" + result.failure_message())
+    return report_dir
+
+
+@dsl.component(**_COMMON)
+def split_op(data_uri: str, fingerprint: str, val: float, test: float, seed: int, splits: Output[Dataset]) -> str:
+    """Stratified train/val/test split; duplicates never cross splits. One split per data version."""
+    import json
+
+    from brainscan.components.split import split
+
+    splits_uri = f"{data_uri.rsplit('/', 1)[0]}/splits/{fingerprint[:16]}-seed{seed}"
+
+    result = split(data_uri, splits_uri, val=val, test=test, seed=seed)
+    with open(splits.path, "w") as handle:
+        json.dump(result.summary(), handle, indent=2, sort_keys=True, default=str)
+    splits.metadata.update({"uri": splits_uri, **{f"rows_{k}": int(v) for k, v in result.counts.items()}})
+    return splits_uri
+
+
+@dsl.component(base_image=GPU_IMAGE, install_kfp_package=False)
+def train_op(splits_uri: str, bucket: str, prefix: str, run_id: str, image_size: int, epochs: int, fine_tune_epochs: int,
+             batch_size: int, base_weights: str, seed: int, model: Output[Model], metrics: Output[Metrics]) -> str:
+    """Xception transfer learning: frozen base, then fine-tuning; writes a model bundle at model_uri."""
+    import json
+
+    from brainscan.components.train import train
+
+    model_uri = f"s3://{bucket}/{prefix.strip('/')}/runs/{run_id}/model"
+    result = train(splits_uri, model_uri, image_size=image_size, epochs=epochs, fine_tune_epochs=fine_tune_epochs,
+                   batch_size=batch_size, base_weights=None if base_weights in ("", "none") else base_weights,
+                   seed=seed)
+    summary = result.summary() if hasattr(result, "summary") else dict(vars(result))
+    with open(model.path, "w") as handle:
+        json.dump(summary, handle, indent=2, sort_keys=True, default=str)
+    model.metadata.update({"uri": model_uri, "image_size": image_size, "framework": "keras"})
+    for key, value in summary.items():
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            metrics.log_metric(key, float(value))
+    return model_uri
+
+
+@dsl.component(**_COMMON)
+def evaluate_op(model_uri: str, splits_uri: str, target_recall: float, min_recall: float,
+                min_auc: float, model_name: str, metrics: Output[Metrics],
+                classification: Output[ClassificationMetrics], report: Output[HTML]) -> bool:
+    """Recall-first evaluation on the test split, threshold from validation; returns whether the gate passed.
+
+    The gate compares with the current champion (if any) so that a worse model never replaces it.
+    """
+    import base64
+
+    from brainscan import storage
+    from brainscan.components.evaluate import evaluate
+    from brainscan.components.register import champion_info
+
+    evaluation_uri = f"{model_uri.rsplit('/', 1)[0]}/evaluation"
+    champion = champion_info(model_name)
+    result = evaluate(model_uri, splits_uri, evaluation_uri, target_recall=target_recall, min_recall=min_recall,
+                      min_auc=min_auc, champion=champion)
+    evaluation = storage.read_json(storage.join(evaluation_uri, "evaluation.json"))
+
+    test = evaluation.get("test", {})
+    for key, value in test.items():
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            metrics.log_metric(f"test_{key}", float(value))
+    if evaluation.get("threshold") is not None:
+        metrics.log_metric("threshold", float(evaluation["threshold"]))
+
+    # The UI draws these two from ClassificationMetrics.
+    matrix = evaluation.get("confusion_matrix") or test.get("confusion_matrix")
+    if matrix:
+        classification.log_confusion_matrix(list(matrix["labels"]), [list(map(int, r)) for r in matrix["matrix"]])
+    roc = evaluation.get("roc") or test.get("roc")
+    if roc:
+        classification.log_roc_curve(list(map(float, roc["fpr"])), list(map(float, roc["tpr"])),
+                                     [min(float(t), 1.0) for t in roc["thresholds"]])
+
+    gate = evaluation.get("gate", {})
+    passed = bool(getattr(result, "passed", gate.get("passed", False)))
+    images = []
+    for name in ("confusion_matrix.png", "roc_curve.png", "pr_curve.png"):
+        uri = storage.join(evaluation_uri, name)
+        if storage.exists(uri):
+            encoded = base64.b64encode(storage.read_bytes(uri)).decode()
+            images.append(f'<figure><img src="data:image/png;base64,{encoded}"><figcaption>{name}</figcaption></figure>')
+    with open(report.path, "w") as handle:
+        handle.write(f"<h1>Evaluation: gate {'passed' if passed else 'FAILED'}</h1>"
+                     f"<p>{gate.get('reason', '')}</p>" + "".join(images))
+    metrics.metadata["gate_passed"] = passed
+    return passed
+
+
+@dsl.component(**_COMMON)
+def register_op(model_uri: str, model_name: str, pipeline_run: str, fingerprint: str,
+                registered: Output[Model]) -> str:
+    """Register the model in MLflow and move the `champion` alias to it; returns `models:/NAME/VERSION`."""
+    import inspect
+
+    from brainscan.components.register import register
+
+    evaluation_uri = f"{model_uri.rsplit('/', 1)[0]}/evaluation"
+    extra = {"fingerprint": fingerprint} if "fingerprint" in inspect.signature(register).parameters else {}
+    result = register(model_uri, evaluation_uri, name=model_name, pipeline_run=pipeline_run, **extra)
+    registered_uri = f"models:/{result.name}/{result.version}"
+    registered.metadata.update({"uri": registered_uri, "source_uri": model_uri, "version": int(result.version),
+                                "alias": "champion"})
+    with open(registered.path, "w") as handle:
+        handle.write(registered_uri)
+    return registered_uri
+
+
+@dsl.component(**_COMMON)
+def deploy_op(model_uri: str, namespace: str, canary_percent: int, local: bool, workdir: str) -> str:
+    """Roll the model out: the KServe InferenceService on a cluster, the local model server with `local`."""
+    from brainscan.components.deploy import deploy
+
+    result = deploy(model_uri, namespace=namespace, canary_percent=canary_percent or None, local=local,
+                    workdir=workdir)
+    if not result.ready:
+        raise RuntimeError(f"deploy failed: {result.message}")
+    return result.url or ""
+
+
+@dsl.component(**_COMMON)
+def fingerprint_op(source: str) -> str:
+    """The source's dataset fingerprint (sha256 of its sorted `sha256,class7` lines), read in place."""
+    from brainscan.pipelines.retrain import source_fingerprint
+
+    return source_fingerprint(source)
+
+
+@dsl.component(**_COMMON)
+def champion_fingerprint_op(model_name: str) -> str:
+    """The dataset fingerprint tag of the champion model version ("none" when there is no champion)."""
+    from brainscan.pipelines.retrain import champion_fingerprint
+
+    fingerprint, version = champion_fingerprint(model_name)
+    print(f"champion of {model_name}: version {version}, data {fingerprint}")
+    return fingerprint or "none"
