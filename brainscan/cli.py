@@ -95,6 +95,37 @@ def data_synth(
         typer.echo(result.out_dir)
 
 
+@app.command("ingest")
+def ingest_cmd(
+    source: str = typer.Option("kaggle:murtozalikhon/brain-tumor-multimodal-image-ct-and-mri", "--source",
+                               help="kaggle:OWNER/DATASET[/versions/N], a folder, a .zip file or an s3:// prefix."),
+    dest: str = typer.Option(..., "--dest", help="Dataset URI: s3://BUCKET/PREFIX (or a folder)."),
+    workers: int = typer.Option(16, "--workers", min=1, help="Parallel read/hash/decode/upload threads."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Progress bar on stderr."),
+    as_json: bool = typer.Option(False, "--json", help="Last output line: a JSON summary."),
+) -> None:
+    """Copy the archive's images to DEST/images (sha256 in metadata, skips what is there), write DEST/manifest.csv."""
+    import logging
+
+    from brainscan.components.ingest import IngestError, ingest
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    logging.getLogger("botocore").setLevel(logging.WARNING)  # not "Found credentials..." on every run
+    try:
+        result = ingest(source, dest, workers=workers, progress=progress)
+    except IngestError as err:
+        fail(str(err))
+    typer.echo(f"ingested {result.files} images ({result.bytes} bytes): {result.uploaded} uploaded, "
+               f"{result.skipped} already there, {len(result.undecodable)} undecodable; "
+               f"manifest {result.manifest_uri}; fingerprint {result.fingerprint}", err=True)
+    summary = {key: getattr(result, key) for key in ("files", "bytes", "uploaded", "skipped", "manifest_uri",
+                                                      "fingerprint")}
+    if as_json:
+        emit_json(summary)
+    else:
+        typer.echo(result.manifest_uri)
+
+
 @app.command("validate")
 def validate_cmd(
     data: str = typer.Option(..., "--data", help="Dataset URI holding manifest.csv (s3://... or a folder)."),
