@@ -229,6 +229,290 @@ def deploy_cmd(
 
 
 # --------------------------------------------------------------------------- pipeline (pipeline run/compile/upload/submit/schedule, demo, retrain)
+pipeline_app = typer.Typer(help="The KFP pipeline: run it locally, compile it, upload/submit/schedule it on Kubeflow.",
+                           no_args_is_help=True)
+app.add_typer(pipeline_app, name="pipeline")
+retrain_app = typer.Typer(help="Automated retraining: retrain when the data changed.", no_args_is_help=True)
+app.add_typer(retrain_app, name="retrain")
+
+# Pipeline parameters shared by `pipeline run` and `pipeline submit` (defaults = the pipeline's defaults).
+_P_SOURCE = typer.Option(..., "--source", help="Images: a folder, a .zip, s3://BUCKET/PREFIX or kaggle:OWNER/DATASET.")
+_P_IMAGE_SIZE = typer.Option(299, "--image-size", min=71, help="Square input size (Xception accepts 71 and up).")
+_P_EPOCHS = typer.Option(10, "--epochs", min=1, help="Epochs with the base frozen.")
+_P_FINE_TUNE = typer.Option(5, "--fine-tune-epochs", min=0, help="Epochs fine-tuning the top of the base.")
+_P_BATCH = typer.Option(32, "--batch-size", min=1, help="Batch size.")
+_P_WEIGHTS = typer.Option("imagenet", "--base-weights",
+                          help="imagenet, a local .h5/.keras weights file, or none (train from scratch).")
+_P_SEED = typer.Option(42, "--seed", help="Split and training seed.")
+_P_TARGET = typer.Option(0.99, "--target-recall", help="Recall the threshold is calibrated for (validation split).")
+_P_MIN_RECALL = typer.Option(0.95, "--min-recall", help="Gate: lowest test recall to register and deploy.")
+_P_MIN_AUC = typer.Option(0.95, "--min-auc", help="Gate: lowest test ROC-AUC to register and deploy.")
+_P_MODEL = typer.Option("brain-tumor", "--model-name", help="MLflow registered model name.")
+_P_BUCKET = typer.Option("brainscan", "--bucket", help="S3 bucket for the pipeline's data and models.")
+_P_IF_NEW = typer.Option(False, "--retrain-if-new-data",
+                         help="Use the retrain pipeline: does nothing when the champion saw this very data.")
+
+
+def _pipeline_arguments(**values) -> dict:
+    return {key: value for key, value in values.items() if value is not None}
+
+
+@pipeline_app.command("run")
+def pipeline_run(
+    source: str = _P_SOURCE,
+    local: bool = typer.Option(False, "--local", help="Run on this machine through kfp.local (required for now)."),
+    workdir: Path = typer.Option(Path(".brainscan"), "--workdir", help="Local stack, pipeline root, summary.json."),
+    image_size: int = _P_IMAGE_SIZE, epochs: int = _P_EPOCHS, fine_tune_epochs: int = _P_FINE_TUNE,
+    batch_size: int = _P_BATCH, base_weights: str = _P_WEIGHTS, seed: int = _P_SEED,
+    target_recall: float = _P_TARGET, min_recall: float = _P_MIN_RECALL, min_auc: float = _P_MIN_AUC,
+    model_name: str = _P_MODEL, bucket: str = _P_BUCKET,
+    prefix: str = typer.Option("local", "--prefix", help="Prefix in the bucket."),
+    if_new_data: bool = _P_IF_NEW,
+) -> None:
+    """Run the KFP pipeline locally end to end; the last line printed is the path of summary.json."""
+    import logging
+
+    from brainscan.pipelines.local import LocalRunParams, run_local
+
+    if not local:
+        fail("only local runs start here: add --local, or use `brainscan pipeline submit --host URL` for a cluster")
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    params = LocalRunParams(image_size=image_size, epochs=epochs, fine_tune_epochs=fine_tune_epochs,
+                            batch_size=batch_size, base_weights=base_weights, seed=seed, target_recall=target_recall,
+                            min_recall=min_recall, min_auc=min_auc, model_name=model_name, bucket=bucket,
+                            prefix=prefix)
+    try:
+        summary_path = run_local(source, workdir, params, only_if_new_data=if_new_data)
+    except (FileNotFoundError, ValueError, RuntimeError) as err:
+        fail(str(err).splitlines()[0])
+    _print_run_summary(summary_path)
+    typer.echo(summary_path)
+
+
+def _print_run_summary(summary_path: Path) -> None:
+    summary = json.loads(Path(summary_path).read_text())
+    for step, record in summary["steps"].items():
+        seconds = f"{record['seconds']:.1f}s" if record.get("seconds") is not None else "-"
+        typer.echo(f"  {step:<22}{record['status']:<10}{seconds}", err=True)
+    if summary.get("model_uri"):
+        typer.echo(f"registered {summary['model_uri']} (tracking {summary['tracking_uri']}), "
+                   f"served at {summary.get('served_url')}", err=True)
+    elif summary.get("trained"):
+        typer.echo(f"gate not passed: nothing registered ({(summary.get('gate') or {}).get('reason', '')})", err=True)
+    else:
+        typer.echo("no training: the champion was trained on this data", err=True)
+    if isinstance(summary.get("prediction"), dict) and summary["prediction"].get("response"):
+        response = summary["prediction"]["response"]
+        typer.echo(f"v2 prediction for {summary['prediction']['image']}: {response.get('label')} "
+                   f"P(tumor)={response.get('tumor_probability', float('nan')):.3f}", err=True)
+
+
+@pipeline_app.command("compile")
+def pipeline_compile(
+    out: Path = typer.Option(..., "--out", help="Pipeline YAML to write (upload it in the Kubeflow UI)."),
+    retrain: bool = typer.Option(False, "--retrain-if-new-data", help="Compile the retrain-if-new-data pipeline."),
+) -> None:
+    """Compile the pipeline to YAML. Images: $BRAINSCAN_PIPELINE_IMAGE / $BRAINSCAN_PIPELINE_GPU_IMAGE."""
+    from brainscan.pipelines.pipeline import compile_pipeline
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    typer.echo(compile_pipeline(out, "retrain" if retrain else "train"))
+
+
+_HOST = typer.Option(..., "--host", help="KFP API endpoint, e.g. http://ml-pipeline.kubeflow.svc.cluster.local:8888.")
+_NAMESPACE = typer.Option(None, "--namespace", help="Kubeflow profile namespace (multi-user installs).")
+
+
+@pipeline_app.command("upload")
+def pipeline_upload(
+    host: str = _HOST,
+    version: Optional[str] = typer.Option(None, "--version", help="Version name (default: a timestamp)."),
+    retrain: bool = typer.Option(False, "--retrain-if-new-data", help="Upload the retrain-if-new-data pipeline."),
+    namespace: Optional[str] = _NAMESPACE,
+    as_json: bool = typer.Option(False, "--json", help="Last output line: a JSON summary."),
+) -> None:
+    """Upload the pipeline (a new version when it exists already)."""
+    from brainscan.pipelines import kfp_client
+
+    try:
+        result = kfp_client.upload(host, which="retrain" if retrain else "train", version=version, namespace=namespace)
+    except Exception as err:  # connection refused, auth, API errors: one line, no traceback
+        fail(f"upload to {host} failed: {str(err).splitlines()[0]}")
+    typer.echo(f"uploaded version {result.name} ({result.version_id}) of pipeline {result.pipeline_id}", err=True)
+    if as_json:
+        emit_json(result.summary())
+
+
+@pipeline_app.command("submit")
+def pipeline_submit(
+    host: str = _HOST,
+    source: Optional[str] = typer.Option(None, "--source", help="Images (default: the pipeline's default source)."),
+    image_size: Optional[int] = typer.Option(None, "--image-size", min=71), epochs: Optional[int] = typer.Option(None, "--epochs", min=1),
+    fine_tune_epochs: Optional[int] = typer.Option(None, "--fine-tune-epochs", min=0),
+    base_weights: Optional[str] = typer.Option(None, "--base-weights"),
+    gpus: Optional[int] = typer.Option(None, "--gpus", min=0, help="GPUs for training."),
+    canary_percent: Optional[int] = typer.Option(None, "--canary-percent", min=0, max=100),
+    retrain: bool = _P_IF_NEW,
+    run_name: Optional[str] = typer.Option(None, "--run-name"),
+    namespace: Optional[str] = _NAMESPACE,
+    as_json: bool = typer.Option(False, "--json", help="Last output line: a JSON summary."),
+) -> None:
+    """Start one run on the cluster."""
+    from brainscan.pipelines import kfp_client
+
+    arguments = _pipeline_arguments(source=source, image_size=image_size, epochs=epochs,
+                                    fine_tune_epochs=fine_tune_epochs, base_weights=base_weights, gpus=gpus,
+                                    canary_percent=canary_percent)
+    try:
+        result = kfp_client.submit(host, arguments, which="retrain" if retrain else "train", run_name=run_name,
+                                   namespace=namespace)
+    except Exception as err:
+        fail(f"submit to {host} failed: {str(err).splitlines()[0]}")
+    typer.echo(f"started run {result.run_id} ({result.name})", err=True)
+    if as_json:
+        emit_json(result.summary())
+
+
+@pipeline_app.command("schedule")
+def pipeline_schedule(
+    host: str = _HOST,
+    cron: str = typer.Option("0 0 3 * * *", "--cron", help="When: cron with seconds first (5 fields also accepted)."),
+    source: Optional[str] = typer.Option(None, "--source", help="Images to watch (default: the pipeline's)."),
+    always: bool = typer.Option(False, "--always-train",
+                                help="Schedule the full training pipeline (default: retrain only if new data)."),
+    name: Optional[str] = typer.Option(None, "--name", help="Recurring run name."),
+    namespace: Optional[str] = _NAMESPACE,
+    as_json: bool = typer.Option(False, "--json", help="Last output line: a JSON summary."),
+) -> None:
+    """Create a recurring run (max_concurrency=1, no catch-up)."""
+    from brainscan.pipelines import kfp_client
+
+    try:
+        result = kfp_client.schedule(host, cron, _pipeline_arguments(source=source),
+                                     which="train" if always else "retrain", name=name, namespace=namespace)
+    except ValueError as err:
+        fail(str(err))
+    except Exception as err:
+        fail(f"schedule on {host} failed: {str(err).splitlines()[0]}")
+    typer.echo(f"recurring run {result.recurring_run_id} ({result.name}) on '{cron}'", err=True)
+    if as_json:
+        emit_json(result.summary())
+
+
+@app.command("demo")
+def demo(
+    workdir: Path = typer.Option(Path(".brainscan-demo"), "--workdir", help="Everything the demo writes goes here."),
+    per_class: int = typer.Option(40, "--per-class", min=20, help="Synthetic images per class."),
+    image_size: int = typer.Option(71, "--image-size", min=71, help="Input size (small: it runs on a laptop CPU)."),
+    epochs: int = typer.Option(3, "--epochs", min=1), fine_tune_epochs: int = typer.Option(1, "--fine-tune-epochs", min=0),
+    min_recall: float = typer.Option(0.80, "--min-recall", help="Gate for the demo's tiny model."),
+    min_auc: float = typer.Option(0.80, "--min-auc", help="Gate for the demo's tiny model."),
+) -> None:
+    """The whole local stack end to end on an offline synthetic dataset, then one v2 prediction."""
+    import logging
+
+    from brainscan import synth
+    from brainscan.pipelines.local import LocalRunParams, run_local
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    workdir = workdir.resolve()
+    typer.echo(f"1/2 writing a synthetic CT/MRI archive ({per_class} images per class) ...", err=True)
+    data = synth.generate(workdir / "synthetic", per_class=per_class, seed=0)
+    typer.echo(f"2/2 running the pipeline locally (image size {image_size}, {epochs}+{fine_tune_epochs} epochs) ...",
+               err=True)
+    params = LocalRunParams(image_size=image_size, epochs=epochs, fine_tune_epochs=fine_tune_epochs, batch_size=16,
+                            base_weights="none", target_recall=0.95, min_recall=min_recall, min_auc=min_auc,
+                            prefix="demo")
+    try:
+        summary_path = run_local(str(data.out_dir), workdir, params)
+    except (FileNotFoundError, ValueError, RuntimeError) as err:
+        fail(str(err).splitlines()[0])
+    _print_run_summary(summary_path)
+    summary = json.loads(summary_path.read_text())
+    typer.echo(f"synthetic data   {data.out_dir}\nS3 (SeaweedFS)   {summary.get('data_uri')}\n"
+               f"MLflow           {summary['tracking_uri']}\nmodel            {summary.get('model_uri')}\n"
+               f"model server     {summary.get('served_url')}\nstop the stack   brainscan stack down --workdir {workdir}"
+               f" (and the model server: brainscan deploy --local is restarted on every run)", err=True)
+    typer.echo(summary_path)
+
+
+def _mlflow_env(workdir: Path) -> None:
+    """Use the local stack's MLflow/S3 when the environment names none."""
+    import os
+
+    from brainscan import stack
+
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return
+    info = stack.status(workdir)
+    if info is None:
+        fail("MLFLOW_TRACKING_URI is not set and no local stack runs in "
+             f"{workdir}: export the cluster's settings or run `brainscan stack up --workdir {workdir}`")
+    os.environ.update(info.env())
+
+
+@retrain_app.command("check")
+def retrain_check(
+    source: str = _P_SOURCE,
+    model_name: str = _P_MODEL,
+    workdir: Path = typer.Option(Path(".brainscan"), "--workdir", help="Local stack to use when no MLflow is set."),
+    as_json: bool = typer.Option(False, "--json", help="Last output line: a JSON summary."),
+) -> None:
+    """Is a retrain due? Compares the source's dataset fingerprint with the champion's tag (exit 0 either way)."""
+    from brainscan.pipelines.retrain import check
+
+    _mlflow_env(workdir)
+    try:
+        decision = check(source, model_name=model_name)
+    except Exception as err:  # bad source, MLflow unreachable
+        fail(str(err).splitlines()[0])
+    typer.echo(("retrain due: " if decision.retrain else "up to date: ") + decision.message)
+    if as_json:
+        emit_json(decision.summary())
+
+
+@retrain_app.command("watch")
+def retrain_watch(
+    source: str = _P_SOURCE,
+    interval: float = typer.Option(300, "--interval", min=1, help="Seconds between checks."),
+    host: Optional[str] = typer.Option(None, "--host", help="Submit a cluster run here (else run locally)."),
+    workdir: Path = typer.Option(Path(".brainscan"), "--workdir", help="Local runs: the work dir."),
+    model_name: str = _P_MODEL,
+    max_checks: Optional[int] = typer.Option(None, "--max-checks", min=1, help="Stop after this many checks."),
+    image_size: int = _P_IMAGE_SIZE, epochs: int = _P_EPOCHS, fine_tune_epochs: int = _P_FINE_TUNE,
+    base_weights: str = _P_WEIGHTS,
+) -> None:
+    """Check on an interval; when the data changed, submit a run (--host) or run the pipeline locally."""
+    import logging
+
+    from brainscan.pipelines import retrain
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    if host is None:
+        from brainscan import stack
+
+        stack.up(workdir)
+    _mlflow_env(workdir)
+
+    def start_run(decision) -> None:
+        if host:
+            from brainscan.pipelines import kfp_client
+
+            result = kfp_client.submit(host, {"source": source}, which="retrain")
+            typer.echo(f"submitted run {result.run_id}", err=True)
+        else:
+            from brainscan.pipelines.local import LocalRunParams, run_local
+
+            params = LocalRunParams(image_size=image_size, epochs=epochs, fine_tune_epochs=fine_tune_epochs,
+                                    base_weights=base_weights, model_name=model_name)
+            try:
+                typer.echo(run_local(source, workdir, params, only_if_new_data=True))
+            except RuntimeError as err:  # a failed run is logged; the watch goes on
+                typer.echo(f"run failed: {str(err).splitlines()[0]}", err=True)
+
+    started = retrain.watch(source, start_run, interval_s=interval, model_name=model_name, max_checks=max_checks)
+    typer.echo(f"{started} run(s) started", err=True)
+
 
 
 if __name__ == "__main__":

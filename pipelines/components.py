@@ -103,7 +103,7 @@ def train_op(splits_uri: str, bucket: str, prefix: str, run_id: str, image_size:
 
     model_uri = f"s3://{bucket}/{prefix.strip('/')}/runs/{run_id}/model"
     result = train(splits_uri, model_uri, image_size=image_size, epochs=epochs, fine_tune_epochs=fine_tune_epochs,
-                   batch_size=batch_size, base_weights=None if base_weights in ("", "none") else base_weights,
+                   batch_size=batch_size, base_weights=base_weights,
                    seed=seed)
     summary = result.summary() if hasattr(result, "summary") else dict(vars(result))
     with open(model.path, "w") as handle:

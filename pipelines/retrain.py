@@ -9,15 +9,13 @@ on an interval and starts a run (on the cluster, or locally) when they differ.
 from __future__ import annotations
 
 import hashlib
-import io
 import logging
 import time
-import zipfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
-from brainscan import labels, storage
+from brainscan import labels
 
 log = logging.getLogger(__name__)
 
@@ -37,44 +35,29 @@ class RetrainDecision:
         return asdict(self)
 
 
-def _labelled(path: str) -> str | None:
-    """class7 of an image path in the archive layout, None for anything else (read-me files, masks)."""
-    try:
-        return labels.label_from_path(path)[1]
-    except labels.UnknownLabelError:
-        return None
-
-
-def _fingerprint(lines: list[str]) -> str:
-    return hashlib.sha256("\n".join(sorted(lines)).encode()).hexdigest()
-
-
 def source_fingerprint(source: str) -> str:
-    """Fingerprint of a source without copying it: a folder, an S3 prefix or a zip archive."""
-    try:  # ingest owns the definition; use its function when it offers one
-        from brainscan.components import ingest as ingest_module
-        if hasattr(ingest_module, "source_fingerprint"):
-            return ingest_module.source_fingerprint(source)
-    except ImportError:
-        pass
-    lines = []
-    if str(source).lower().endswith(".zip"):
-        data = storage.read_bytes(source) if storage.is_s3(source) else Path(source).read_bytes()
-        with zipfile.ZipFile(io.BytesIO(data)) as archive:
-            for info in archive.infolist():
-                class7 = None if info.is_dir() else _labelled(info.filename)
-                if class7:
-                    lines.append(f"{hashlib.sha256(archive.read(info)).hexdigest()},{class7}")
-    else:
-        if not storage.is_s3(source) and not Path(source).is_dir():
-            raise FileNotFoundError(f"source {source!r} is neither a folder, an s3:// prefix nor a .zip file")
-        for uri, _ in storage.list_files(source):
-            class7 = _labelled(uri)
-            if class7:
-                lines.append(f"{hashlib.sha256(storage.read_bytes(uri)).hexdigest()},{class7}")
-    if not lines:
-        raise ValueError(f"no labelled images under {source!r} (expected the Kaggle archive layout)")
-    return _fingerprint(lines)
+    """Fingerprint of a source read in place (folder, .zip, s3:// prefix, kaggle:OWNER/DATASET).
+
+    Uses ingest's own source reader and fingerprint function, so the value equals what ingest
+    records for the same data (and thus the champion's tag) by construction.
+    """
+    import shutil
+    import tempfile
+
+    from brainscan.components import ingest
+
+    scratch = Path(tempfile.mkdtemp(prefix="brainscan-fingerprint-"))
+    try:
+        items, _ignored = ingest._open_source(str(source), scratch, ingest.ZipLimits())
+        rows = []
+        for item in items:
+            rows.append({"sha256": hashlib.sha256(item.read()).hexdigest(),
+                         "class7": labels.label_from_path(item.rel)[1]})
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    if not rows:
+        raise ValueError(f"no images under {source!r}")
+    return ingest.fingerprint_of(rows)
 
 
 def champion_fingerprint(model_name: str = "brain-tumor") -> tuple[str | None, str | None]:
