@@ -33,7 +33,7 @@ def real_data() -> Path:
 
 def test_real_sample_chain(real_data, s3_prefix, tmp_path):
     ingest_module = pytest.importorskip("brainscan.components.ingest", reason="components/ingest.py not built yet")
-    ingest_module.ingest(str(real_data / "Dataset"), s3_prefix)
+    ingest_module.ingest(str(real_data), s3_prefix)  # the unpacked archive, as a user points at it
     manifest = pd.read_csv(io.StringIO(storage.read_text(storage.join(s3_prefix, "manifest.csv"))))
     assert set(manifest["class7"]) == set(CLASSES)
 
