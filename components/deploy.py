@@ -251,10 +251,13 @@ def _not_ready_reason(isvc: dict | None) -> str:
 # --------------------------------------------------------------------------- local
 
 def deploy_local(model_uri: str, workdir: str | os.PathLike = ".brainscan") -> DeployResult:
-    """(Re)start the local model server on `model_uri`; the server's own module does the work."""
+    """(Re)start the local model server on `model_uri`: `brainscan.serving.local.start` replaces a running
+    server on the same ports (clients keep their URL) and returns once the new model is ready."""
     from brainscan.serving import local
 
+    running = local.status(Path(workdir))
     info = local.start(model_uri, Path(workdir))
-    url = getattr(info, "url", None) or (info.get("url") if isinstance(info, dict) else None)
-    return DeployResult(model_uri=model_uri, target="local", name=DEFAULT_NAME, namespace=None, action="started",
-                        ready=True, url=url, message=f"local model server on {model_uri}" + (f" at {url}" if url else ""))
+    action = "reloaded" if running is not None else "started"
+    return DeployResult(model_uri=model_uri, target="local", name=DEFAULT_NAME, namespace=None, action=action,
+                        ready=True, url=info.url, previous_model_uri=running.model_uri if running else None,
+                        message=f"local model server {action} on {model_uri} at {info.url}")

@@ -171,19 +171,28 @@ def test_bad_arguments(kwargs, message, tmp_path):
         deploy(args.pop("model_uri"), kubeconfig=tmp_path / "unused", **args)
 
 
-def test_local_deploy_starts_the_local_server(monkeypatch, tmp_path):
+def test_local_deploy_starts_then_reloads_the_local_server(monkeypatch, tmp_path):
+    """The call contract with brainscan.serving.local (whose own tests run the real server)."""
     import brainscan.serving
 
-    calls = []
+    calls, running = [], {}
     fake_local = types.ModuleType("brainscan.serving.local")
-    fake_local.start = lambda model_uri, workdir: calls.append((model_uri, workdir)) or types.SimpleNamespace(
-        url="http://127.0.0.1:8080")
+
+    def start(model_uri, workdir):
+        calls.append((model_uri, workdir))
+        running[workdir] = types.SimpleNamespace(model_uri=model_uri, url="http://127.0.0.1:18080")
+        return running[workdir]
+
+    fake_local.start = start
+    fake_local.status = lambda workdir: running.get(workdir)
     monkeypatch.setitem(sys.modules, "brainscan.serving.local", fake_local)
     monkeypatch.setattr(brainscan.serving, "local", fake_local, raising=False)
 
-    result = deploy(V2, local=True, workdir=tmp_path)
-    assert calls == [(V2, tmp_path)]
-    assert result.ready and result.target == "local" and result.url == "http://127.0.0.1:8080"
+    first = deploy(V1, local=True, workdir=tmp_path)
+    assert (first.ready, first.target, first.action, first.url) == (True, "local", "started", "http://127.0.0.1:18080")
+    second = deploy(V2, local=True, workdir=tmp_path)
+    assert (second.action, second.previous_model_uri, second.model_uri) == ("reloaded", V1, V2)
+    assert calls == [(V1, tmp_path), (V2, tmp_path)]
 
 
 def test_cli_deploy_json_and_failure_exit(fake_kube):

@@ -152,6 +152,15 @@ def test_secret_template_holds_placeholders_only():
     assert "serving.kserve.io/s3-endpoint" in annotations and "serving.kserve.io/s3-usehttps" in annotations
 
 
+def test_secret_template_has_every_key_the_pipeline_reads():
+    # kfp-kubernetes use_secret_as_env fails the pod when a named key is missing from the secret
+    from brainscan.pipelines import pipeline
+
+    (secret,) = documents(K8S / "secrets" / "s3-secret.template.yaml")
+    assert secret["metadata"]["name"] == pipeline.SECRET_NAME
+    assert set(pipeline.S3_ENV) | set(pipeline.MLFLOW_ENV) <= set(secret["stringData"])
+
+
 def test_service_accounts_reference_the_s3_secret():
     accounts = {doc["metadata"]["name"]: doc for doc in documents(K8S / "base" / "service-accounts.yaml")}
     assert isvc_mod.DEFAULT_SERVICE_ACCOUNT in accounts
