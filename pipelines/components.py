@@ -127,32 +127,28 @@ def evaluate_op(model_uri: str, splits_uri: str, target_recall: float, min_recal
 
     from brainscan import storage
     from brainscan.components.evaluate import evaluate
-    from brainscan.components.register import champion_info
 
     evaluation_uri = f"{model_uri.rsplit('/', 1)[0]}/evaluation"
-    champion = champion_info(model_name)
+    # A missing champion (first run) is a note in the report, not an error.
     result = evaluate(model_uri, splits_uri, evaluation_uri, target_recall=target_recall, min_recall=min_recall,
-                      min_auc=min_auc, champion=champion)
+                      min_auc=min_auc, champion=f"models:/{model_name}@champion")
     evaluation = storage.read_json(storage.join(evaluation_uri, "evaluation.json"))
 
-    test = evaluation.get("test", {})
-    for key, value in test.items():
+    for key, value in evaluation.get("test", {}).items():
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             metrics.log_metric(f"test_{key}", float(value))
-    if evaluation.get("threshold") is not None:
-        metrics.log_metric("threshold", float(evaluation["threshold"]))
+    metrics.log_metric("threshold", float(evaluation["threshold"]))
 
-    # The UI draws these two from ClassificationMetrics.
-    matrix = evaluation.get("confusion_matrix") or test.get("confusion_matrix")
-    if matrix:
-        classification.log_confusion_matrix(list(matrix["labels"]), [list(map(int, r)) for r in matrix["matrix"]])
-    roc = evaluation.get("roc") or test.get("roc")
+    # The Kubeflow UI draws these two from ClassificationMetrics.
+    classification.log_confusion_matrix(list(evaluation["classes"]),
+                                        [[int(n) for n in row] for row in evaluation["confusion_matrix"]])
+    roc = evaluation.get("curves", {}).get("roc", [])
     if roc:
-        classification.log_roc_curve(list(map(float, roc["fpr"])), list(map(float, roc["tpr"])),
-                                     [min(float(t), 1.0) for t in roc["thresholds"]])
+        classification.log_roc_curve([p["fpr"] for p in roc], [p["tpr"] for p in roc],
+                                     [p["threshold"] for p in roc])
 
     gate = evaluation.get("gate", {})
-    passed = bool(getattr(result, "passed", gate.get("passed", False)))
+    passed = result.passed
     images = []
     for name in ("confusion_matrix.png", "roc_curve.png", "pr_curve.png"):
         uri = storage.join(evaluation_uri, name)

@@ -1,0 +1,168 @@
+"""The compiled pipeline YAML that users upload in the Kubeflow UI: DAG, parameters, cluster settings."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from brainscan.cli import app
+from brainscan.pipelines.pipeline import compile_pipeline
+
+STEPS = ["ingest-op", "validate-op", "split-op", "train-op", "evaluate-op", "register-op", "deploy-op"]
+
+
+def _load(path):
+    spec, platform = yaml.safe_load_all(open(path))
+    return spec, platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+
+
+@pytest.fixture(scope="module")
+def train_yaml(tmp_path_factory):
+    return _load(compile_pipeline(tmp_path_factory.mktemp("yaml") / "train.yaml"))
+
+
+@pytest.fixture(scope="module")
+def retrain_yaml(tmp_path_factory):
+    return _load(compile_pipeline(tmp_path_factory.mktemp("yaml") / "retrain.yaml", "retrain"))
+
+
+def _all_tasks(spec) -> dict:
+    tasks = dict(spec["root"]["dag"]["tasks"])
+    for component in spec["components"].values():
+        tasks.update(component.get("dag", {}).get("tasks", {}))
+    return tasks
+
+
+def test_dag_order_and_gate(train_yaml):
+    spec, _ = train_yaml
+    tasks = _all_tasks(spec)
+    assert set(STEPS) <= set(tasks)
+    deps = {name: set(task.get("dependentTasks", [])) for name, task in tasks.items()}
+    assert "fingerprint-op" in deps["ingest-op"]
+    assert "ingest-op" in deps["validate-op"]
+    assert {"validate-op", "ingest-op"} <= deps["split-op"]
+    assert "split-op" in deps["train-op"]
+    assert "train-op" in deps["evaluate-op"]
+    assert "register-op" in deps["deploy-op"]
+    # register and deploy live only inside the condition on evaluate's gate decision
+    root = spec["root"]["dag"]["tasks"]
+    assert "register-op" not in root and "deploy-op" not in root
+    (condition,) = [t for t in root.values() if "triggerPolicy" in t]
+    assert condition["triggerPolicy"]["condition"] == \
+        "inputs.parameter_values['pipelinechannel--evaluate-op-Output'] == true"
+    inner = spec["components"][condition["componentRef"]["name"]]["dag"]["tasks"]
+    assert set(inner) == {"register-op", "deploy-op"}
+
+
+def test_parameters_have_ui_defaults(train_yaml):
+    spec, _ = train_yaml
+    params = spec["root"]["inputDefinitions"]["parameters"]
+    expected = {"source": "s3://brainscan-data/raw", "bucket": "brainscan", "prefix": "pipeline", "image_size": 299,
+                "epochs": 10, "fine_tune_epochs": 5, "base_weights": "imagenet", "target_recall": 0.99,
+                "min_recall": 0.95, "min_auc": 0.95, "gpus": 1, "namespace": "kubeflow-user", "canary_percent": 0,
+                "model_name": "brain-tumor"}
+    for name, default in expected.items():
+        assert params[name]["defaultValue"] == default, name
+        assert params[name]["isOptional"] is True
+
+
+def test_artifact_outputs_for_the_ui(train_yaml):
+    spec, _ = train_yaml
+    def outputs(component):
+        return {name: a["artifactType"]["schemaTitle"]
+                for name, a in spec["components"][component]["outputDefinitions"].get("artifacts", {}).items()}
+    assert outputs("comp-ingest-op") == {"dataset": "system.Dataset"}
+    assert outputs("comp-validate-op") == {"report": "system.HTML", "metrics": "system.Metrics"}
+    assert outputs("comp-train-op") == {"model": "system.Model", "metrics": "system.Metrics"}
+    assert outputs("comp-evaluate-op") == {"metrics": "system.Metrics",
+                                           "classification": "system.ClassificationMetrics", "report": "system.HTML"}
+    assert outputs("comp-register-op") == {"registered": "system.Model"}
+
+
+def test_training_runs_on_gpu_nodes_without_cache(train_yaml):
+    spec, kube = train_yaml
+    container = spec["deploymentSpec"]["executors"]["exec-train-op"]["container"]
+    accelerator = container["resources"]["accelerator"]
+    assert accelerator["resourceType"] == "nvidia.com/gpu"
+    assert accelerator["resourceCount"] == "{{$.inputs.parameters['pipelinechannel--gpus']}}"
+    assert container["resources"]["resourceCpuRequest"] and container["resources"]["resourceMemoryRequest"]
+    assert kube["exec-train-op"]["nodeSelector"]["labels"] == {"nvidia.com/gpu.present": "true"}
+    assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in kube["exec-train-op"]["tolerations"]
+    tasks = _all_tasks(spec)
+    assert tasks["train-op"]["cachingOptions"].get("enableCache", False) is False
+    assert tasks["ingest-op"]["cachingOptions"]["enableCache"] is True
+    assert tasks["validate-op"]["cachingOptions"]["enableCache"] is True
+    for step in ("evaluate-op", "register-op", "deploy-op"):
+        assert tasks[step]["cachingOptions"].get("enableCache", False) is False, step
+    # CPU steps do not ask for GPUs
+    assert "accelerator" not in spec["deploymentSpec"]["executors"]["exec-ingest-op"]["container"]["resources"]
+
+
+def test_retries_with_backoff_on_ingest_and_deploy(train_yaml):
+    spec, _ = train_yaml
+    tasks = _all_tasks(spec)
+    for step in ("ingest-op", "deploy-op"):
+        policy = tasks[step]["retryPolicy"]
+        assert policy["maxRetryCount"] >= 2 and policy["backoffFactor"] >= 2 and policy["backoffDuration"]
+    assert "retryPolicy" not in tasks["train-op"]
+
+
+def test_credentials_come_from_the_secret(train_yaml):
+    _, kube = train_yaml
+    for step in STEPS:
+        envs = {e["envVar"] for s in kube[f"exec-{step}"]["secretAsEnv"] for e in s["keyToEnv"]}
+        assert {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL"} <= envs, step
+        assert all(s["secretName"] == "brainscan-s3" for s in kube[f"exec-{step}"]["secretAsEnv"])
+    for step in ("evaluate-op", "register-op", "deploy-op"):
+        envs = {e["envVar"] for s in kube[f"exec-{step}"]["secretAsEnv"] for e in s["keyToEnv"]}
+        assert "MLFLOW_TRACKING_URI" in envs, step
+
+
+def test_components_are_thin_wrappers_on_the_project_image(train_yaml):
+    spec, _ = train_yaml
+    executors = spec["deploymentSpec"]["executors"]
+    for step in STEPS:
+        container = executors[f"exec-{step}"]["container"]
+        assert container["image"].startswith("ghcr.io/brainscan/brainscan-pipeline:")
+        source = container["command"][-1]
+        module = step.removesuffix("-op")
+        assert f"from brainscan.components.{module} import" in source, step
+        assert "pip install" not in " ".join(container["command"]), "the image holds every dependency"
+    assert executors["exec-train-op"]["container"]["image"].endswith("-gpu")
+
+
+def test_image_is_overridable_at_compile_time(tmp_path):
+    out = tmp_path / "custom.yaml"
+    code = f"from brainscan.pipelines.pipeline import compile_pipeline; compile_pipeline({str(out)!r})"
+    env = {"BRAINSCAN_PIPELINE_IMAGE": "registry.example/bs:1", "BRAINSCAN_PIPELINE_GPU_IMAGE": "registry.example/bs:1-gpu"}
+    import os
+    subprocess.run([sys.executable, "-c", code], check=True, env={**os.environ, **env})
+    spec, _ = _load(out)
+    images = {name: e["container"]["image"] for name, e in spec["deploymentSpec"]["executors"].items()}
+    assert images.pop("exec-train-op") == "registry.example/bs:1-gpu"
+    assert set(images.values()) == {"registry.example/bs:1"}
+
+
+def test_retrain_pipeline_skips_everything_when_data_unchanged(retrain_yaml):
+    spec, _ = retrain_yaml
+    root = spec["root"]["dag"]["tasks"]
+    (condition_name,) = [name for name, t in root.items() if "triggerPolicy" in t]
+    condition = root[condition_name]
+    assert set(root) == {"fingerprint-op", "champion-fingerprint-op", condition_name}
+    assert condition["triggerPolicy"]["condition"] == (
+        "inputs.parameter_values['pipelinechannel--fingerprint-op-Output'] != "
+        "inputs.parameter_values['pipelinechannel--champion-fingerprint-op-Output']")
+    assert set(STEPS) <= set(_all_tasks(spec))
+
+
+def test_cli_compile(tmp_path):
+    out = tmp_path / "sub" / "pipeline.yaml"
+    result = CliRunner().invoke(app, ["pipeline", "compile", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert result.output.strip().splitlines()[-1] == str(out)
+    spec, _ = _load(out)
+    assert spec["pipelineInfo"]["name"] == "brainscan-train"
