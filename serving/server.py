@@ -316,6 +316,8 @@ def run(options: ServeOptions) -> None:
                                        "grpc_max_receive_message_length": options.max_request_bytes},
                                grace_period=5)
         servers.append(grpc.start(server.max_threads))
+        # uvicorn handles SIGTERM itself, then re-raises it to ModelServer.stop, which stops this.
+        server._grpc_server = grpc
     log.info("serving %s as '%s' on http://%s:%d (v2 REST) and %s:%d (gRPC)", options.model_uri, model.name,
              options.host, options.http_port, options.host, options.grpc_port)
     server.servers = servers
@@ -341,7 +343,9 @@ class _HostGRPCServer:
                     ThreadPoolExecutor(max_workers=max_workers),
                     interceptors=(LoggingInterceptor(), ExceptionToStatusInterceptor()),
                     options=[("grpc.max_send_message_length", self._kwargs["grpc_max_send_message_length"]),
-                             ("grpc.max_receive_message_length", self._kwargs["grpc_max_receive_message_length"])])
+                             ("grpc.max_receive_message_length", self._kwargs["grpc_max_receive_message_length"]),
+                             # a port already in use must fail, not be silently shared with another server
+                             ("grpc.so_reuseport", 0)])
                 grpc_predict_v2_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, self._server)
                 address = f"[{host}]:{self._port}" if ":" in host else f"{host}:{self._port}"
                 if self._server.add_insecure_port(address) == 0:
