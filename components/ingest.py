@@ -28,6 +28,7 @@ import tempfile
 import threading
 import time
 import zipfile
+import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path, PurePosixPath
@@ -66,6 +67,7 @@ class UploadError(IngestError):
 
     def __init__(self, reason: str, not_uploaded: list[str], stored: int, total: int):
         self.not_uploaded = not_uploaded
+        self.stored = stored
         shown = ", ".join(not_uploaded[:10]) + (f", ... ({len(not_uploaded) - 10} more)" if len(not_uploaded) > 10 else "")
         super().__init__(f"{len(not_uploaded)} of {total} files were not uploaded ({reason}); {stored} are stored "
                          f"and kept, no manifest was written; rerun the same command to finish. Not uploaded: {shown}")
@@ -197,13 +199,16 @@ def extract_zip(archive: Path, out_dir: Path, limits: ZipLimits = ZipLimits()) -
             target = out_dir / info.filename.replace("\\", "/")
             target.parent.mkdir(parents=True, exist_ok=True)
             written = 0
-            with zf.open(info) as src, open(target, "wb") as dst:
-                while chunk := src.read(1024 * 1024):
-                    written += len(chunk)
-                    if written > info.file_size:  # the header lied about the size
-                        raise IngestError(f"{archive}: entry {info.filename!r} is larger than its header says "
-                                          "(decompression bomb?)")
-                    dst.write(chunk)
+            try:
+                with zf.open(info) as src, open(target, "wb") as dst:
+                    while chunk := src.read(1024 * 1024):
+                        written += len(chunk)
+                        if written > info.file_size:  # the header lied about the size
+                            raise IngestError(f"{archive}: entry {info.filename!r} is larger than its header says "
+                                              "(decompression bomb?)")
+                        dst.write(chunk)
+            except (zipfile.BadZipFile, zlib.error, EOFError) as err:  # zipfile stops at the declared size: CRC fails
+                raise IngestError(f"{archive}: entry {info.filename!r} is corrupt ({err})") from err
     return out_dir
 
 
