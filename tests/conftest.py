@@ -3,6 +3,7 @@
 pytest_plugins = [
     "tests.fixtures.stack",
     "tests.fixtures.data",
+    "tests.fixtures.ingest",
     "tests.fixtures.kube",
     "tests.fixtures.registry",
 ]
