@@ -185,6 +185,119 @@ def split_cmd(
 
 # --------------------------------------------------------------------------- model (train, evaluate, register, model rollback)
 
+# evaluate, register, model rollback/list/info: components/evaluate.py, components/register.py
+@app.command("evaluate")
+def evaluate_cmd(
+    model: str = typer.Option(..., "--model", help="Model bundle: a folder, s3://... or models:/NAME@ALIAS."),
+    splits: str = typer.Option(..., "--splits", help="URI holding val.csv and test.csv (s3://... or a folder)."),
+    out: str = typer.Option(..., "--out", help="Where evaluation.json, the plots and explanations/ go."),
+    target_recall: float = typer.Option(0.99, "--target-recall", help="Recall the threshold must reach on validation."),
+    min_recall: float = typer.Option(0.95, "--min-recall", help="Gate: test recall at least this."),
+    min_auc: float = typer.Option(0.95, "--min-auc", help="Gate: test ROC-AUC at least this."),
+    champion: Optional[str] = typer.Option(None, "--champion",
+                                           help="Compare with this model (e.g. models:/brain-tumor@champion); "
+                                                "a missing champion means no comparison."),
+    tolerance: float = typer.Option(0.02, "--tolerance", help="Gate: how much worse than the champion is allowed."),
+    explain: bool = typer.Option(True, "--explain/--no-explain", help="Grad-CAM and LIME images (default on)."),
+    fail_on_gate: bool = typer.Option(False, "--fail-on-gate", help="Exit 2 when the gate fails (default: exit 0)."),
+    as_json: bool = typer.Option(False, "--json", help="Last output line: a JSON summary."),
+) -> None:
+    """Recall-first evaluation with a validation-calibrated threshold and a gate; a failed gate is a result."""
+    import logging
+
+    from brainscan.components.evaluate import evaluate
+    from brainscan.modelstore import BundleError
+    from brainscan.preprocessing import InvalidImageError
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        result = evaluate(model, splits, out, target_recall=target_recall, min_recall=min_recall, min_auc=min_auc,
+                          champion=champion, tolerance=tolerance, explain=explain)
+    except (FileNotFoundError, ValueError, BundleError, InvalidImageError) as err:
+        fail(str(err))
+    test = result.test
+    typer.echo(f"threshold {result.threshold:.4g} (validation, target recall {target_recall}); test recall "
+               f"{test['recall']:.4f} {test['recall_ci95']}, precision {test['precision']:.4f} {test['precision_ci95']}, "
+               f"ROC-AUC {test['roc_auc']:.4f}; gate {result.gate['reason']}; report {result.report_uri}", err=True)
+    if as_json:
+        emit_json(result.summary())
+    if fail_on_gate and not result.passed:
+        raise typer.Exit(2)
+
+
+@app.command("register")
+def register_cmd(
+    model: str = typer.Option(..., "--model", help="The model bundle that was evaluated."),
+    evaluation: str = typer.Option(..., "--evaluation", help="evaluation.json or the folder holding it."),
+    name: str = typer.Option("brain-tumor", "--name", help="Registered model name."),
+    pipeline_run: Optional[str] = typer.Option(None, "--pipeline-run", help="Pipeline run id, kept as a tag."),
+    tracking_uri: Optional[str] = typer.Option(None, "--tracking-uri",
+                                               help="MLflow (default: $MLFLOW_TRACKING_URI, else sqlite in --workdir)."),
+    workdir: Path = typer.Option(Path(".brainscan"), "--workdir", help="Where the default sqlite store lives."),
+    as_json: bool = typer.Option(False, "--json", help="Last output line: a JSON summary."),
+) -> None:
+    """Register a gated model in MLflow and move the `champion` alias to it (refused when the gate failed)."""
+    from brainscan.components.register import register
+    from brainscan.modelstore import BundleError
+
+    try:
+        result = register(model, evaluation, name=name, pipeline_run=pipeline_run, tracking_uri=tracking_uri,
+                          workdir=workdir)
+    except (FileNotFoundError, ValueError, BundleError) as err:
+        fail(str(err))
+    typer.echo(result.reason + (f"; {result.champion_uri} -> {result.model_uri}" if result.registered else ""), err=True)
+    if as_json:
+        emit_json(result.summary())
+    if not result.registered:
+        fail(result.reason)
+
+
+model_app = typer.Typer(help="The MLflow model registry: list, info, rollback.", no_args_is_help=True)
+app.add_typer(model_app, name="model")
+MODEL_NAME_OPTION = typer.Option("brain-tumor", "--name", help="Registered model name.")
+TRACKING_OPTION = typer.Option(None, "--tracking-uri", help="MLflow (default: $MLFLOW_TRACKING_URI, else sqlite in --workdir).")
+REGISTRY_WORKDIR_OPTION = typer.Option(Path(".brainscan"), "--workdir", help="Where the default sqlite store lives.")
+
+
+@model_app.command("rollback")
+def model_rollback(name: str = MODEL_NAME_OPTION, tracking_uri: Optional[str] = TRACKING_OPTION,
+                   workdir: Path = REGISTRY_WORKDIR_OPTION, as_json: bool = typer.Option(False, "--json")) -> None:
+    """Move the `champion` alias back to the previous champion version."""
+    from brainscan.components.register import RegistryError, rollback
+
+    try:
+        result = rollback(name, tracking_uri=tracking_uri, workdir=workdir)
+    except RegistryError as err:
+        fail(str(err))
+    typer.echo(f"{name} champion: version {result['from_version']} -> {result['to_version']}", err=True)
+    if as_json:
+        emit_json(result)
+
+
+@model_app.command("info")
+def model_info(name: str = MODEL_NAME_OPTION, tracking_uri: Optional[str] = TRACKING_OPTION,
+               workdir: Path = REGISTRY_WORKDIR_OPTION) -> None:
+    """The current champion (version, threshold, tags) as JSON; exit 3 when there is none."""
+    from brainscan.components.register import champion_info
+
+    info = champion_info(name, tracking_uri=tracking_uri, workdir=workdir)
+    if info is None:
+        typer.echo(f"{name} has no champion", err=True)
+        raise typer.Exit(3)
+    emit_json(info)
+
+
+@model_app.command("list")
+def model_list(name: str = MODEL_NAME_OPTION, tracking_uri: Optional[str] = TRACKING_OPTION,
+               workdir: Path = REGISTRY_WORKDIR_OPTION) -> None:
+    """Every version of the model, oldest first, the champion marked."""
+    from brainscan.components.register import list_versions
+
+    for row in list_versions(name, tracking_uri=tracking_uri, workdir=workdir):
+        typer.echo(f"{row['version']:>4} {'*' if row['champion'] else ' '} threshold={row['threshold']} "
+                   f"code={str(row['code_version'])[:12]} data={str(row['dataset_fingerprint'])[:12]}")
+
+
 # --------------------------------------------------------------------------- serving (serve, predict, deploy)
 
 # deploy: components/deploy.py (InferenceService on a cluster, or the local model server)
