@@ -150,8 +150,12 @@ def prepare(manifest: pd.DataFrame, check_files: bool = True, workers: int = 16)
     df["labels_for_sha256"] = df.groupby("sha256")["class7"].transform("nunique").fillna(0).astype(int)
     if check_files:
         # The manifest may be stale: re-read every file (in parallel) and decode it for real.
+        from tqdm import tqdm
+
+        paths = df["path"].fillna("").tolist()
         with ThreadPoolExecutor(max_workers=workers) as pool:
-            checks = list(pool.map(_inspect_file, df["path"].fillna("").tolist()))
+            checks = list(tqdm(pool.map(_inspect_file, paths), total=len(paths), desc="re-reading files",
+                               unit="img", disable=len(paths) < 50, mininterval=2))
         df["decodes"] = [ok and flag for (ok, _, _), flag in zip(checks, df["decodable"])]
         df["decode_error"] = [error if error else ("" if flag else "manifest: decodable=false")
                               for (_, _, error), flag in zip(checks, df["decodable"])]
