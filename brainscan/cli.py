@@ -185,6 +185,38 @@ def split_cmd(
 
 # --------------------------------------------------------------------------- model (train, evaluate, register, model rollback)
 
+# train: components/train.py
+@app.command("train")
+def train_cmd(
+    splits: str = typer.Option(..., "--splits", help="URI holding train.csv and val.csv (s3://... or a folder)."),
+    out: str = typer.Option(..., "--out", help="Where the model bundle goes (s3://... prefix or a folder)."),
+    image_size: int = typer.Option(299, "--image-size", help="Input side in pixels (Xception: 71 or more)."),
+    epochs: int = typer.Option(10, "--epochs", help="Stage 1 epochs (head, or whole network from scratch)."),
+    fine_tune_epochs: int = typer.Option(5, "--fine-tune-epochs", help="Stage 2 epochs at a low learning rate."),
+    batch_size: int = typer.Option(32, "--batch-size", help="Images per step (over all GPUs)."),
+    base_weights: str = typer.Option("imagenet", "--base-weights",
+                                     help="imagenet, none (train from scratch), or a path / s3:// URI of a weights file."),
+    seed: int = typer.Option(42, "--seed", help="Same seed, same data order and initialisation."),
+    learning_rate: float = typer.Option(1e-3, "--learning-rate", help="Stage 1 learning rate."),
+    patience: int = typer.Option(4, "--patience", help="Early stopping patience in epochs (on validation loss)."),
+    as_json: bool = typer.Option(False, "--json", help="Last output line: a JSON summary."),
+) -> None:
+    """Train the Xception classifier on the split manifests; write a model bundle."""
+    from brainscan.components.train import TrainingError, train
+
+    try:
+        result = train(splits, out, image_size=image_size, epochs=epochs, fine_tune_epochs=fine_tune_epochs,
+                       batch_size=batch_size, base_weights=base_weights, seed=seed, learning_rate=learning_rate,
+                       patience=patience)
+    except (FileNotFoundError, ValueError, TrainingError) as err:
+        fail(str(err))
+    typer.echo(f"trained {result.epochs_run} epochs in {result.seconds:.0f}s; best epoch {result.best_epoch} "
+               f"(val_loss {result.best_val_loss:.4f}, val_acc {result.best_val_accuracy:.3f}); "
+               f"bundle {result.out}; curves {result.curves_uri}", err=True)
+    if as_json:
+        emit_json(result.summary())
+
+
 # evaluate, register, model rollback/list/info: components/evaluate.py, components/register.py
 @app.command("evaluate")
 def evaluate_cmd(
@@ -299,6 +331,65 @@ def model_list(name: str = MODEL_NAME_OPTION, tracking_uri: Optional[str] = TRAC
 
 
 # --------------------------------------------------------------------------- serving (serve, predict, deploy)
+
+# serve, predict: serving/server.py, serving/client.py
+@app.command("serve")
+def serve_cmd(
+    model: str = typer.Option(..., "--model", help="Model bundle: models:/brain-tumor@champion, s3://... or a folder."),
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to bind (0.0.0.0 only inside a container)."),
+    http_port: int = typer.Option(8080, "--http-port", "--port", help="v2 REST port."),
+    grpc_port: int = typer.Option(8081, "--grpc-port", help="v2 gRPC port."),
+    no_grpc: bool = typer.Option(False, "--no-grpc", help="Serve REST only."),
+    threshold: Optional[float] = typer.Option(None, "--threshold", min=0.0, max=1.0,
+                                              help="Decision threshold, overriding the model's calibrated one."),
+    max_batch_size: int = typer.Option(32, "--max-batch-size", min=1, help="Most images per batched model call."),
+    max_latency_ms: float = typer.Option(5.0, "--max-latency-ms", min=0.0,
+                                         help="Longest wait for a batch to fill, in milliseconds."),
+    max_queue: int = typer.Option(1024, "--max-queue", min=1, help="Images allowed to wait; beyond that 503."),
+    max_images: int = typer.Option(64, "--max-images", min=1, help="Images allowed in one request."),
+    max_image_bytes: int = typer.Option(20 * 1024 * 1024, "--max-image-bytes", min=1, help="Bytes of one image file."),
+    max_pixels: int = typer.Option(40_000_000, "--max-pixels", min=1, help="Width x height of one image."),
+    max_request_bytes: int = typer.Option(64 * 1024 * 1024, "--max-request-bytes", min=1,
+                                          help="Largest REST body / gRPC message."),
+) -> None:
+    """Run the KServe model server (v2 REST + gRPC) for the model `brain-tumor`."""
+    import logging
+
+    from brainscan.serving.server import ServeOptions, run
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    options = ServeOptions(model_uri=model, host=host, http_port=http_port, grpc_port=grpc_port,
+                           enable_grpc=not no_grpc, threshold=threshold, max_batch_size=max_batch_size,
+                           max_latency_ms=max_latency_ms, max_queue=max_queue, max_images=max_images,
+                           max_image_bytes=max_image_bytes, max_pixels=max_pixels,
+                           max_request_bytes=max_request_bytes)
+    try:
+        run(options)
+    except (ValueError, FileNotFoundError) as err:  # BundleError, missing threshold
+        fail(str(err))
+
+
+@app.command("predict")
+def predict_cmd(
+    images: list[Path] = typer.Argument(..., exists=True, dir_okay=False, help="Image files (JPEG, PNG)."),
+    url: str = typer.Option("http://127.0.0.1:8080", "--url", help="Model server base URL."),
+    as_json: bool = typer.Option(False, "--json", help="Last output line: a JSON list of results."),
+) -> None:
+    """Send images to a model server; print class, tumor probability and decision per image."""
+    from brainscan.serving.client import ServerError, predict
+
+    try:
+        results = predict(url, images)
+    except ServerError as err:
+        fail(str(err))
+    except OSError as err:
+        fail(f"cannot reach {url}: {err}")
+    for result in results:
+        decision = "TUMOR" if result["tumor"] else "no tumor"
+        typer.echo(f"{result['image']}\t{result['label']}\tP(tumor)={result['tumor_probability']:.4f}\t{decision}")
+    if as_json:
+        emit_json(results)
+
 
 # deploy: components/deploy.py (InferenceService on a cluster, or the local model server)
 @app.command("deploy")
