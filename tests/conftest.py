@@ -6,4 +6,6 @@ pytest_plugins = [
     "tests.fixtures.ingest",
     "tests.fixtures.kube",
     "tests.fixtures.registry",
+    "tests.fixtures.model",
+    "tests.fixtures.serving",
 ]
