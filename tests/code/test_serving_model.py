@@ -1,0 +1,185 @@
+"""In-process pieces of the model server: the dynamic batcher, the binary-BYTES request parser
+(against kserve's own, which fails), the threshold rules and start-up refusal.
+
+This module imports kserve; it never imports tritonclient.grpc (see test_serving.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import numpy as np
+import pytest
+
+
+# --------------------------------------------------------------------------- DynamicBatcher
+def _identity_model(calls: list):
+    def predict(images: np.ndarray) -> np.ndarray:
+        calls.append(len(images))
+        return images[:, 0, 0, :1].repeat(7, axis=1)  # row i carries request i's marker value
+
+    return predict
+
+
+def test_batcher_gathers_concurrent_requests_and_returns_each_its_rows():
+    from brainscan.serving.server import DynamicBatcher
+
+    calls: list[int] = []
+    batcher = DynamicBatcher(_identity_model(calls), max_batch_size=8, max_latency_ms=20)
+
+    async def main():
+        sizes = [1, 2, 1, 3, 1, 1, 2, 1, 1, 1] * 4
+        requests = [np.full((n, 2, 2, 3), float(i), np.float32) for i, n in enumerate(sizes)]
+        answers = await asyncio.gather(*(batcher.submit(r) for r in requests))
+        return requests, answers
+
+    requests, answers = asyncio.run(main())
+    for i, (request, answer) in enumerate(zip(requests, answers)):
+        assert answer.shape == (len(request), 7) and np.all(answer == i)
+    assert sum(calls) == sum(len(r) for r in requests)
+    assert max(calls) <= 8 and len(calls) < len(requests)
+
+
+def test_batcher_model_error_reaches_every_waiter_and_it_keeps_working():
+    from brainscan.serving.server import DynamicBatcher
+
+    fail = {"now": True}
+
+    def predict(images):
+        if fail["now"]:
+            raise RuntimeError("model exploded")
+        return np.zeros((len(images), 7), np.float32)
+
+    batcher = DynamicBatcher(predict, max_batch_size=4, max_latency_ms=20)
+
+    async def main():
+        first = await asyncio.gather(*(batcher.submit(np.zeros((1, 2, 2, 3), np.float32)) for _ in range(3)),
+                                     return_exceptions=True)
+        fail["now"] = False
+        second = await batcher.submit(np.zeros((2, 2, 2, 3), np.float32))
+        return first, second
+
+    first, second = asyncio.run(main())
+    assert all(isinstance(e, RuntimeError) and "exploded" in str(e) for e in first)
+    assert second.shape == (2, 7)
+
+
+def test_batcher_bounded_queue_refuses_when_full():
+    from brainscan.serving.server import DynamicBatcher, ServerOverloaded
+
+    release = threading.Event()
+
+    def slow(images):
+        release.wait(10)
+        return np.zeros((len(images), 7), np.float32)
+
+    batcher = DynamicBatcher(slow, max_batch_size=1, max_latency_ms=0, max_queue=3)
+
+    async def main():
+        def one():
+            return asyncio.ensure_future(batcher.submit(np.zeros((1, 2, 2, 3), np.float32)))
+
+        running = [one()]
+        await asyncio.sleep(0.2)  # the first is in the model (blocked) ...
+        running += [one() for _ in range(3)]
+        await asyncio.sleep(0.1)  # ... and three wait: the queue is full
+        with pytest.raises(ServerOverloaded, match="busy"):
+            await batcher.submit(np.zeros((1, 2, 2, 3), np.float32))
+        release.set()
+        return await asyncio.gather(*running)
+
+    assert len(asyncio.run(main())) == 4
+
+
+def test_batcher_rejects_bad_settings():
+    from brainscan.serving.server import DynamicBatcher
+
+    with pytest.raises(ValueError):
+        DynamicBatcher(lambda x: x, max_batch_size=0)
+
+
+# --------------------------------------------------------------------------- binary BYTES parsing
+def _tritonclient_binary_body(images: list[bytes]) -> tuple[bytes, dict]:
+    import tritonclient.http as httpclient
+
+    tensor = httpclient.InferInput("image", [len(images)], "BYTES")
+    tensor.set_data_from_numpy(np.array(images, dtype=object), binary_data=True)
+    body, json_size = httpclient.InferenceServerClient.generate_request_body([tensor])
+    return body, {"inference-header-content-length": str(json_size)}
+
+
+def test_stock_kserve_cannot_parse_raw_image_bytes_but_ours_can(serving_images):
+    from kserve.protocol.dataplane import DataPlane
+    from kserve.model_repository import ModelRepository
+
+    from brainscan.serving.server import _binary_safe_data_plane_class
+
+    body, headers = _tritonclient_binary_body(serving_images)
+    with pytest.raises(Exception) as stock_error:  # the trap the server works around
+        DataPlane(ModelRepository()).decode_inference_request(body, headers, "brain-tumor")
+    assert "utf" in str(stock_error.value).lower() or isinstance(stock_error.value, UnicodeDecodeError)
+
+    request = _binary_safe_data_plane_class()(ModelRepository()).decode_inference_request(
+        body, headers, "brain-tumor")
+    decoded = [bytes(b) for b in request.inputs[0].as_numpy()]
+    assert decoded == serving_images
+
+
+def test_binary_parser_refuses_broken_framing(serving_images):
+    from kserve.errors import InvalidInput
+    from kserve.model_repository import ModelRepository
+
+    from brainscan.serving.server import _binary_safe_data_plane_class
+
+    plane = _binary_safe_data_plane_class()(ModelRepository())
+    body, headers = _tritonclient_binary_body(serving_images[:1])
+    for bad_headers, bad_body, message in (
+        ({"inference-header-content-length": "abc"}, body, "not a number"),
+        ({"inference-header-content-length": str(len(body) + 5)}, body, "does not fit"),
+        (headers, body[: len(body) - 10], "runs past"),
+        ({"inference-header-content-length": "5"}, b"[1,2]", "object"),
+    ):
+        with pytest.raises(InvalidInput, match=message):
+            plane.decode_inference_request(bad_body, bad_headers, "brain-tumor")
+
+
+# --------------------------------------------------------------------------- thresholds and load
+def _bundle(tmp_path, threshold=None, thresholds=None):
+    from brainscan.modelstore import save_bundle
+    from tests.fixtures.registry import TINY_SIZE, make_tiny_model
+
+    out = tmp_path / "bundle"
+    save_bundle(make_tiny_model(), str(out), TINY_SIZE, {}, threshold=threshold, thresholds=thresholds)
+    return out
+
+
+def test_refuses_a_bundle_without_threshold_unless_given(tmp_path):
+    from brainscan.serving.model import BrainTumorModel
+
+    bundle = _bundle(tmp_path)
+    with pytest.raises(ValueError, match="no calibrated decision threshold.*--threshold"):
+        BrainTumorModel(str(bundle)).load()
+    model = BrainTumorModel(str(bundle), threshold=0.3)
+    assert model.load() and model.threshold_for(None) == 0.3 and model.threshold_for("ct") == 0.3
+
+
+def test_per_modality_thresholds(tmp_path, serving_images):
+    from brainscan.labels import CLASSES
+    from brainscan.serving.model import BrainTumorModel, PreparedBatch
+
+    model = BrainTumorModel(str(_bundle(tmp_path, threshold=0.5, thresholds={"ct": 0.2, "mri": 0.9})))
+    model.load()
+    assert (model.threshold_for("ct"), model.threshold_for("mri"), model.threshold_for(None)) == (0.2, 0.9, 0.5)
+    # Scores of 0.6: tumor at CT's threshold, not at MRI's. Modality from the client or, when not
+    # given, from the model's own CT-vs-MRI probabilities.
+    ct_like = np.zeros(7, np.float32)
+    ct_like[CLASSES.index("ct_tumor")], ct_like[CLASSES.index("ct_healthy")] = 0.6, 0.4
+    mri_like = np.zeros(7, np.float32)
+    mri_like[CLASSES.index("mri_glioma")], mri_like[CLASSES.index("mri_healthy")] = 0.6, 0.4
+    answer = model.postprocess((PreparedBatch(images=np.zeros((2, 1, 1, 3))), np.stack([ct_like, mri_like])))
+    assert [p["tumor"] for p in answer["predictions"]] == [True, False]
+    assert [p["threshold"] for p in answer["predictions"]] == [0.2, 0.9]
+    forced = model.postprocess((PreparedBatch(images=np.zeros((2, 1, 1, 3)), modality="ct"),
+                                np.stack([ct_like, mri_like])))
+    assert [p["tumor"] for p in forced["predictions"]] == [True, True]
