@@ -166,16 +166,17 @@ def evaluate_op(model_uri: str, splits_uri: str, target_recall: float, min_recal
 def register_op(model_uri: str, model_name: str, pipeline_run: str, fingerprint: str,
                 registered: Output[Model]) -> str:
     """Register the model in MLflow and move the `champion` alias to it; returns `models:/NAME/VERSION`."""
-    import inspect
-
     from brainscan.components.register import register
 
     evaluation_uri = f"{model_uri.rsplit('/', 1)[0]}/evaluation"
-    extra = {"fingerprint": fingerprint} if "fingerprint" in inspect.signature(register).parameters else {}
-    result = register(model_uri, evaluation_uri, name=model_name, pipeline_run=pipeline_run, **extra)
-    registered_uri = f"models:/{result.name}/{result.version}"
+    # The dataset fingerprint tag comes from evaluation.json; `fingerprint` orders this step after ingest's.
+    result = register(model_uri, evaluation_uri, name=model_name, pipeline_run=pipeline_run)
+    if not result.registered:
+        raise RuntimeError(result.reason)
+    registered_uri = result.model_uri
     registered.metadata.update({"uri": registered_uri, "source_uri": model_uri, "version": int(result.version),
-                                "alias": "champion"})
+                                "alias": "champion", "run_id": result.run_id, "threshold": result.threshold,
+                                "dataset_fingerprint": fingerprint})
     with open(registered.path, "w") as handle:
         handle.write(registered_uri)
     return registered_uri

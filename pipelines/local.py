@@ -59,20 +59,24 @@ class StepRecord:
     outputs: dict = field(default_factory=dict)
 
 
-class _TaskTimer(logging.Handler):
-    """Collects per-task start/end times from kfp.local's log lines."""
+class _TaskTimer(logging.Filter):
+    """Collects per-task start/end times from kfp.local's log lines.
+
+    A filter on the root logger, not a handler: kfp.local swaps the root handlers while it runs.
+    """
 
     def __init__(self):
-        super().__init__(logging.INFO)
+        super().__init__()
         self.started: dict[str, float] = {}
         self.finished: dict[str, tuple[float, str]] = {}
 
-    def emit(self, record: logging.LogRecord) -> None:
-        message = _ANSI.sub("", record.getMessage())
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = _ANSI.sub("", str(record.getMessage()))
         if match := _START.search(message):
             self.started[match.group(1)] = record.created
         elif match := _END.search(message):
             self.finished[match.group(1)] = (record.created, match.group(2))
+        return True
 
 
 def _task_outputs(run_dir: Path) -> dict[str, dict]:
@@ -138,16 +142,16 @@ def run_local(source: str, workdir: str | os.PathLike = ".brainscan", params: Lo
 
     timer = _TaskTimer()
     root_logger = logging.getLogger()
-    root_logger.addHandler(timer)
+    root_logger.addFilter(timer)
     before = set(pipeline_root.glob("*")) if pipeline_root.exists() else set()
     started = time.time()
     error = None
     try:
         pipeline(**arguments)
     except Exception as err:  # a failed step: recorded in the summary, re-raised after writing it
-        error = err
+        error = RuntimeError(_ANSI.sub("", str(err)))
     finally:
-        root_logger.removeHandler(timer)
+        root_logger.removeFilter(timer)
     elapsed = time.time() - started
 
     new_dirs = sorted(set(pipeline_root.glob("*")) - before, key=lambda p: p.stat().st_mtime)
@@ -158,7 +162,7 @@ def run_local(source: str, workdir: str | os.PathLike = ".brainscan", params: Lo
     for task, step in STEP_OF_TASK.items():
         if task not in timer.started and task not in outputs:
             continue
-        end, status = timer.finished.get(task, (None, "FAILURE" if error else "UNKNOWN"))
+        end, status = timer.finished.get(task, (None, "SUCCESS" if task in outputs else ("FAILURE" if error else "UNKNOWN")))
         begin = timer.started.get(task)
         steps[step] = StepRecord(status=status, seconds=round(end - begin, 2) if end and begin else None,
                                  outputs=outputs.get(task, {}))
@@ -179,7 +183,7 @@ def run_local(source: str, workdir: str | os.PathLike = ".brainscan", params: Lo
     summary_path.write_text(json.dumps(summary, indent=2, sort_keys=True, default=str))
     (workdir / "summary.json").write_text(summary_path.read_text())  # the latest run, at a fixed place
     if error is not None:
-        raise RuntimeError(f"pipeline failed ({error}); summary in {summary_path}") from error
+        raise RuntimeError(f"pipeline failed ({error}); summary in {summary_path}")
     return summary_path
 
 
