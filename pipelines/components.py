@@ -95,7 +95,7 @@ def split_op(data_uri: str, fingerprint: str, val: float, test: float, seed: int
 
 @dsl.component(base_image=GPU_IMAGE, install_kfp_package=False)
 def train_op(splits_uri: str, bucket: str, prefix: str, run_id: str, image_size: int, epochs: int, fine_tune_epochs: int,
-             batch_size: int, base_weights: str, seed: int, model: Output[Model], metrics: Output[Metrics]) -> str:
+             batch_size: int, base_weights: str, seed: int, patience: int, model: Output[Model], metrics: Output[Metrics]) -> str:
     """Xception transfer learning: frozen base, then fine-tuning; writes a model bundle at model_uri."""
     import json
 
@@ -104,7 +104,7 @@ def train_op(splits_uri: str, bucket: str, prefix: str, run_id: str, image_size:
     model_uri = f"s3://{bucket}/{prefix.strip('/')}/runs/{run_id}/model"
     result = train(splits_uri, model_uri, image_size=image_size, epochs=epochs, fine_tune_epochs=fine_tune_epochs,
                    batch_size=batch_size, base_weights=base_weights,
-                   seed=seed)
+                   seed=seed, patience=patience)
     summary = result.summary() if hasattr(result, "summary") else dict(vars(result))
     with open(model.path, "w") as handle:
         json.dump(summary, handle, indent=2, sort_keys=True, default=str)

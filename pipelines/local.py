@@ -43,6 +43,7 @@ class LocalRunParams:
     batch_size: int = 32
     base_weights: str = "imagenet"
     seed: int = 42
+    patience: int = 4
     target_recall: float = 0.99
     min_recall: float = 0.95
     min_auc: float = 0.95

@@ -42,7 +42,7 @@ def _resources(task: dsl.PipelineTask, cpu: str, memory: str) -> dsl.PipelineTas
 
 
 def _train_and_deploy(source, fingerprint, bucket, prefix, image_size, epochs, fine_tune_epochs, batch_size,
-                      base_weights, seed, target_recall, min_recall, min_auc, gpus, namespace, canary_percent,
+                      base_weights, seed, patience, target_recall, min_recall, min_auc, gpus, namespace, canary_percent,
                       model_name, local, workdir) -> None:
     """The shared body of both pipelines, from ingest to deploy."""
     ingest = c.ingest_op(source=source, bucket=bucket, prefix=prefix, source_fingerprint=fingerprint)
@@ -63,7 +63,8 @@ def _train_and_deploy(source, fingerprint, bucket, prefix, image_size, epochs, f
 
     train = c.train_op(splits_uri=split.outputs["Output"], bucket=bucket, prefix=prefix,
                        run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER, image_size=image_size, epochs=epochs,
-                       fine_tune_epochs=fine_tune_epochs, batch_size=batch_size, base_weights=base_weights, seed=seed)
+                       fine_tune_epochs=fine_tune_epochs, batch_size=batch_size, base_weights=base_weights, seed=seed,
+                       patience=patience)
     # Never cached: a new run is asked for to get a new model (seeds, code, base weights may differ).
     train.set_display_name("train").set_caching_options(False)
     train.set_accelerator_type(GPU_RESOURCE).set_accelerator_limit(gpus)
@@ -103,6 +104,7 @@ def training_pipeline(
     batch_size: int = 32,
     base_weights: str = "imagenet",
     seed: int = 42,
+    patience: int = 4,
     target_recall: float = 0.99,
     min_recall: float = 0.95,
     min_auc: float = 0.95,
@@ -118,7 +120,7 @@ def training_pipeline(
     fingerprint.set_display_name("fingerprint").set_caching_options(False)
     _resources(_with_credentials(fingerprint), "500m", "1Gi")
     _train_and_deploy(source, fingerprint.output, bucket, prefix, image_size, epochs, fine_tune_epochs, batch_size,
-                      base_weights, seed, target_recall, min_recall, min_auc, gpus, namespace, canary_percent,
+                      base_weights, seed, patience, target_recall, min_recall, min_auc, gpus, namespace, canary_percent,
                       model_name, local, workdir)
 
 
@@ -135,6 +137,7 @@ def retrain_pipeline(
     batch_size: int = 32,
     base_weights: str = "imagenet",
     seed: int = 42,
+    patience: int = 4,
     target_recall: float = 0.99,
     min_recall: float = 0.95,
     min_auc: float = 0.95,
@@ -154,7 +157,7 @@ def retrain_pipeline(
     _resources(_with_credentials(champion, mlflow=True), "500m", "1Gi")
     with dsl.If(fingerprint.output != champion.output, name="data-changed"):
         _train_and_deploy(source, fingerprint.output, bucket, prefix, image_size, epochs, fine_tune_epochs,
-                          batch_size, base_weights, seed, target_recall, min_recall, min_auc, gpus, namespace,
+                          batch_size, base_weights, seed, patience, target_recall, min_recall, min_auc, gpus, namespace,
                           canary_percent, model_name, local, workdir)
 
 

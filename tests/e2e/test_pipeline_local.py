@@ -1,0 +1,153 @@
+"""The whole KFP pipeline on this machine (kfp.local SubprocessRunner), on synthetic data.
+
+One scenario, in order, sharing one work dir (its own SeaweedFS + MLflow sqlite + model server):
+1. the first "retrain if new data" run trains, registers, deploys and answers a v2 request;
+2. a second run on unchanged data trains nothing and leaves the champion alone;
+3. new images make `retrain.check` say a retrain is due; the next run trains again and its
+   model becomes champion exactly when it passes the gate against the old champion.
+Small sizes (71x71, 30 images per class) keep it to a few minutes on 2 cores.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+
+from brainscan import labels, stack, storage, synth
+
+pytestmark = [pytest.mark.slow]
+
+# Same recipe as the training fixture (tests/fixtures/model.py), a relaxed gate for a tiny model.
+E2E_PARAMS = dict(image_size=71, epochs=10, fine_tune_epochs=2, batch_size=8, base_weights="none", seed=0,
+                  patience=10, target_recall=0.95, min_recall=0.8, min_auc=0.8, prefix="e2e")
+
+
+@pytest.fixture(scope="module")
+def local_run(tmp_path_factory):
+    """A work dir whose stack and model server are stopped, and environment restored, at the end."""
+    from brainscan.serving import local as local_server
+
+    workdir = tmp_path_factory.mktemp("pipeline_local")
+    saved = dict(os.environ)
+    try:
+        yield workdir
+    finally:
+        local_server.stop(workdir)
+        stack.down(workdir)
+        os.environ.clear()
+        os.environ.update(saved)
+        storage.reset_clients()
+
+
+def _run(source, workdir, **overrides):
+    from brainscan.pipelines.local import LocalRunParams, run_local
+
+    path = run_local(str(source), workdir, LocalRunParams(**{**E2E_PARAMS, **overrides}), only_if_new_data=True)
+    return path, json.loads(Path(path).read_text())
+
+
+def _champion_version() -> str | None:
+    from brainscan.pipelines.retrain import champion_fingerprint
+
+    return champion_fingerprint("brain-tumor")[1]
+
+
+def _add_images(source: Path, scratch: Path, per_class: int = 6) -> int:
+    """New scans arrive: different images under new numbers, same layout."""
+    extra = synth.generate(scratch, per_class=per_class, seed=7)
+    added = 0
+    for path in sorted(Path(extra.out_dir).rglob("*")):
+        if path.is_file():
+            rel = path.relative_to(extra.out_dir).as_posix()
+            rel = re.sub(r"\((\d+)\)", lambda m: f"({int(m.group(1)) + 1000})", rel)
+            target = source / rel
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(path, target)
+            added += 1
+    return added
+
+
+def test_local_pipeline_end_to_end_then_retrain_only_on_new_data(local_run, tmp_path):
+    from brainscan.pipelines.retrain import check
+
+    source = tmp_path / "archive"
+    synth.generate(source, per_class=30, seed=0)
+
+    # 1. first run: no champion yet -> trains, registers, deploys, one v2 prediction
+    path, first = _run(source, local_run)
+    assert path == local_run / "runs" / Path(first["pipeline_root"]).name / "summary.json"
+    steps = first["steps"]
+    for step in ("fingerprint", "champion_fingerprint", "ingest", "validate", "split", "train", "evaluate"):
+        assert steps[step]["status"] == "SUCCESS", (step, steps[step])
+        assert steps[step]["seconds"] is not None and steps[step]["seconds"] >= 0
+    assert first["trained"] is True
+    assert first["gate_passed"] is True, f"the e2e model did not pass the relaxed gate: {first['gate']}"
+    assert steps["register"]["status"] == "SUCCESS" and steps["deploy"]["status"] == "SUCCESS"
+    assert first["model_uri"] == f"models:/brain-tumor/{first['model_version']}"
+    assert first["tracking_uri"].startswith("sqlite:///")
+    assert 0.0 < first["threshold"] < 1.0
+    assert first["metrics"]["recall"] >= E2E_PARAMS["min_recall"]
+    assert len(first["dataset_fingerprint"]) == 64
+    prediction = first["prediction"]["response"]
+    assert prediction["label"] in labels.CLASSES
+    assert 0.0 <= prediction["tumor_probability"] <= 1.0
+    assert abs(sum(prediction["probabilities"].values()) - 1.0) < 1e-3
+    assert _champion_version() == first["model_version"]
+
+    # 2. unchanged data: the fingerprint equals the champion's tag, nothing after the check runs
+    assert check(str(source)).retrain is False
+    _, second = _run(source, local_run)
+    assert second["status"] == "succeeded" and second["trained"] is False
+    assert second["dataset_fingerprint"] == first["dataset_fingerprint"]
+    for step in ("ingest", "train", "evaluate", "register", "deploy"):
+        assert second["steps"][step]["status"] == "SKIPPED", step
+    assert _champion_version() == first["model_version"]
+
+    # 3. new images: the check says retrain; the new model replaces the champion only through the gate
+    assert _add_images(source, tmp_path / "new") > 0
+    decision = check(str(source))
+    assert decision.retrain is True and decision.champion_version == first["model_version"]
+    _, third = _run(source, local_run)
+    assert third["trained"] is True
+    assert third["dataset_fingerprint"] == decision.fingerprint != first["dataset_fingerprint"]
+    champion_rules = [r for r in third["gate"]["rules"] if r["rule"].startswith("champion_")]
+    assert champion_rules, "the gate must compare the new model with the champion"
+    if third["gate_passed"]:
+        assert third["steps"]["register"]["status"] == "SUCCESS"
+        assert int(third["model_version"]) == int(first["model_version"]) + 1
+        assert _champion_version() == third["model_version"]
+        assert check(str(source)).retrain is False
+    else:
+        assert third["steps"]["register"]["status"] == "SKIPPED" and third["model_uri"] is None
+        assert _champion_version() == first["model_version"], "a model that failed the gate must not be champion"
+
+
+@pytest.mark.realdata
+def test_local_pipeline_on_real_sample(tmp_path):
+    """The real Kaggle sample through the whole pipeline (small sizes; the gate may pass or not)."""
+    real = os.environ.get("BRAINSCAN_REAL_DATA")
+    if not real or not Path(real).is_dir():
+        pytest.skip("BRAINSCAN_REAL_DATA does not name the real sample folder")
+    from brainscan.pipelines.local import LocalRunParams, run_local
+    from brainscan.serving import local as local_server
+
+    saved = dict(os.environ)
+    try:
+        path = run_local(real, tmp_path, LocalRunParams(**{**E2E_PARAMS, "epochs": 3, "fine_tune_epochs": 1,
+                                                           "prefix": "real"}))
+        summary = json.loads(Path(path).read_text())
+    finally:
+        local_server.stop(tmp_path)
+        stack.down(tmp_path)
+        os.environ.clear()
+        os.environ.update(saved)
+        storage.reset_clients()
+    assert summary["status"] == "succeeded" and summary["trained"] is True
+    assert summary["steps"]["validate"]["status"] == "SUCCESS"
+    assert isinstance(summary["gate_passed"], bool) and summary["metrics"]["roc_auc"] is not None
+    assert (summary["model_uri"] is not None) == summary["gate_passed"]
