@@ -606,9 +606,9 @@ def pipeline_schedule(
 @app.command("demo")
 def demo(
     workdir: Path = typer.Option(Path(".brainscan-demo"), "--workdir", help="Everything the demo writes goes here."),
-    per_class: int = typer.Option(40, "--per-class", min=20, help="Synthetic images per class."),
+    per_class: int = typer.Option(30, "--per-class", min=20, help="Synthetic images per class."),
     image_size: int = typer.Option(71, "--image-size", min=71, help="Input size (small: it runs on a laptop CPU)."),
-    epochs: int = typer.Option(3, "--epochs", min=1), fine_tune_epochs: int = typer.Option(1, "--fine-tune-epochs", min=0),
+    epochs: int = typer.Option(10, "--epochs", min=1), fine_tune_epochs: int = typer.Option(2, "--fine-tune-epochs", min=0),
     min_recall: float = typer.Option(0.80, "--min-recall", help="Gate for the demo's tiny model."),
     min_auc: float = typer.Option(0.80, "--min-auc", help="Gate for the demo's tiny model."),
 ) -> None:
@@ -624,8 +624,8 @@ def demo(
     data = synth.generate(workdir / "synthetic", per_class=per_class, seed=0)
     typer.echo(f"2/2 running the pipeline locally (image size {image_size}, {epochs}+{fine_tune_epochs} epochs) ...",
                err=True)
-    params = LocalRunParams(image_size=image_size, epochs=epochs, fine_tune_epochs=fine_tune_epochs, batch_size=16,
-                            base_weights="none", target_recall=0.95, min_recall=min_recall, min_auc=min_auc,
+    params = LocalRunParams(image_size=image_size, epochs=epochs, fine_tune_epochs=fine_tune_epochs, batch_size=8,
+                            base_weights="none", patience=epochs, target_recall=0.95, min_recall=min_recall, min_auc=min_auc,
                             prefix="demo")
     try:
         summary_path = run_local(str(data.out_dir), workdir, params)
