@@ -272,31 +272,25 @@ def describe_image(data: bytes) -> dict:
 
 
 class _Store:
-    """Where the image objects go: an S3 prefix (boto3 transfer manager) or a local folder."""
+    """Where the image objects go: an S3 prefix (boto3; multipart via TransferConfig for big files) or a folder."""
 
     def __init__(self, images_uri: str, workers: int):
         self.images_uri = images_uri
         self.existing: dict[str, int] = {}
         if storage.is_s3(images_uri):
-            from boto3.s3.transfer import TransferConfig, create_transfer_manager
-
             self.bucket, key = storage.parse_s3(images_uri)
             self.key_prefix = key.rstrip("/") + "/" if key else ""
             self.client = storage.s3_client(max_pool=max(32, workers * 2))
-            config = TransferConfig(multipart_threshold=MULTIPART_THRESHOLD, multipart_chunksize=MULTIPART_THRESHOLD,
-                                    max_concurrency=max(workers, 4), use_threads=True)
-            self.manager = create_transfer_manager(self.client, config)
             for uri, size in storage.list_files(images_uri):  # one listing saves a HEAD per new file
                 self.existing[uri] = size
-        else:
-            self.manager = None
+        self.local = not storage.is_s3(images_uri)
 
     def uri(self, rel: str) -> str:
         return storage.join(self.images_uri, rel)
 
     def stored_sha256(self, rel: str, size: int) -> str | None:
         uri = self.uri(rel)
-        if self.manager is None:
+        if self.local:
             path = Path(uri)
             return hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() and path.stat().st_size == size else None
         if self.existing.get(uri) != size:
@@ -306,17 +300,20 @@ class _Store:
 
     def put(self, rel: str, data: bytes, sha256: str) -> None:
         uri = self.uri(rel)
-        if self.manager is None:
+        if self.local:
             storage.write_bytes(uri, data)
             return
-        content_type = mimetypes.guess_type(rel)[0] or "application/octet-stream"
-        future = self.manager.upload(io.BytesIO(data), self.bucket, self.key_prefix + rel,
-                                     extra_args={"Metadata": {"sha256": sha256}, "ContentType": content_type})
-        future.result()
+        extra = {"Metadata": {"sha256": sha256},
+                 "ContentType": mimetypes.guess_type(rel)[0] or "application/octet-stream"}
+        if len(data) < MULTIPART_THRESHOLD:  # one request: the transfer manager's machinery costs more than it saves
+            self.client.put_object(Bucket=self.bucket, Key=self.key_prefix + rel, Body=data, **extra)
+        else:  # big files go multipart, their parts in parallel (imported here: s3transfer is slow to import)
+            from boto3.s3.transfer import TransferConfig
 
-    def close(self) -> None:
-        if self.manager is not None:
-            self.manager.shutdown()
+            config = TransferConfig(multipart_threshold=MULTIPART_THRESHOLD, multipart_chunksize=MULTIPART_THRESHOLD,
+                                    max_concurrency=4)
+            self.client.upload_fileobj(io.BytesIO(data), self.bucket, self.key_prefix + rel, ExtraArgs=extra,
+                                       Config=config)
 
 
 def _upload_one(store: _Store, item: _Item, data: bytes, sha256: str) -> bool:
@@ -357,6 +354,22 @@ def _s3_failure_reason(err: BaseException) -> str:
     return f"{type(err).__name__}: {err}"
 
 
+class _NoBar:
+    def update(self, n: int) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _progress_bar(total: int, show: bool):
+    if not show:
+        return _NoBar()
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc="ingest", unit="file", file=sys.stderr)
+
+
 def ingest(source: str = DEFAULT_SOURCE, dest: str = "", workers: int = DEFAULT_WORKERS, progress: bool = True,
            zip_limits: ZipLimits = ZipLimits()) -> IngestResult:
     """Copy an archive's images to ``{dest}/images/``, then write ``manifest.csv`` and ``ingest.json``.
@@ -365,8 +378,6 @@ def ingest(source: str = DEFAULT_SOURCE, dest: str = "", workers: int = DEFAULT_
     the files not stored when S3 fails mid-run (what was stored stays; rerun to finish), and
     IngestError for a bad source.
     """
-    from tqdm import tqdm
-
     if not dest:
         raise IngestError("no destination: give dest as s3://BUCKET/PREFIX or a folder")
     source, dest = str(source), str(dest).rstrip("/")
@@ -416,14 +427,13 @@ def ingest(source: str = DEFAULT_SOURCE, dest: str = "", workers: int = DEFAULT_
                 rows[item.rel] = row
                 uploaded += int(did_upload)
 
-        bar = tqdm(total=len(items), desc="ingest", unit="file", file=sys.stderr, disable=not progress)
+        bar = _progress_bar(len(items), progress)
         try:
             with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="ingest") as pool:
                 for _ in pool.map(work, items):
                     bar.update(1)
         finally:
             bar.close()
-            store.close()
 
         if failures:
             first_reason = next(r for r in failures.values() if r != "not attempted after an earlier failure") \

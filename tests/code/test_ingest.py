@@ -377,3 +377,19 @@ def test_kaggle_without_network_or_credentials_is_one_clear_line(tmp_path, monke
     assert "\n" not in message
     assert message.startswith("cannot download kaggle:brainscan-tests/no-such-dataset:")
     assert "no Kaggle credentials" in message  # and, on this offline machine, "no network" too
+
+
+def test_big_file_goes_multipart_with_its_sha256(image_tree, s3_prefix, monkeypatch):
+    monkeypatch.setattr(ingest_module, "MULTIPART_THRESHOLD", 5 * 1024 * 1024)  # S3's smallest part size
+    big = image_tree / "Dataset" / "Brain Tumor CT scan Images" / "Tumor" / "ct_tumor (50).png"
+    big.write_bytes(image_bytes(50, size=1400, fmt="PNG", mode="RGB"))
+    assert big.stat().st_size > 5 * 1024 * 1024
+    first = ingest(str(image_tree), s3_prefix, progress=False)
+    row = next(r for r in read_manifest(s3_prefix) if r["path"].endswith("ct_tumor (50).png"))
+    bucket, key = storage.parse_s3(row["path"])
+    head = storage.s3_client().head_object(Bucket=bucket, Key=key)
+    assert "-" in head["ETag"]  # a multipart upload's ETag
+    assert head["Metadata"]["sha256"] == row["sha256"] == hashlib.sha256(big.read_bytes()).hexdigest()
+    assert (row["width"], row["height"], row["format"]) == ("1400", "1400", "PNG")
+    assert first.uploaded == 15
+    assert ingest(str(image_tree), s3_prefix, progress=False).uploaded == 0
