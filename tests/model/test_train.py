@@ -1,0 +1,153 @@
+"""The trainer: bundle it writes, what it learned, its input pipeline, weights files, S3, bad input."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from brainscan import storage
+from brainscan.labels import CLASS_INDEX, CLASSES, tumor_probability
+from brainscan.preprocessing import preprocess_batch
+
+SIZE = 71
+
+
+def _split_images(splits: str, name: str, limit_per_class: int | None = None):
+    frame = pd.read_csv(storage.join(splits, f"{name}.csv"))
+    if limit_per_class:
+        frame = frame.groupby("class7", group_keys=False).head(limit_per_class).reset_index(drop=True)
+    return frame, [storage.read_bytes(p) for p in frame["path"]]
+
+
+@pytest.mark.slow
+def test_trained_bundle_is_complete_and_detects_tumors(trained_bundle):
+    from sklearn.metrics import recall_score, roc_auc_score
+
+    from brainscan.modelstore import load_bundle
+
+    bundle = load_bundle(trained_bundle.uri)
+    assert bundle.image_size == SIZE and bundle.classes == CLASSES and bundle.threshold is None
+    assert bundle.metadata["base_weights"] == "none" and bundle.metadata["train_images"] > 0
+    history = json.loads(storage.read_text(storage.join(trained_bundle.uri, "history.json")))
+    assert len(history["history"]["val_loss"]) == trained_bundle.result.epochs_run
+    with open(storage.join(trained_bundle.uri, "training_curves.png"), "rb") as png:
+        assert png.read(8) == b"\x89PNG\r\n\x1a\n"
+
+    # The test split, never read by the trainer: the binary decision must be learned.
+    frame, images = _split_images(trained_bundle.splits, "test")
+    probabilities = np.asarray(bundle.model(preprocess_batch(images, SIZE), training=False))
+    assert probabilities.shape == (len(frame), len(CLASSES))
+    tumor_score = tumor_probability(probabilities)
+    truth = frame["tumor"].to_numpy()
+    auc = roc_auc_score(truth, tumor_score)
+    recall = recall_score(truth, tumor_score >= 0.5)
+    print(f"trained_bundle on test: ROC-AUC {auc:.3f}, recall@0.5 {recall:.3f}, "
+          f"7-class accuracy {np.mean(probabilities.argmax(1) == frame['class7'].map(CLASS_INDEX)):.3f}")
+    assert auc >= 0.9, f"tumor ROC-AUC on test {auc:.3f}: the fixture model did not learn"
+
+
+def test_augmentation_on_train_only_and_data_order_follows_the_seed(eval_splits):
+    from brainscan.components.train import make_dataset
+
+    frame, images = _split_images(eval_splits, "train", limit_per_class=3)
+    labels = frame["class7"].map(CLASS_INDEX).to_numpy(np.int32)
+    plain = preprocess_batch(images, SIZE)
+
+    def epoch(training: bool, seed: int):
+        batches = list(make_dataset(images, labels, SIZE, 8, training=training, seed=seed))
+        return np.concatenate([x.numpy() for x, _ in batches]), np.concatenate([y.numpy() for _, y in batches])
+
+    val_x, val_y = epoch(False, 0)
+    np.testing.assert_array_equal(val_x, plain)  # validation: the serving pixels, in manifest order
+    np.testing.assert_array_equal(val_y, labels)
+
+    train_x, train_y = epoch(True, 0)
+    assert sorted(train_y) == sorted(labels) and not np.array_equal(train_y, labels)  # shuffled
+    order = [int(np.argmin(np.abs(plain - x).mean(axis=(1, 2, 3)))) for x in train_x]
+    assert not np.allclose(train_x, plain[order], atol=1e-3)  # augmented
+    assert np.array_equal(epoch(True, 0)[1], train_y)  # same seed, same order
+    assert not np.array_equal(epoch(True, 1)[1], train_y)  # another seed, another order
+
+
+def test_weights_file_loads_into_the_base(tmp_path):
+    import keras
+
+    from brainscan.components.train import TrainingError, build_model
+
+    keras.utils.set_random_seed(7)
+    reference = keras.applications.Xception(include_top=False, weights=None, input_shape=(SIZE, SIZE, 3))
+    weights_file = tmp_path / "xception_notop.weights.h5"
+    reference.save_weights(weights_file)
+    keras.utils.set_random_seed(8)  # a different init: only the file can make them equal
+    _, base = build_model(SIZE, str(weights_file))
+    for mine, theirs in zip(base.get_weights(), reference.get_weights()):
+        np.testing.assert_array_equal(mine, theirs)
+
+    with pytest.raises(TrainingError, match="no such file"):
+        build_model(SIZE, str(tmp_path / "missing.weights.h5"))
+
+
+def test_imagenet_download_failure_is_one_clear_line(monkeypatch):
+    from keras.src.utils import file_utils
+
+    from brainscan.components.train import TrainingError, build_model
+
+    def offline(*args, **kwargs):
+        raise Exception("URL fetch failure on https://storage.googleapis.com/...: [Errno -3] no network")
+
+    monkeypatch.setattr(file_utils, "get_file", offline)
+    with pytest.raises(TrainingError, match="cannot get the ImageNet weights.*--base-weights none") as info:
+        build_model(SIZE, "imagenet")
+    assert "\n" not in str(info.value)
+
+
+def test_bad_input_is_refused_before_training(tmp_path, eval_splits):
+    from brainscan.components.train import TrainingError, train
+
+    with pytest.raises(FileNotFoundError, match="no split manifest"):
+        train(str(tmp_path / "nowhere"), str(tmp_path / "out"), image_size=SIZE, base_weights="none")
+    with pytest.raises(ValueError, match="at least 71"):
+        train(eval_splits, str(tmp_path / "out"), image_size=64, base_weights="none")
+
+    broken = tmp_path / "broken"
+    frame, _ = _split_images(eval_splits, "train", limit_per_class=1)
+    (tmp_path / "corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    frame.loc[0, "path"] = str(tmp_path / "corrupt.jpg")
+    storage.write_text(str(broken / "train.csv"), frame.to_csv(index=False))
+    storage.write_text(str(broken / "val.csv"), frame.iloc[1:].to_csv(index=False))
+    with pytest.raises(TrainingError, match="corrupt.jpg"):
+        train(str(broken), str(tmp_path / "out"), image_size=SIZE, base_weights="none")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_training_from_s3_splits_with_s3_weights(s3_prefix, eval_splits, tmp_path):
+    """Splits, images, base weights and the bundle all in S3; pretrained path: frozen base, then fine-tuning."""
+    import keras
+
+    from brainscan.components.train import train
+    from brainscan.modelstore import load_bundle
+
+    for name, per_class in (("train", 2), ("val", 1)):
+        frame, images = _split_images(eval_splits, name, limit_per_class=per_class)
+        uris = [storage.join(s3_prefix, "images", name, f"{i}.jpg") for i in range(len(frame))]
+        for uri, data in zip(uris, images):
+            storage.write_bytes(uri, data)
+        frame["path"] = uris
+        storage.write_text(storage.join(s3_prefix, "splits", f"{name}.csv"), frame.to_csv(index=False))
+    base = keras.applications.Xception(include_top=False, weights=None, input_shape=(SIZE, SIZE, 3))
+    base.save_weights(tmp_path / "base.weights.h5")
+    weights_uri = storage.write_bytes(storage.join(s3_prefix, "weights", "base.weights.h5"),
+                                      (tmp_path / "base.weights.h5").read_bytes())
+
+    out = storage.join(s3_prefix, "model")
+    result = train(storage.join(s3_prefix, "splits"), out, image_size=SIZE, epochs=1, fine_tune_epochs=1,
+                   batch_size=8, base_weights=weights_uri, seed=0)
+    assert result.epochs_run == 2 and result.train_images == 14
+    for name in ("model.keras", "brainscan_model.json", "history.json", "training_curves.png"):
+        assert storage.exists(storage.join(out, name)), name
+    bundle = load_bundle(out)
+    assert bundle.metadata["base_weights"] == weights_uri and bundle.image_size == SIZE
