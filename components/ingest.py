@@ -430,8 +430,12 @@ def ingest(source: str = DEFAULT_SOURCE, dest: str = "", workers: int = DEFAULT_
         bar = _progress_bar(len(items), progress)
         try:
             with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="ingest") as pool:
-                for _ in pool.map(work, items):
-                    bar.update(1)
+                try:
+                    for _ in pool.map(work, items):
+                        bar.update(1)
+                except BaseException:  # Ctrl-C: queued files return at once instead of uploading
+                    abort.set()
+                    raise
         finally:
             bar.close()
 

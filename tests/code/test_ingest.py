@@ -393,3 +393,28 @@ def test_big_file_goes_multipart_with_its_sha256(image_tree, s3_prefix, monkeypa
     assert (row["width"], row["height"], row["format"]) == ("1400", "1400", "PNG")
     assert first.uploaded == 15
     assert ingest(str(image_tree), s3_prefix, progress=False).uploaded == 0
+
+
+def test_local_folder_destination(image_tree, tmp_path):
+    dest = tmp_path / "store"
+    first = ingest(str(image_tree), str(dest), progress=False)
+    assert first.uploaded == 14 and (dest / "manifest.csv").exists() and (dest / "ingest.json").exists()
+    copied = next(dest.rglob("glioma (2).jpg"))
+    assert copied.read_bytes() == next(image_tree.rglob("glioma (2).jpg")).read_bytes()
+    assert ingest(str(image_tree), str(dest), progress=False).uploaded == 0
+
+
+@pytest.mark.realdata
+def test_real_sample_ingest(s3_prefix):
+    folder = os.environ.get("BRAINSCAN_REAL_DATA")
+    if not folder or not (Path(folder) / "Dataset").is_dir():
+        pytest.skip("BRAINSCAN_REAL_DATA is not set to the real Kaggle sample (a folder holding Dataset/)")
+    result = ingest(folder, s3_prefix, progress=False)
+    with open(Path(folder) / "labels.csv") as f:
+        expected = {row["path"]: row["class7"] for row in csv.DictReader(f)}
+    rows = relative_rows(s3_prefix)
+    assert {row["path"]: row["class7"] for row in rows} == expected  # labels from paths agree with labels.csv
+    assert set(result.ignored) == {"README.md", "labels.csv"}
+    assert not result.undecodable
+    assert {row["format"] for row in rows} == {"JPEG", "PNG"}
+    assert {row["mode"] for row in rows} >= {"L", "RGB"}
