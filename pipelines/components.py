@@ -95,9 +95,18 @@ def split_op(data_uri: str, fingerprint: str, val: float, test: float, seed: int
 
 @dsl.component(base_image=GPU_IMAGE, install_kfp_package=False)
 def train_op(splits_uri: str, bucket: str, prefix: str, run_id: str, image_size: int, epochs: int, fine_tune_epochs: int,
-             batch_size: int, base_weights: str, seed: int, patience: int, model: Output[Model], metrics: Output[Metrics]) -> str:
-    """Xception transfer learning: frozen base, then fine-tuning; writes a model bundle at model_uri."""
+             batch_size: int, base_weights: str, seed: int, patience: int, gpus: int,
+             model: Output[Model], metrics: Output[Metrics]) -> str:
+    """Xception transfer learning: frozen base, then fine-tuning; writes a model bundle at model_uri.
+
+    `gpus` is what the pipeline requested for this step (the resource limit); recorded with the model.
+    """
     import json
+
+    import tensorflow as tf
+
+    visible = len(tf.config.list_physical_devices("GPU"))
+    print(f"train: {gpus} GPU(s) requested, {visible} visible")
 
     from brainscan.components.train import train
 
@@ -108,7 +117,7 @@ def train_op(splits_uri: str, bucket: str, prefix: str, run_id: str, image_size:
     summary = result.summary() if hasattr(result, "summary") else dict(vars(result))
     with open(model.path, "w") as handle:
         json.dump(summary, handle, indent=2, sort_keys=True, default=str)
-    model.metadata.update({"uri": model_uri, "image_size": image_size, "framework": "keras"})
+    model.metadata.update({"uri": model_uri, "image_size": image_size, "framework": "keras", "gpus": visible})
     for key, value in summary.items():
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             metrics.log_metric(key, float(value))

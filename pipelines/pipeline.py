@@ -64,7 +64,7 @@ def _train_and_deploy(source, fingerprint, bucket, prefix, image_size, epochs, f
     train = c.train_op(splits_uri=split.outputs["Output"], bucket=bucket, prefix=prefix,
                        run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER, image_size=image_size, epochs=epochs,
                        fine_tune_epochs=fine_tune_epochs, batch_size=batch_size, base_weights=base_weights, seed=seed,
-                       patience=patience)
+                       patience=patience, gpus=gpus)
     # Never cached: a new run is asked for to get a new model (seeds, code, base weights may differ).
     train.set_display_name("train").set_caching_options(False)
     train.set_accelerator_type(GPU_RESOURCE).set_accelerator_limit(gpus)
