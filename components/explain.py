@@ -137,6 +137,9 @@ def overlay_png(image, heatmap: np.ndarray, alpha: float = 0.45, max_side: int =
     rgb = Image.fromarray(_as_rgb_uint8(image))
     if max(rgb.size) > max_side:
         rgb.thumbnail((max_side, max_side))
+    elif max(rgb.size) < 256:  # small scans: enlarge so the heat map and caption are readable
+        scale = 256 / max(rgb.size)
+        rgb = rgb.resize((round(rgb.width * scale), round(rgb.height * scale)), Image.BICUBIC)
     heat = Image.fromarray(np.uint8(np.clip(heatmap, 0, 1) * 255)).resize(rgb.size, Image.BILINEAR)
     coloured = colormaps["jet"](np.asarray(heat) / 255.0)[..., :3]
     blended = (1 - alpha) * np.asarray(rgb, dtype=np.float32) / 255.0 + alpha * coloured
