@@ -9,6 +9,7 @@ TensorFlow is imported inside the functions.
 from __future__ import annotations
 
 import io
+import weakref
 from typing import Sequence
 
 import numpy as np
@@ -45,18 +46,21 @@ class _GradCam:
     def __init__(self, model):
         import keras
 
-        self.model = model
         nested, layer = _last_conv_path(model)
         self.layer_name = layer.name
-        if nested is None:
+        self.forward = self.chain = None
+        if nested is None and not isinstance(layer, keras.Model):
             self.forward = keras.Model(model.inputs, [layer.output, model.output])
-            self.chain = None
+            return
+        # The conv part sits in a nested model (the project's Xception base is one layer of the
+        # outer model): run the outer layers in order, taking the activation from the base.
+        if nested is None:
+            base, inner = layer, layer  # the nested model's own output is the last conv activation
         else:
-            # Run the outer model layer by layer, the nested base returning its inner activation too.
-            inner = keras.Model(nested.inputs, [layer.output, nested.outputs[0]])
-            self.forward = None
-            self.chain = [(inner if l is nested else l, l is nested) for l in model.layers
-                          if not isinstance(l, keras.layers.InputLayer)]
+            base, inner = nested, keras.Model(nested.inputs, [layer.output, nested.outputs[0]])
+        self.chain = [(inner if l is base else l, l is base) for l in model.layers
+                      if not isinstance(l, keras.layers.InputLayer)]
+        self.pair = nested is not None
 
     def __call__(self, x):
         if self.forward is not None:
@@ -65,20 +69,21 @@ class _GradCam:
         conv = None
         for layer, is_base in self.chain:
             if is_base:
-                conv, x = layer(x, training=False)
+                out = layer(x, training=False)
+                conv, x = out if self.pair else (out, out)
             else:
                 x = layer(x, training=False)
         return conv, x
 
 
+_CAMS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
 def _gradcam_for(model) -> _GradCam:
-    cam = getattr(model, "_brainscan_gradcam", None)
+    """Built once per model and cached: building the grad model costs more than one image."""
+    cam = _CAMS.get(model)
     if cam is None:
-        cam = _GradCam(model)
-        try:
-            model._brainscan_gradcam = cam  # cached: building the grad model costs more than one image
-        except AttributeError:
-            pass
+        cam = _CAMS[model] = _GradCam(model)
     return cam
 
 
