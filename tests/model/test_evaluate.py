@@ -15,6 +15,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from brainscan import storage
 from brainscan.components import evaluate as ev
 from brainscan.modelstore import load_bundle
 
@@ -89,10 +90,12 @@ def test_gate_passes_for_a_trained_model(trained_eval):
     assert len(gradcams) >= 7 and limes  # at least one per class, correct or wrong
 
 
-def test_gate_fails_for_an_untrained_model_with_a_readable_report(tiny_bundle_dir, eval_splits, tmp_path):
-    result = ev.evaluate(str(tiny_bundle_dir), eval_splits, str(tmp_path), explain=False, **LIMITS)
+def test_gate_fails_for_an_untrained_model_with_a_readable_report(tiny_bundle_dir, eval_splits, s3_prefix):
+    result = ev.evaluate(str(tiny_bundle_dir), eval_splits, s3_prefix + "/eval", explain=False, **LIMITS)
     assert not result.passed  # a result, not an exception
-    gate = json.loads((tmp_path / "evaluation.json").read_text())["gate"]
+    assert result.report_uri == s3_prefix + "/eval/evaluation.json"  # the report lands in S3 with its plots
+    assert storage.exists(s3_prefix + "/eval/roc_curve.png")
+    gate = ev.load_evaluation(s3_prefix + "/eval")["gate"]
     assert gate["reason"].startswith("FAILED:") and gate["decided_by"] in ("min_recall", "min_auc")
     decided = next(r for r in gate["rules"] if r["rule"] == gate["decided_by"])
     assert decided["value"] < decided["limit"] and f"{decided['value']:.4f}" in gate["reason"]
