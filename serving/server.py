@@ -228,6 +228,13 @@ class BodySizeLimit:
             return await self.app(scope, receive, send)
         declared = dict(scope.get("headers") or []).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
+            # Read (and drop) a moderately large body first: a client still sending when the
+            # server answers sees a broken pipe instead of the 413 and its message.
+            if int(declared) <= 4 * self.max_bytes:
+                more = True
+                while more:
+                    message = await receive()
+                    more = message.get("type") == "http.request" and message.get("more_body", False)
             return await self._too_large(send, int(declared))
         received = 0
 
