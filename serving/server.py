@@ -299,7 +299,6 @@ def run(options: ServeOptions) -> None:
     import kserve
     from fastapi.responses import JSONResponse
     from kserve.model_server import app as fastapi_app
-    from kserve.protocol.grpc.server import GRPCServer
     from kserve.protocol.rest.server import RESTServer
 
     model = build_model(options)
@@ -318,7 +317,7 @@ def run(options: ServeOptions) -> None:
     rest.config.host = options.host
     servers = [rest.start()]
     if options.enable_grpc:
-        grpc = _HostGRPCServer(options.host, options.grpc_port, server.dataplane, server.model_repository_extension,
+        grpc = _grpc_server_on(options.host, options.grpc_port, server.dataplane, server.model_repository_extension,
                                kwargs={"grpc_max_send_message_length": options.max_request_bytes,
                                        "grpc_max_receive_message_length": options.max_request_bytes},
                                grace_period=5)
@@ -333,31 +332,29 @@ def run(options: ServeOptions) -> None:
     asyncio.run(server._serve())
 
 
-class _HostGRPCServer:
-    """kserve's GRPCServer bound to a chosen host instead of [::] (same servicer and interceptors)."""
+def _grpc_server_on(host: str, port: int, data_plane, repository_extension, kwargs: dict, grace_period: int):
+    """kserve's GRPCServer bound to `host` instead of [::] (same servicer and interceptors)."""
+    from grpc import aio
+    from kserve.protocol.grpc import grpc_predict_v2_pb2_grpc
+    from kserve.protocol.grpc.interceptors import ExceptionToStatusInterceptor, LoggingInterceptor
+    from kserve.protocol.grpc.server import GRPCServer
+    from kserve.protocol.grpc.servicer import InferenceServicer
 
-    def __new__(cls, host, *args, **kwargs):
-        from grpc import aio
-        from kserve.protocol.grpc import grpc_predict_v2_pb2_grpc
-        from kserve.protocol.grpc.interceptors import ExceptionToStatusInterceptor, LoggingInterceptor
-        from kserve.protocol.grpc.server import GRPCServer
-        from kserve.protocol.grpc.servicer import InferenceServicer
+    class HostGRPCServer(GRPCServer):
+        async def start(self, max_workers):
+            servicer = InferenceServicer(self._data_plane, self._model_repository_extension)
+            self._server = aio.server(
+                ThreadPoolExecutor(max_workers=max_workers),
+                interceptors=(LoggingInterceptor(), ExceptionToStatusInterceptor()),
+                options=[("grpc.max_send_message_length", self._kwargs["grpc_max_send_message_length"]),
+                         ("grpc.max_receive_message_length", self._kwargs["grpc_max_receive_message_length"]),
+                         # a port already in use must fail, not be silently shared with another server
+                         ("grpc.so_reuseport", 0)])
+            grpc_predict_v2_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, self._server)
+            address = f"[{host}]:{self._port}" if ":" in host else f"{host}:{self._port}"
+            if self._server.add_insecure_port(address) == 0:
+                raise RuntimeError(f"cannot bind gRPC to {address}")
+            await self._server.start()
+            await self._server.wait_for_termination()
 
-        class HostGRPCServer(GRPCServer):
-            async def start(self, max_workers):
-                servicer = InferenceServicer(self._data_plane, self._model_repository_extension)
-                self._server = aio.server(
-                    ThreadPoolExecutor(max_workers=max_workers),
-                    interceptors=(LoggingInterceptor(), ExceptionToStatusInterceptor()),
-                    options=[("grpc.max_send_message_length", self._kwargs["grpc_max_send_message_length"]),
-                             ("grpc.max_receive_message_length", self._kwargs["grpc_max_receive_message_length"]),
-                             # a port already in use must fail, not be silently shared with another server
-                             ("grpc.so_reuseport", 0)])
-                grpc_predict_v2_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, self._server)
-                address = f"[{host}]:{self._port}" if ":" in host else f"{host}:{self._port}"
-                if self._server.add_insecure_port(address) == 0:
-                    raise RuntimeError(f"cannot bind gRPC to {address}")
-                await self._server.start()
-                await self._server.wait_for_termination()
-
-        return HostGRPCServer(*args, **kwargs)
+    return HostGRPCServer(port, data_plane, repository_extension, kwargs=kwargs, grace_period=grace_period)
