@@ -364,12 +364,16 @@ def train(splits: str, out: str, image_size: int = 299, epochs: int = 10, fine_t
             if fine_tune_epochs:
                 stage2_start = len(history["loss"]) + 1
                 model.load_weights(best_path)  # fine-tune from the best point, not the last
-                with strategy.scope():
-                    if not from_scratch:
+                if from_scratch:
+                    # Same trainable set: only the rate drops, so the traced train step is reused
+                    # (a recompile costs minutes of retracing on CPU).
+                    model.optimizer.learning_rate.assign(fine_tune_learning_rate)
+                else:
+                    with strategy.scope():
                         unfrozen = set_fine_tuning(base)
                         _log(f"stage 2: fine-tuning {unfrozen} base layers from {FINE_TUNE_FROM} on")
-                    model.compile(optimizer=keras.optimizers.Adam(fine_tune_learning_rate),
-                                  loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+                        model.compile(optimizer=keras.optimizers.Adam(fine_tune_learning_rate),
+                                      loss="sparse_categorical_crossentropy", metrics=["accuracy"])
                 _log(f"stage 2: lr {fine_tune_learning_rate}, up to {fine_tune_epochs} epochs")
                 run_stage("stage 2", fine_tune_epochs)
             model.load_weights(best_path)
