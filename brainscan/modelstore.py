@@ -81,8 +81,14 @@ def fetch_bundle(uri: str, tracking_uri: str | None = None) -> Path:
     if is_registry_uri(uri):
         import mlflow
 
-        if tracking_uri:
-            mlflow.set_tracking_uri(tracking_uri)
+        from brainscan.components.register import resolve_tracking_uri
+
+        # The same store register() writes to: argument, $MLFLOW_TRACKING_URI, else the sqlite default.
+        tracking_uri = resolve_tracking_uri(tracking_uri)
+        if tracking_uri.startswith("sqlite:///"):
+            Path(tracking_uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
+        mlflow.set_tracking_uri(tracking_uri)
+        mlflow.set_registry_uri(tracking_uri)
         folder = _fresh_cache_folder(uri)
         try:
             local = mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(folder))
