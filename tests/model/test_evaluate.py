@@ -150,7 +150,7 @@ def test_trained_xception_report_is_consistent(request, eval_splits, tmp_path):
         bundle_uri = request.getfixturevalue("trained_bundle")
     except pytest.FixtureLookupError:
         pytest.skip("fixture trained_bundle (tests/fixtures/model.py) not available")
-    bundle = load_bundle(str(getattr(bundle_uri, "out", bundle_uri)))
+    bundle = load_bundle(str(getattr(bundle_uri, "uri", bundle_uri)))
     result = ev.evaluate(bundle, eval_splits, str(tmp_path), explain=True)
     expected = result.test["recall"] >= 0.95 and result.test["roc_auc"] >= 0.95
     assert result.passed == expected, result.gate["reason"]
