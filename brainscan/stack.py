@@ -88,19 +88,23 @@ def _free_ports(count: int) -> list[int]:
     return ports
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
+    """Whether a process runs; a zombie counts as gone (and is reaped when it is our child)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
-    # A zombie child still answers kill(0); treat it as gone.
     try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-        return stat.split(")")[-1].split()[0] != "Z"
-    except OSError:
-        return True
+        done, _ = os.waitpid(pid, os.WNOHANG)
+        return done == 0
+    except ChildProcessError:  # not our child: ask /proc whether it is a zombie
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+            return stat.split(")")[-1].split()[0] != "Z"
+        except OSError:
+            return True
 
 
 def _s3_ready(info: StackInfo) -> bool:
@@ -127,7 +131,7 @@ def status(workdir: str | Path) -> StackInfo | None:
     if not state.exists():
         return None
     info = StackInfo(**json.loads(state.read_text()))
-    return info if _alive(info.pid) else None
+    return info if process_alive(info.pid) else None
 
 
 def up(workdir: str | Path, timeout: float = 90.0) -> StackInfo:
@@ -200,7 +204,7 @@ def down(workdir: str | Path, timeout: float = 20.0) -> bool:
     if not state.exists():
         return False
     info = StackInfo(**json.loads(state.read_text()))
-    was_running = _alive(info.pid)
+    was_running = process_alive(info.pid)
     if was_running:
         for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 5.0)):
             try:
@@ -208,13 +212,9 @@ def down(workdir: str | Path, timeout: float = 20.0) -> bool:
             except ProcessLookupError:
                 break
             deadline = time.monotonic() + wait
-            while time.monotonic() < deadline and _alive(info.pid):
-                try:  # reap it when it is our own child
-                    os.waitpid(info.pid, os.WNOHANG)
-                except ChildProcessError:
-                    pass
+            while time.monotonic() < deadline and process_alive(info.pid):
                 time.sleep(0.1)
-            if not _alive(info.pid):
+            if not process_alive(info.pid):
                 break
     state.unlink(missing_ok=True)
     return was_running

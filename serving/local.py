@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from brainscan.serving.client import ready
+from brainscan.stack import process_alive
 
 HOST = "127.0.0.1"
 
@@ -59,20 +60,6 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:  # a zombie child of ours counts as gone
-        done, _ = os.waitpid(pid, os.WNOHANG)
-        return done == 0
-    except ChildProcessError:
-        return True
-
-
 def status(workdir) -> LocalServer | None:
     """The running server of this work dir, or None."""
     path = _state_file(workdir)
@@ -82,7 +69,7 @@ def status(workdir) -> LocalServer | None:
         info = LocalServer(**json.loads(path.read_text()))
     except (ValueError, TypeError):
         return None
-    return info if _alive(info.pid) else None
+    return info if process_alive(info.pid) else None
 
 
 def start(model_uri: str, workdir, http_port: int | None = None, grpc_port: int | None = None,
@@ -134,12 +121,12 @@ def stop(workdir, timeout: float = 20.0) -> bool:
     except ProcessLookupError:
         return True
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and _alive(info.pid):
+    while time.monotonic() < deadline and process_alive(info.pid):
         time.sleep(0.2)
-    if _alive(info.pid):
+    if process_alive(info.pid):
         os.kill(info.pid, signal.SIGKILL)
         time.sleep(0.2)
-        _alive(info.pid)  # reap
+        process_alive(info.pid)  # reap
     return True
 
 

@@ -39,7 +39,7 @@ def test_up_is_idempotent_and_down_leaves_nothing(tmp_path):
         assert all(" 127.0.0.1:" in line for line in mine), mine
     finally:
         assert stack.down(tmp_path) is True
-    assert not stack._alive(first.pid)
+    assert not stack.process_alive(first.pid)
     assert stack.status(tmp_path) is None
     assert stack.down(tmp_path) is False
 
