@@ -25,6 +25,7 @@ from brainscan.components.ingest import (MANIFEST_COLUMNS, IngestError, UnknownL
                                          ingest)
 from brainscan.labels import label_from_path
 from tests.fixtures.ingest import image_bytes, write_tree
+from tests.fixtures.stack import stack_environment
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -294,58 +295,45 @@ def test_killed_ingest_resumes_and_equals_an_uninterrupted_run(synthetic_archive
 def test_s3_outage_mid_ingest_is_reported_and_a_rerun_completes(synthetic_archive, tmp_path, monkeypatch):
     """A SeaweedFS of its own is stopped after a few uploads: clear error, nothing lost, rerun completes."""
     workdir = tmp_path / "outage-stack"
-    saved = {key: os.environ.get(key) for key in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
-                                                  "AWS_DEFAULT_REGION", "MLFLOW_S3_ENDPOINT_URL",
-                                                  "MLFLOW_TRACKING_URI")}
+    with stack_environment() as use:
+        try:
+            use(stack.up(workdir))
+            dest = "s3://outage/data"
+            calls, lock = [0], threading.Lock()
+            real_upload = ingest_module._upload_one
 
-    def use(info):
-        os.environ.update(info.env())
-        storage.reset_clients()
+            def upload_then_outage(*args, **kwargs):
+                with lock:
+                    calls[0] += 1
+                    if calls[0] == 20:
+                        stack.down(workdir)  # the server really goes away, mid-run
+                return real_upload(*args, **kwargs)
 
-    try:
-        use(stack.up(workdir))
-        dest = "s3://outage/data"
-        calls, lock = [0], threading.Lock()
-        real_upload = ingest_module._upload_one
+            monkeypatch.setattr(ingest_module, "_upload_one", upload_then_outage)
+            with pytest.raises(UploadError) as caught:
+                ingest(str(synthetic_archive.out_dir), dest, workers=2, progress=False)
+            err = caught.value
+            assert "S3 unreachable" in str(err) and "rerun" in str(err)
+            assert err.not_uploaded and err.not_uploaded[0] in str(err)
+            monkeypatch.setattr(ingest_module, "_upload_one", real_upload)
 
-        def upload_then_outage(*args, **kwargs):
-            with lock:
-                calls[0] += 1
-                if calls[0] == 20:
-                    stack.down(workdir)  # the server really goes away, mid-run
-            return real_upload(*args, **kwargs)
-
-        monkeypatch.setattr(ingest_module, "_upload_one", upload_then_outage)
-        with pytest.raises(UploadError) as caught:
-            ingest(str(synthetic_archive.out_dir), dest, workers=2, progress=False)
-        err = caught.value
-        assert "S3 unreachable" in str(err) and "rerun" in str(err)
-        assert err.not_uploaded and err.not_uploaded[0] in str(err)
-        monkeypatch.setattr(ingest_module, "_upload_one", real_upload)
-
-        use(stack.up(workdir))  # back again (new ports, same data)
-        stored_keys = object_keys("s3://outage/data/images")
-        stored = len(stored_keys)
-        # Nothing lost: every file the error did not name is stored, after a restart of the server.
-        all_files = sorted(p.relative_to(synthetic_archive.out_dir).as_posix()
-                           for p in Path(synthetic_archive.out_dir).rglob("*") if p.is_file())
-        reported_stored = set(all_files) - set(err.not_uploaded)
-        assert len(reported_stored) == err.stored >= 10
-        assert {f"s3://outage/data/images/{rel}" for rel in reported_stored} <= set(stored_keys)
-        assert not storage.exists("s3://outage/data/manifest.csv")
-        rerun = ingest(str(synthetic_archive.out_dir), dest, workers=4, progress=False)
-        assert rerun.files == synthetic_archive.files
-        assert rerun.skipped == stored and rerun.uploaded == synthetic_archive.files - stored
-        assert rerun.uploaded <= len(err.not_uploaded)
-        assert rerun.fingerprint == expected_fingerprint(Path(synthetic_archive.out_dir))
-    finally:
-        stack.down(workdir)
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
-        storage.reset_clients()
+            use(stack.up(workdir))  # back again (new ports, same data)
+            stored_keys = object_keys("s3://outage/data/images")
+            stored = len(stored_keys)
+            # Nothing lost: every file the error did not name is stored, after a restart of the server.
+            all_files = sorted(p.relative_to(synthetic_archive.out_dir).as_posix()
+                               for p in Path(synthetic_archive.out_dir).rglob("*") if p.is_file())
+            reported_stored = set(all_files) - set(err.not_uploaded)
+            assert len(reported_stored) == err.stored >= 10
+            assert {f"s3://outage/data/images/{rel}" for rel in reported_stored} <= set(stored_keys)
+            assert not storage.exists("s3://outage/data/manifest.csv")
+            rerun = ingest(str(synthetic_archive.out_dir), dest, workers=4, progress=False)
+            assert rerun.files == synthetic_archive.files
+            assert rerun.skipped == stored and rerun.uploaded == synthetic_archive.files - stored
+            assert rerun.uploaded <= len(err.not_uploaded)
+            assert rerun.fingerprint == expected_fingerprint(Path(synthetic_archive.out_dir))
+        finally:
+            stack.down(workdir)
 
 
 def test_kaggle_source_from_a_seeded_kagglehub_cache(image_tree, s3_prefix, tmp_path, monkeypatch):
