@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from brainscan import storage
+from brainscan.components.split import read_split
 from brainscan.labels import CLASSES, MODALITIES, tumor_probability
 
 log = logging.getLogger(__name__)
@@ -183,22 +184,7 @@ def gate_decision(test: dict, min_recall: float, min_auc: float, champion: dict 
 
 
 # ----------------------------------------------------------------------------- images and scores
-def read_split(splits: str, name: str):
-    import pandas as pd
-
-    uri = storage.join(splits, f"{name}.csv")
-    if not storage.exists(uri):
-        raise FileNotFoundError(f"{uri} not found: is {splits} the output of `brainscan split`?")
-    frame = pd.read_csv(storage.open_text(uri))
-    missing = {"path", "class7", "modality"} - set(frame.columns)
-    if missing:
-        raise ValueError(f"{uri}: missing columns {sorted(missing)}")
-    unknown = sorted(set(frame["class7"]) - set(CLASSES))
-    if unknown:
-        raise ValueError(f"{uri}: unknown classes {unknown}")
-    if frame.empty:
-        raise ValueError(f"{uri}: no images")
-    return frame.reset_index(drop=True)
+SPLIT_COLUMNS = ("path", "class7", "modality")  # evaluation reports per modality
 
 
 def read_images(paths) -> list[bytes]:
@@ -337,7 +323,7 @@ def evaluate(model, splits: str, out: str, target_recall: float = 0.99, min_reca
     from brainscan.modelstore import ModelBundle, load_bundle
 
     bundle = model if isinstance(model, ModelBundle) else load_bundle(str(model))
-    val_frame, test_frame = read_split(splits, "val"), read_split(splits, "test")
+    val_frame, test_frame = read_split(splits, "val", SPLIT_COLUMNS), read_split(splits, "test", SPLIT_COLUMNS)
     is_tumor = lambda frame: frame["class7"].map(lambda c: c not in ("ct_healthy", "mri_healthy")).to_numpy()  # noqa: E731
 
     log.info("evaluate: scoring %d validation and %d test images", len(val_frame), len(test_frame))
@@ -418,7 +404,7 @@ def dataset_fingerprint(splits: str, frames=()) -> str | None:
     try:
         import pandas as pd
 
-        train = read_split(splits, "train")
+        train = read_split(splits, "train", SPLIT_COLUMNS)
         rows = pd.concat([train, *frames])
         if "sha256" not in rows.columns:
             return None

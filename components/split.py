@@ -213,3 +213,20 @@ def split(data: str, out: str, val: float = 0.15, test: float = 0.15, seed: int 
     })
     log.info("split: %s", counts)
     return result
+
+
+def read_split(splits: str, name: str, required: tuple[str, ...] = ("path", "class7")) -> pd.DataFrame:
+    """{splits}/{name}.csv as written by `split`, checked: the required columns, known classes, not empty."""
+    uri = storage.join(splits, f"{name}.csv")
+    if not storage.exists(uri):
+        raise FileNotFoundError(f"no split manifest at {uri}; is {splits} the output of `brainscan split`?")
+    frame = pd.read_csv(storage.open_text(uri), dtype={"path": str, "class7": str})
+    missing = sorted(set(required) - set(frame.columns))
+    if missing:
+        raise ValueError(f"{uri}: missing columns {missing}")
+    unknown = sorted(set(frame["class7"]) - set(CLASSES))
+    if unknown:
+        raise ValueError(f"{uri}: unknown classes {unknown}; expected {', '.join(CLASSES)}")
+    if frame.empty:
+        raise ValueError(f"{uri}: no images")
+    return frame.reset_index(drop=True)

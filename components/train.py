@@ -27,6 +27,7 @@ import numpy as np
 import pandas as pd
 
 from brainscan import modelstore, storage
+from brainscan.components.split import read_split
 from brainscan.labels import CLASS_INDEX, CLASSES
 from brainscan.preprocessing import InvalidImageError, check_image_bytes
 
@@ -73,23 +74,6 @@ def _log(message: str) -> None:
 
 
 # --------------------------------------------------------------------------- data
-
-def read_split(splits: str, name: str) -> pd.DataFrame:
-    """The `path` and `class7` columns of {splits}/{name}.csv, checked."""
-    uri = storage.join(splits, f"{name}.csv")
-    if not storage.exists(uri):
-        raise FileNotFoundError(f"no split manifest at {uri}; run `brainscan split` first")
-    frame = pd.read_csv(storage.open_text(uri), dtype={"path": str, "class7": str})
-    missing = [c for c in ("path", "class7") if c not in frame.columns]
-    if missing:
-        raise ValueError(f"{uri} lacks column(s) {', '.join(missing)}")
-    unknown = sorted(set(frame["class7"]) - set(CLASSES))
-    if unknown:
-        raise ValueError(f"{uri} has unknown class(es) {unknown}; expected {', '.join(CLASSES)}")
-    if frame.empty:
-        raise ValueError(f"{uri} holds no images")
-    return frame[["path", "class7"]].reset_index(drop=True)
-
 
 def read_images(paths: list[str], workers: int = 16, desc: str = "read") -> list[bytes]:
     """The bytes of every image, read in parallel (S3 latency, not bandwidth, is the limit).
@@ -315,7 +299,7 @@ def train(splits: str, out: str, image_size: int = 299, epochs: int = 10, fine_t
         except Exception as err:  # older TF or an unsupported device: train anyway
             _log(f"op determinism not available ({err}); results may vary slightly")
 
-    train_frame, val_frame = read_split(splits, "train"), read_split(splits, "val")
+    train_frame, val_frame = (read_split(splits, name)[["path", "class7"]] for name in ("train", "val"))
     train_labels = train_frame["class7"].map(CLASS_INDEX).to_numpy(np.int32)
     val_labels = val_frame["class7"].map(CLASS_INDEX).to_numpy(np.int32)
     _log(f"{len(train_frame)} training and {len(val_frame)} validation images from {splits}")
