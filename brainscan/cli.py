@@ -448,6 +448,7 @@ _P_BATCH = typer.Option(32, "--batch-size", min=1, help="Batch size.")
 _P_WEIGHTS = typer.Option("imagenet", "--base-weights",
                           help="imagenet, a local .h5/.keras weights file, or none (train from scratch).")
 _P_SEED = typer.Option(42, "--seed", help="Split and training seed.")
+_P_PATIENCE = typer.Option(4, "--patience", min=1, help="Early stopping patience in epochs (validation loss).")
 _P_TARGET = typer.Option(0.99, "--target-recall", help="Recall the threshold is calibrated for (validation split).")
 _P_MIN_RECALL = typer.Option(0.95, "--min-recall", help="Gate: lowest test recall to register and deploy.")
 _P_MIN_AUC = typer.Option(0.95, "--min-auc", help="Gate: lowest test ROC-AUC to register and deploy.")
@@ -467,7 +468,7 @@ def pipeline_run(
     local: bool = typer.Option(False, "--local", help="Run on this machine through kfp.local (required for now)."),
     workdir: Path = typer.Option(Path(".brainscan"), "--workdir", help="Local stack, pipeline root, summary.json."),
     image_size: int = _P_IMAGE_SIZE, epochs: int = _P_EPOCHS, fine_tune_epochs: int = _P_FINE_TUNE,
-    batch_size: int = _P_BATCH, base_weights: str = _P_WEIGHTS, seed: int = _P_SEED,
+    batch_size: int = _P_BATCH, base_weights: str = _P_WEIGHTS, seed: int = _P_SEED, patience: int = _P_PATIENCE,
     target_recall: float = _P_TARGET, min_recall: float = _P_MIN_RECALL, min_auc: float = _P_MIN_AUC,
     model_name: str = _P_MODEL, bucket: str = _P_BUCKET,
     prefix: str = typer.Option("local", "--prefix", help="Prefix in the bucket."),
@@ -482,7 +483,8 @@ def pipeline_run(
         fail("only local runs start here: add --local, or use `brainscan pipeline submit --host URL` for a cluster")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     params = LocalRunParams(image_size=image_size, epochs=epochs, fine_tune_epochs=fine_tune_epochs,
-                            batch_size=batch_size, base_weights=base_weights, seed=seed, target_recall=target_recall,
+                            batch_size=batch_size, base_weights=base_weights, seed=seed, patience=patience,
+                            target_recall=target_recall,
                             min_recall=min_recall, min_auc=min_auc, model_name=model_name, bucket=bucket,
                             prefix=prefix)
     try:

@@ -166,3 +166,39 @@ def test_cli_compile(tmp_path):
     assert result.output.strip().splitlines()[-1] == str(out)
     spec, _ = _load(out)
     assert spec["pipelineInfo"]["name"] == "brainscan-train"
+
+
+def test_cli_run_local_hands_every_option_to_the_local_run(tmp_path, monkeypatch):
+    """`pipeline run --local` options reach LocalRunParams; the summary's path is the last line."""
+    import json
+
+    from brainscan.pipelines import local
+
+    seen = {}
+
+    def fake_run_local(source, workdir, params, only_if_new_data=False):
+        seen.update(source=source, workdir=workdir, params=params, only_if_new_data=only_if_new_data)
+        path = tmp_path / "summary.json"
+        path.write_text(json.dumps({"steps": {"train": {"status": "SUCCESS", "seconds": 1.0}}, "trained": True,
+                                    "gate": {"reason": "min_recall"}}))
+        return path
+
+    monkeypatch.setattr(local, "run_local", fake_run_local)
+    options = ["--image-size", "96", "--epochs", "7", "--fine-tune-epochs", "3", "--batch-size", "4",
+               "--base-weights", "none", "--seed", "5", "--patience", "2", "--target-recall", "0.97",
+               "--min-recall", "0.9", "--min-auc", "0.85", "--model-name", "m", "--bucket", "b", "--prefix", "p"]
+    result = CliRunner().invoke(app, ["pipeline", "run", "--local", "--source", "src", "--workdir", str(tmp_path),
+                                      "--retrain-if-new-data", *options])
+    assert result.exit_code == 0, result.output
+    assert result.output.strip().splitlines()[-1] == str(tmp_path / "summary.json")
+    assert seen["only_if_new_data"] is True and seen["source"] == "src"
+    assert seen["params"] == local.LocalRunParams(image_size=96, epochs=7, fine_tune_epochs=3, batch_size=4,
+                                                  base_weights="none", seed=5, patience=2, target_recall=0.97,
+                                                  min_recall=0.9, min_auc=0.85, model_name="m", bucket="b",
+                                                  prefix="p")
+
+
+def test_cli_run_without_local_says_where_cluster_runs_go():
+    result = CliRunner().invoke(app, ["pipeline", "run", "--source", "src"])
+    assert result.exit_code != 0
+    assert "--local" in result.output and "pipeline submit" in result.output
