@@ -31,6 +31,9 @@ from brainscan import storage
 from brainscan.labels import CLASSES, MODALITIES, UnknownLabelError, is_tumor, label_from_path
 
 log = logging.getLogger(__name__)
+# great-expectations logs hundreds of INFO lines about its own API registry on import;
+# under a root logger at INFO (kfp's executor) they would bury the step's log.
+logging.getLogger("great_expectations").setLevel(logging.WARNING)
 
 MANIFEST_COLUMNS = ("path", "sha256", "bytes", "modality", "class7", "tumor",
                     "width", "height", "mode", "format", "decodable")
