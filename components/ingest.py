@@ -242,7 +242,11 @@ def _s3_items(prefix: str) -> tuple[list[_Item], list[str]]:
     return items, ignored
 
 
-def _open_source(source: str, scratch: Path, zip_limits: ZipLimits) -> tuple[list[_Item], list[str]]:
+def open_source(source: str, scratch: Path, zip_limits: ZipLimits) -> tuple[list[_Item], list[str]]:
+    """The images of a source read in place (ingest's own reader; retrain fingerprints with it too).
+
+    Returns (items with `.rel` and `.read()`, ignored non-image names); a zip unpacks under `scratch`.
+    """
     if source.startswith("kaggle:"):
         return _folder_items(download_kaggle(source[len("kaggle:"):].strip("/")))
     if storage.is_s3(source):
@@ -384,7 +388,7 @@ def ingest(source: str = DEFAULT_SOURCE, dest: str = "", workers: int = DEFAULT_
     started = time.monotonic()
     scratch = Path(tempfile.mkdtemp(prefix="brainscan-ingest-"))
     try:
-        items, ignored = _open_source(source, scratch, zip_limits)
+        items, ignored = open_source(source, scratch, zip_limits)
         if ignored:
             log.info("ignoring %d non-image file(s), e.g. %s", len(ignored), ", ".join(ignored[:3]))
         if not items:

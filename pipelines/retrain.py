@@ -19,9 +19,6 @@ from brainscan import labels
 
 log = logging.getLogger(__name__)
 
-FINGERPRINT_TAGS = ("dataset_fingerprint", "brainscan.dataset_fingerprint", "fingerprint")
-
-
 @dataclass
 class RetrainDecision:
     source: str
@@ -48,7 +45,7 @@ def source_fingerprint(source: str) -> str:
 
     scratch = Path(tempfile.mkdtemp(prefix="brainscan-fingerprint-"))
     try:
-        items, _ignored = ingest._open_source(str(source), scratch, ingest.ZipLimits())
+        items, _ignored = ingest.open_source(str(source), scratch, ingest.ZipLimits())
         rows = []
         for item in items:
             rows.append({"sha256": hashlib.sha256(item.read()).hexdigest(),
@@ -60,27 +57,27 @@ def source_fingerprint(source: str) -> str:
     return ingest.fingerprint_of(rows)
 
 
-def champion_fingerprint(model_name: str = "brain-tumor") -> tuple[str | None, str | None]:
-    """(fingerprint tag, version) of the champion, or (None, None) when there is none yet."""
-    import mlflow
-    from mlflow.exceptions import MlflowException
+def champion_fingerprint(model_name: str = "brain-tumor", tracking_uri: str | None = None
+                         ) -> tuple[str | None, str | None]:
+    """(fingerprint tag, version) of the champion, or (None, None) when there is none yet.
 
-    client = mlflow.MlflowClient()
-    try:
-        version = client.get_model_version_by_alias(model_name, "champion")
-    except MlflowException:
+    Read through register's own champion lookup: the tag it writes is the tag compared here.
+    """
+    from brainscan.components.register import champion_info
+
+    info = champion_info(model_name, tracking_uri=tracking_uri)
+    if info is None:
         return None, None
-    tags = version.tags or {}
-    for key in FINGERPRINT_TAGS:
-        if tags.get(key):
-            return tags[key], str(version.version)
-    return None, str(version.version)
+    return info["dataset_fingerprint"] or None, str(info["version"])
 
 
-def check(source: str, model_name: str = "brain-tumor") -> RetrainDecision:
-    """Is a retrain due? Yes when there is no champion or its data differs from the source's."""
+def check(source: str, model_name: str = "brain-tumor", tracking_uri: str | None = None) -> RetrainDecision:
+    """Is a retrain due? Yes when there is no champion or its data differs from the source's.
+
+    tracking_uri: default MLFLOW_TRACKING_URI, else the embedded sqlite (see register).
+    """
     fingerprint = source_fingerprint(source)
-    champion, version = champion_fingerprint(model_name)
+    champion, version = champion_fingerprint(model_name, tracking_uri)
     if version is None:
         retrain, message = True, f"no champion for {model_name!r} yet: retrain"
     elif champion != fingerprint:
@@ -97,20 +94,27 @@ def watch(source: str, on_change: Callable[[RetrainDecision], object], interval_
 
     Returns the number of runs started. A fingerprint already acted on is not started again
     while its run is still going (the champion's tag only moves when the run finishes).
+    A watcher outlives outages: a check that fails (source or MLflow unreachable) or a run
+    that cannot start is logged, and the next check tries again.
     """
     started, checks, last_started = 0, 0, None
     while max_checks is None or checks < max_checks:
         checks += 1
         try:
             decision = check(source, model_name=model_name)
-        except (FileNotFoundError, ValueError) as err:
-            log.error("check failed: %s", err)
+        except Exception as err:  # noqa: BLE001 - any failure of one check must not end the watch
+            log.error("check %d failed: %s", checks, str(err).splitlines()[0] if str(err) else type(err).__name__)
         else:
             log.info(decision.message)
             if decision.retrain and decision.fingerprint != last_started:
-                on_change(decision)
-                started += 1
-                last_started = decision.fingerprint
+                try:
+                    on_change(decision)
+                except Exception as err:  # noqa: BLE001 - retried at the next check
+                    log.error("starting a run for %s failed (retried at the next check): %s",
+                              decision.fingerprint[:12], str(err).splitlines()[0] if str(err) else type(err).__name__)
+                else:
+                    started += 1
+                    last_started = decision.fingerprint
         if max_checks is None or checks < max_checks:
             time.sleep(interval_s)
     return started

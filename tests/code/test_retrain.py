@@ -1,0 +1,155 @@
+"""Retrain on new data: the source fingerprint, the check against the champion's tag, the watch loop."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from brainscan import storage
+from brainscan.cli import app
+from brainscan.components import ingest
+from brainscan.components import register as reg
+from brainscan.pipelines import retrain
+
+NAME = "brain-tumor"
+
+
+@pytest.fixture
+def source(synthetic_archive, tmp_path) -> Path:
+    """A copy of the session archive that tests may add images to."""
+    return Path(shutil.copytree(synthetic_archive.out_dir, tmp_path / "archive"))
+
+
+@pytest.fixture
+def tracking(tmp_path, monkeypatch) -> str:
+    uri = reg.default_tracking_uri(tmp_path / "mlflow")
+    (tmp_path / "mlflow").mkdir()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    return uri
+
+
+def _register_champion(bundle_dir, fingerprint: str, tracking_uri: str) -> str:
+    """A champion registered by the real register step, tagged with `fingerprint`."""
+    doc = {"gate": {"passed": True, "reason": "PASSED (test stand-in)"}, "threshold": 0.5,
+           "test": {"recall": 1.0, "roc_auc": 1.0}, "dataset_fingerprint": fingerprint}
+    result = reg.register(str(bundle_dir), doc, name=NAME, tracking_uri=tracking_uri)
+    assert result.registered, result.reason
+    return str(result.version)
+
+
+def _mri_tumor_folder(source: Path) -> Path:
+    return source / "Dataset" / "Brain Tumor MRI images" / "Tumor"
+
+
+def _add_image(source: Path, number: int = 9001) -> None:
+    """A new scan: an existing glioma image mirrored, under a new number."""
+    from PIL import Image
+
+    with Image.open(_mri_tumor_folder(source) / "glioma (1).jpg") as image:
+        image.transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(_mri_tumor_folder(source) / f"glioma ({number}).jpg")
+
+
+def test_source_fingerprint_is_what_ingest_records(source, s3_prefix):
+    """Same definition as ingest's, so the champion's tag (from ingest) compares equal."""
+    result = ingest.ingest(str(source), s3_prefix, progress=False)
+    assert retrain.source_fingerprint(str(source)) == result.fingerprint
+    # an S3 prefix holding the archive layout (here: ingest's own copy) reads the same
+    assert retrain.source_fingerprint(storage.join(s3_prefix, "images")) == result.fingerprint
+
+
+def test_fingerprint_changes_with_an_image_or_a_label(source):
+    before = retrain.source_fingerprint(str(source))
+    _add_image(source)
+    added = retrain.source_fingerprint(str(source))
+    assert added != before
+    # the same bytes filed under another class is a label change: a retrain is due
+    folder = _mri_tumor_folder(source)
+    (folder / "glioma (2).jpg").rename(folder / "meningioma (9002).jpg")
+    assert retrain.source_fingerprint(str(source)) != added
+
+
+def test_check_no_champion_then_same_data_then_new_data(source, tracking, tiny_bundle_dir):
+    first = retrain.check(str(source), model_name=NAME)
+    assert first.retrain and first.champion_version is None and "no champion" in first.message
+
+    version = _register_champion(tiny_bundle_dir, first.fingerprint, tracking)
+    same = retrain.check(str(source), model_name=NAME)
+    assert not same.retrain and same.champion_version == version
+    assert same.champion_fingerprint == same.fingerprint == first.fingerprint
+
+    _add_image(source)
+    changed = retrain.check(str(source), model_name=NAME)
+    assert changed.retrain and changed.champion_version == version
+    assert changed.fingerprint != first.fingerprint and "data changed" in changed.message
+
+
+def test_cli_check_prints_the_decision(source, tracking, tiny_bundle_dir):
+    runner = CliRunner()
+    due = runner.invoke(app, ["retrain", "check", "--source", str(source), "--json"])
+    assert due.exit_code == 0, due.output
+    assert any(line.startswith("retrain due: no champion") for line in due.output.splitlines()), due.output
+    _register_champion(tiny_bundle_dir, json.loads(due.output.strip().splitlines()[-1])["fingerprint"], tracking)
+    fresh = runner.invoke(app, ["retrain", "check", "--source", str(source)])
+    assert fresh.exit_code == 0, fresh.output
+    assert any(line.startswith("up to date: champion v1") for line in fresh.output.splitlines()), fresh.output
+    missing = runner.invoke(app, ["retrain", "check", "--source", str(source / "nowhere")])
+    assert missing.exit_code != 0 and "nowhere" in missing.output
+
+
+def test_watch_starts_one_run_per_new_fingerprint(source, tracking, monkeypatch):
+    """No champion yet: one run; the same data again: none while that run goes on; new data: another."""
+    monkeypatch.setattr(retrain.time, "sleep", lambda _s: None)
+    checks = []
+    real_check = retrain.check
+
+    def counting_check(src, model_name=NAME):
+        checks.append(len(checks))
+        if len(checks) == 3:
+            _add_image(source)  # new scans arrive between the second and third check
+        return real_check(src, model_name=model_name)
+
+    monkeypatch.setattr(retrain, "check", counting_check)
+    runs = []
+    started = retrain.watch(str(source), runs.append, interval_s=0, model_name=NAME, max_checks=4)
+    assert started == 2 and len(runs) == 2 and len(checks) == 4
+    assert runs[0].fingerprint != runs[1].fingerprint
+
+
+def test_watch_survives_failed_checks_and_failed_starts(source, tracking, monkeypatch, caplog):
+    """An unreachable source or a run that cannot start is logged; the next check tries again."""
+    monkeypatch.setattr(retrain.time, "sleep", lambda _s: None)
+    hidden = source.with_name("archive-moved")
+    source.rename(hidden)
+    attempts = []
+
+    def flaky_start(decision):
+        attempts.append(decision.fingerprint)
+        if len(attempts) == 1:
+            raise ConnectionError("KFP API unreachable")
+
+    checks = []
+    real_check = retrain.check
+
+    def check_restoring_source(src, model_name=NAME):
+        checks.append(1)
+        if len(checks) == 2:
+            hidden.rename(source)  # the source comes back
+        return real_check(src, model_name=model_name)
+
+    monkeypatch.setattr(retrain, "check", check_restoring_source)
+    with caplog.at_level("ERROR", logger=retrain.log.name):
+        started = retrain.watch(str(source), flaky_start, interval_s=0, model_name=NAME, max_checks=4)
+    assert started == 1 and len(attempts) == 2 and attempts[0] == attempts[1]
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("check 1 failed" in m and "archive" in m for m in messages)
+    assert any("KFP API unreachable" in m and "retried at the next check" in m for m in messages)
+
+
+def test_source_fingerprint_rejects_an_empty_source(tmp_path):
+    (tmp_path / "empty" / "Dataset").mkdir(parents=True)
+    with pytest.raises(ValueError, match="no images"):
+        retrain.source_fingerprint(str(tmp_path / "empty"))
