@@ -496,8 +496,11 @@ def pipeline_run(
 
 
 def _print_run_summary(summary_path: Path) -> None:
+    from brainscan.pipelines.local import STEP_ORDER
+
     summary = json.loads(Path(summary_path).read_text())
-    for step, record in summary["steps"].items():
+    for step in [name for name in STEP_ORDER if name in summary["steps"]]:  # the DAG's order
+        record = summary["steps"][step]
         seconds = f"{record['seconds']:.1f}s" if record.get("seconds") is not None else "-"
         typer.echo(f"  {step:<22}{record['status']:<10}{seconds}", err=True)
     if summary.get("model_uri"):

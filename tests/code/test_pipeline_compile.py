@@ -179,8 +179,8 @@ def test_cli_run_local_hands_every_option_to_the_local_run(tmp_path, monkeypatch
     def fake_run_local(source, workdir, params, only_if_new_data=False):
         seen.update(source=source, workdir=workdir, params=params, only_if_new_data=only_if_new_data)
         path = tmp_path / "summary.json"
-        path.write_text(json.dumps({"steps": {"train": {"status": "SUCCESS", "seconds": 1.0}}, "trained": True,
-                                    "gate": {"reason": "min_recall"}}))
+        steps = {name: {"status": "SUCCESS", "seconds": 1.0} for name in sorted(local.STEP_ORDER)}
+        path.write_text(json.dumps({"steps": steps, "trained": True, "gate": {"reason": "min_recall"}}))
         return path
 
     monkeypatch.setattr(local, "run_local", fake_run_local)
@@ -190,7 +190,10 @@ def test_cli_run_local_hands_every_option_to_the_local_run(tmp_path, monkeypatch
     result = CliRunner().invoke(app, ["pipeline", "run", "--local", "--source", "src", "--workdir", str(tmp_path),
                                       "--retrain-if-new-data", *options])
     assert result.exit_code == 0, result.output
-    assert result.output.strip().splitlines()[-1] == str(tmp_path / "summary.json")
+    lines = result.output.splitlines()
+    assert lines[-1] == str(tmp_path / "summary.json")
+    printed = [line.split()[0] for line in lines if line.startswith("  ")]
+    assert printed == local.STEP_ORDER, "steps are listed in the DAG's order"
     assert seen["only_if_new_data"] is True and seen["source"] == "src"
     assert seen["params"] == local.LocalRunParams(image_size=96, epochs=7, fine_tune_epochs=3, batch_size=4,
                                                   base_weights="none", seed=5, patience=2, target_recall=0.97,
