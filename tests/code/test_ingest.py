@@ -7,7 +7,6 @@ import csv
 import hashlib
 import io
 import json
-import os
 import shutil
 import signal
 import subprocess
@@ -393,12 +392,9 @@ def test_local_folder_destination(image_tree, tmp_path):
 
 
 @pytest.mark.realdata
-def test_real_sample_ingest(s3_prefix):
-    folder = os.environ.get("BRAINSCAN_REAL_DATA")
-    if not folder or not (Path(folder) / "Dataset").is_dir():
-        pytest.skip("BRAINSCAN_REAL_DATA is not set to the real Kaggle sample (a folder holding Dataset/)")
-    result = ingest(folder, s3_prefix, progress=False)
-    with open(Path(folder) / "labels.csv") as f:
+def test_real_sample_ingest(s3_prefix, real_sample_dir):
+    result = ingest(str(real_sample_dir), s3_prefix, progress=False)
+    with open(real_sample_dir / "labels.csv") as f:
         expected = {row["path"]: row["class7"] for row in csv.DictReader(f)}
     rows = relative_rows(s3_prefix)
     assert {row["path"]: row["class7"] for row in rows} == expected  # labels from paths agree with labels.csv

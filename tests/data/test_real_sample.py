@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
-from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -21,19 +19,9 @@ from brainscan.labels import CLASSES
 pytestmark = pytest.mark.realdata
 
 
-@pytest.fixture(scope="module")
-def real_data() -> Path:
-    folder = os.environ.get("BRAINSCAN_REAL_DATA")
-    if not folder:
-        pytest.skip("BRAINSCAN_REAL_DATA is not set: the real Kaggle sample is not on this machine")
-    if not (Path(folder) / "Dataset").is_dir():
-        pytest.skip(f"BRAINSCAN_REAL_DATA={folder} has no Dataset/ folder")
-    return Path(folder)
-
-
-def test_real_sample_chain(real_data, s3_prefix, tmp_path):
+def test_real_sample_chain(real_sample_dir, s3_prefix, tmp_path):
     ingest_module = pytest.importorskip("brainscan.components.ingest", reason="components/ingest.py not built yet")
-    ingest_module.ingest(str(real_data), s3_prefix)  # the unpacked archive, as a user points at it
+    ingest_module.ingest(str(real_sample_dir), s3_prefix)  # the unpacked archive, as a user points at it
     manifest = pd.read_csv(io.StringIO(storage.read_text(storage.join(s3_prefix, "manifest.csv"))))
     assert set(manifest["class7"]) == set(CLASSES)
 
@@ -61,11 +49,11 @@ def test_real_sample_chain(real_data, s3_prefix, tmp_path):
           f"{split_result.mixed_class_groups} groups mixing classes")
 
 
-def test_real_sample_validate_and_split_local(real_data, tmp_path):
+def test_real_sample_validate_and_split_local(real_sample_dir, tmp_path):
     """validate and split alone on the real files (a manifest built here, local paths): real quirks, no S3."""
     from tests.fixtures.data import build_manifest
 
-    manifest = build_manifest(real_data / "Dataset", tmp_path / "data")
+    manifest = build_manifest(real_sample_dir / "Dataset", tmp_path / "data")
     result = validate(str(tmp_path / "data"), str(tmp_path / "report"))
     assert result.success, result.failure_message()
     split_result = split(str(tmp_path / "data"), str(tmp_path / "splits"), seed=42)
