@@ -48,9 +48,12 @@ def stack_up(workdir: Path = WORKDIR_OPTION) -> None:
 
 @stack_app.command("down")
 def stack_down(workdir: Path = WORKDIR_OPTION) -> None:
-    """Stop the stack; leaves no process behind."""
+    """Stop the stack and the work dir's local model server (deploy --local); leaves no process behind."""
     from brainscan import stack
+    from brainscan.serving import local as local_server
 
+    if local_server.stop(workdir):
+        typer.echo("model server stopped", err=True)
     typer.echo("stopped" if stack.down(workdir) else "not running", err=True)
 
 
@@ -641,7 +644,7 @@ def demo(
     typer.echo(f"synthetic data   {data.out_dir}\nS3 (SeaweedFS)   {summary.get('data_uri')}\n"
                f"MLflow           {summary['tracking_uri']}\nmodel            {summary.get('model_uri')}\n"
                f"model server     {summary.get('served_url')}\nstop the stack   brainscan stack down --workdir {workdir}"
-               f" (and the model server: brainscan deploy --local is restarted on every run)", err=True)
+               f" (and its model server)", err=True)
     typer.echo(summary_path)
 
 

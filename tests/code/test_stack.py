@@ -76,3 +76,24 @@ def test_cli_exports_work_with_eval_and_hide_the_secret(tmp_path):
     status = subprocess.run([*brainscan, "stack", "status", "--workdir", str(tmp_path)],
                             capture_output=True, text=True, env=env)
     assert status.returncode == 3
+
+
+def test_cli_down_also_stops_the_local_model_server(tmp_path, serving_bundle):
+    """`stack down` leaves nothing of the work dir running: SeaweedFS and `deploy --local`'s server."""
+    from typer.testing import CliRunner
+
+    from brainscan.cli import app
+    from brainscan.serving import local
+
+    workdir = tmp_path / "work"
+    stack.up(workdir)
+    server = local.start(str(serving_bundle), workdir, timeout=300)
+    try:
+        result = CliRunner().invoke(app, ["stack", "down", "--workdir", str(workdir)])
+        assert result.exit_code == 0, result.output
+        assert "model server stopped" in result.output and "stopped" in result.output.splitlines()[-1]
+        assert not stack.process_alive(server.pid) and local.status(workdir) is None
+        assert stack.status(workdir) is None
+    finally:
+        local.stop(workdir)
+        stack.down(workdir)
