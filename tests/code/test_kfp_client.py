@@ -179,3 +179,18 @@ def test_cli_submit_and_schedule(fake_kfp):
 
     out = runner.invoke(app, ["pipeline", "schedule", "--host", host, "--cron", "nope"])
     assert out.exit_code != 0 and "cron" in out.output
+
+
+def test_cli_retrain_watch_submits_one_retrain_run_per_data_change(fake_kfp, synthetic_archive, tmp_path,
+                                                                   monkeypatch):
+    """No champion yet: the first check submits the retrain pipeline; the same data again submits nothing."""
+    host, fake = fake_kfp
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    source = str(synthetic_archive.out_dir)
+    out = CliRunner().invoke(app, ["retrain", "watch", "--source", source, "--host", host, "--interval", "1",
+                                   "--max-checks", "2"])
+    assert out.exit_code == 0, out.output
+    assert "submitted run rid-1" in out.output and "1 run(s) started" in out.output
+    (run,) = _posts(fake, "/apis/v2beta1/runs")
+    assert _pipeline_spec(run["json"])["pipelineInfo"]["name"] == "brainscan-retrain-if-new-data"
+    assert run["json"]["runtime_config"]["parameters"] == {"source": source}
