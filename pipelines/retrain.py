@@ -88,6 +88,10 @@ def check(source: str, model_name: str = "brain-tumor", tracking_uri: str | None
     return RetrainDecision(source, fingerprint, champion, version, retrain, message)
 
 
+def _first_line(err: Exception) -> str:
+    return str(err).splitlines()[0] if str(err).strip() else type(err).__name__
+
+
 def watch(source: str, on_change: Callable[[RetrainDecision], object], interval_s: float = 300,
           model_name: str = "brain-tumor", max_checks: int | None = None) -> int:
     """Check every `interval_s` seconds; call `on_change` (submit a run / run locally) when due.
@@ -103,7 +107,7 @@ def watch(source: str, on_change: Callable[[RetrainDecision], object], interval_
         try:
             decision = check(source, model_name=model_name)
         except Exception as err:  # noqa: BLE001 - any failure of one check must not end the watch
-            log.error("check %d failed: %s", checks, str(err).splitlines()[0] if str(err) else type(err).__name__)
+            log.error("check %d failed: %s", checks, _first_line(err))
         else:
             log.info(decision.message)
             if decision.retrain and decision.fingerprint != last_started:
@@ -111,7 +115,7 @@ def watch(source: str, on_change: Callable[[RetrainDecision], object], interval_
                     on_change(decision)
                 except Exception as err:  # noqa: BLE001 - retried at the next check
                     log.error("starting a run for %s failed (retried at the next check): %s",
-                              decision.fingerprint[:12], str(err).splitlines()[0] if str(err) else type(err).__name__)
+                              decision.fingerprint[:12], _first_line(err))
                 else:
                     started += 1
                     last_started = decision.fingerprint
