@@ -13,6 +13,7 @@ fine-tunes the top of the base.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -33,12 +34,11 @@ E2E_PARAMS = dict(image_size=71, epochs=4, fine_tune_epochs=2, batch_size=8, see
 E2E_ARCHIVE_SEED = 1
 
 
-@pytest.fixture(scope="module")
-def local_run(tmp_path_factory):
-    """A work dir whose stack and model server are stopped, and environment restored, at the end."""
+@contextlib.contextmanager
+def _pipeline_workdir(workdir: Path):
+    """Yields workdir; at the end its stack and model server are stopped and the environment restored."""
     from brainscan.serving import local as local_server
 
-    workdir = tmp_path_factory.mktemp("pipeline_local")
     saved = dict(os.environ)
     try:
         yield workdir
@@ -48,6 +48,13 @@ def local_run(tmp_path_factory):
         os.environ.clear()
         os.environ.update(saved)
         storage.reset_clients()
+
+
+@pytest.fixture(scope="module")
+def local_run(tmp_path_factory):
+    """One work dir shared by the runs of the retrain scenario."""
+    with _pipeline_workdir(tmp_path_factory.mktemp("pipeline_local")) as workdir:
+        yield workdir
 
 
 def _run(source, workdir, base_weights, **overrides):
@@ -154,19 +161,11 @@ def test_local_pipeline_end_to_end_then_retrain_only_on_new_data(local_run, tmp_
 def test_local_pipeline_on_real_sample(tmp_path, real_sample_dir, synthetic_pretrained_base):
     """The real Kaggle sample through the whole pipeline (small sizes; the gate may pass or not)."""
     from brainscan.pipelines.local import LocalRunParams, run_local
-    from brainscan.serving import local as local_server
 
-    saved = dict(os.environ)
-    try:
-        path = run_local(str(real_sample_dir), tmp_path, LocalRunParams(**{**E2E_PARAMS, "epochs": 2, "fine_tune_epochs": 1, "prefix": "real",
-                                                           "base_weights": synthetic_pretrained_base}))
-        summary = json.loads(Path(path).read_text())
-    finally:
-        local_server.stop(tmp_path)
-        stack.down(tmp_path)
-        os.environ.clear()
-        os.environ.update(saved)
-        storage.reset_clients()
+    params = LocalRunParams(**{**E2E_PARAMS, "epochs": 2, "fine_tune_epochs": 1, "prefix": "real",
+                               "base_weights": synthetic_pretrained_base})
+    with _pipeline_workdir(tmp_path):
+        summary = json.loads(Path(run_local(str(real_sample_dir), tmp_path, params)).read_text())
     assert summary["status"] == "succeeded" and summary["trained"] is True
     assert summary["steps"]["validate"]["status"] == "SUCCESS"
     assert isinstance(summary["gate_passed"], bool) and summary["metrics"]["roc_auc"] is not None
