@@ -29,10 +29,22 @@ import urllib.request
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import io
+
+import matplotlib
 import numpy as np
+from PIL import Image
+
+from brainscan import local_server
+from brainscan.components.register import register
+from brainscan.components.train import build_model
+from brainscan.modelstore import load_bundle, save_bundle
+from brainscan.preprocessing import preprocess_batch
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402 (after the backend is chosen)
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 CONCURRENCY = (1, 8, 32)
 
@@ -59,9 +71,13 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def make_images(count: int = 16, side: int = 256) -> list[bytes]:
-    from tests.fixtures.serving import encode
+def encode(pixels: np.ndarray, fmt: str) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format=fmt)
+    return buffer.getvalue()
 
+
+def make_images(count: int = 16, side: int = 256) -> list[bytes]:
     rng = np.random.default_rng(0)
     yy, xx = np.mgrid[:side, :side] / side - 0.5
     images = []
@@ -137,18 +153,15 @@ def mlflow_sender(port: int):
 
 def in_process(model_uri: str, images: list[bytes], seconds: float) -> list[Point]:
     """The limit: decode + preprocess + one batched model call per `concurrency` images."""
-    from brainscan.modelstore import load_bundle, predict_probabilities
-    from brainscan.preprocessing import preprocess_batch
-
     bundle = load_bundle(model_uri)
     points = []
     for concurrency in CONCURRENCY:
         batch = [images[i % len(images)] for i in range(concurrency)]
-        predict_probabilities(bundle, preprocess_batch(batch, bundle.image_size), batch_size=concurrency)  # warm
+        bundle.predict(preprocess_batch(batch, bundle.image_size), batch_size=concurrency)  # warm
         latencies, started = [], time.perf_counter()
         while time.perf_counter() - started < seconds:
             t0 = time.perf_counter()
-            predict_probabilities(bundle, preprocess_batch(batch, bundle.image_size), batch_size=concurrency)
+            bundle.predict(preprocess_batch(batch, bundle.image_size), batch_size=concurrency)
             latencies.append(time.perf_counter() - t0)
         wall = time.perf_counter() - started
         ms = np.array(latencies) * 1000
@@ -161,10 +174,6 @@ def in_process(model_uri: str, images: list[bytes], seconds: float) -> list[Poin
 
 # --------------------------------------------------------------------------- set-up
 def register_small_model(workdir: Path, image_size: int) -> str:
-    from brainscan.components.register import register
-    from brainscan.components.train import build_model
-    from brainscan.modelstore import save_bundle
-
     model, _ = build_model(image_size, base_weights="none")
     bundle = workdir / "bundle"
     save_bundle(model, str(bundle), image_size, {"trained_by": "benchmarks/serving.py (untrained, for speed only)"})
@@ -241,11 +250,6 @@ def report(points: list[Point], out: Path) -> None:
 
 
 def _chart(points: list[Point], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     systems = ["in-process", "brainscan", "mlflow"]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
     width = 0.27
@@ -276,8 +280,6 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     args = parser.parse_args()
 
-    from brainscan.serving import local
-
     with tempfile.TemporaryDirectory(prefix="brainscan-bench-") as tmp:
         workdir = Path(tmp)
         if args.model_uri is None:
@@ -291,7 +293,7 @@ def main() -> None:
         points = in_process(model_uri, images, args.seconds)
 
         log("starting the brainscan server ...")
-        server = local.start(model_uri, workdir / "brainscan", extra_args=[
+        server = local_server.start(model_uri, workdir / "brainscan", extra_args=[
             "--max-batch-size", str(args.max_batch_size), "--max-latency-ms", str(args.max_latency_ms), "--no-grpc"],
             timeout=300)
         try:
@@ -301,7 +303,7 @@ def main() -> None:
                 points.append(drive("brainscan", send, c, args.seconds, images))
                 log(f"brainscan concurrency {c}: {points[-1].images_per_s:.1f} images/s")
         finally:
-            local.stop(workdir / "brainscan")
+            local_server.stop(workdir / "brainscan")
 
         if not args.skip_mlflow:
             port = free_port()

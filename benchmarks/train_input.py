@@ -32,11 +32,13 @@ def main() -> int:
     parser.add_argument("--batch-size", type=int, default=16)
     args = parser.parse_args()
 
+    # after the arguments are read: --help answers without loading TensorFlow
     import keras
     import tensorflow as tf
 
     from brainscan import stack, storage, synth
-    from brainscan.components.train import augmenter, build_model, make_dataset, read_images, read_split
+    from brainscan.components.train import augmenter, build_model, make_dataset, read_images
+    from brainscan.dataset import read_split
     from brainscan.labels import CLASS_INDEX, label_from_path
     from brainscan.preprocessing import preprocess_batch
 

@@ -1,21 +1,34 @@
 """`brainscan`: one thin command per pipeline step, over the same functions the KFP components call.
 
-Commands import their stage lazily, so `brainscan --help` stays fast (TensorFlow loads only
-for the commands that need it). `--json` makes the last output line a JSON summary.
+Options that set a pipeline parameter or a server setting are built from brainscan.config
+(`PipelineParams`, `ServeSettings`, `ValidationLimits`): their defaults and help are written
+there once. Each command imports its stage when it runs, so `brainscan --help` stays fast
+(TensorFlow, MLflow, kserve and great-expectations take seconds to import). `--json` makes
+the last output line a JSON summary.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import inspect
 import json
+import logging
+import os
 from pathlib import Path
 from typing import Optional
 
 import typer
 
-app = typer.Typer(help=__doc__, no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
+from brainscan import config
+from brainscan.config import (DEFAULT_WORKDIR, DEFAULTS, DEMO_WORKDIR, MODEL_NAME, PRESETS, VALIDATION,
+                              PipelineParams, ServeSettings, ValidationLimits)
+
+app = typer.Typer(help=__doc__.split("\n\n")[0], no_args_is_help=True, pretty_exceptions_enable=False,
+                  add_completion=False)
 
 
-def emit_json(summary: dict) -> None:
+def emit_json(summary) -> None:
     """Print a JSON summary as the last output line."""
     typer.echo(json.dumps(summary, sort_keys=True, default=str))
 
@@ -26,18 +39,73 @@ def fail(message: str, code: int = 1) -> None:
     raise typer.Exit(code)
 
 
+# --------------------------------------------------------------------------- options from brainscan.config
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def setting(name: str, cls=PipelineParams, default=dataclasses.MISSING, flag: str | None = None, **extra):
+    """A typer option for one field of a config dataclass: its default and help come from the field."""
+    field = config.param_field(name, cls)
+    limits = {k: field.metadata[k] for k in ("min", "max") if k in field.metadata}
+    value = field.default if default is dataclasses.MISSING else default
+    return typer.Option(value, flag or _flag(name), help=field.metadata["help"], **limits, **extra)
+
+
+def with_settings(cls=PipelineParams, names: tuple[str, ...] | None = None):
+    """Give a command one option per field of `cls` (or `names`), each defaulting to "not given".
+
+    The command receives the values that were given as `given: dict`; the help shows the real default.
+    """
+    fields = [f for f in dataclasses.fields(cls) if names is None or f.name in names]
+    types = config.param_types(cls)
+
+    def decorate(command):
+        signature = inspect.signature(command)
+        own = [p for p in signature.parameters.values() if p.name != "given"]
+        extra = [inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, annotation=Optional[types[f.name]],
+                                   default=typer.Option(None, _flag(f.name), help=f.metadata["help"],
+                                                        show_default=str(f.default),
+                                                        **{k: f.metadata[k] for k in ("min", "max") if k in f.metadata}))
+                 for f in fields]
+
+        @functools.wraps(command)
+        def wrapper(**kwargs):
+            given = {f.name: kwargs.pop(f.name) for f in fields}
+            return command(given={k: v for k, v in given.items() if v is not None}, **kwargs)
+
+        wrapper.__signature__ = signature.replace(parameters=own + extra)
+        return wrapper
+
+    return decorate
+
+
+def _params(preset: str | None, given: dict) -> PipelineParams:
+    try:
+        return config.preset(preset).replace(**given)
+    except ValueError as err:
+        fail(str(err))
+
+
+JSON_OPTION = typer.Option(False, "--json", help="Last output line: a JSON summary.")
+WORKDIR_OPTION = typer.Option(Path(DEFAULT_WORKDIR), "--workdir", help="Where the local stack keeps its data.")
+PRESET_OPTION = typer.Option(None, "--preset", help=f"Start from a named parameter set: {', '.join(PRESETS)} "
+                                                    "(cluster defaults: gpu); options given override it.")
+TRACKING_OPTION = typer.Option(None, "--tracking-uri",
+                               help="MLflow (default: $MLFLOW_TRACKING_URI, else sqlite in --workdir).")
+MODEL_NAME_OPTION = typer.Option(MODEL_NAME, "--name", help="Registered model name.")
+
+
 # --------------------------------------------------------------------------- local stack
 stack_app = typer.Typer(help="The embedded local stack (SeaweedFS S3 on 127.0.0.1, MLflow on sqlite).",
                         no_args_is_help=True)
 app.add_typer(stack_app, name="stack")
 
-WORKDIR_OPTION = typer.Option(Path(".brainscan"), "--workdir", help="Where the stack keeps its data.")
-
 
 @stack_app.command("up")
 def stack_up(workdir: Path = WORKDIR_OPTION) -> None:
     """Start the stack (or reuse the running one); prints `export` lines for eval."""
-    from brainscan import stack
+    from brainscan import stack  # lazy: see the module docstring
 
     try:
         info = stack.up(workdir)
@@ -49,8 +117,7 @@ def stack_up(workdir: Path = WORKDIR_OPTION) -> None:
 @stack_app.command("down")
 def stack_down(workdir: Path = WORKDIR_OPTION) -> None:
     """Stop the stack and the work dir's local model server (deploy --local); leaves no process behind."""
-    from brainscan import stack
-    from brainscan.serving import local as local_server
+    from brainscan import local_server, stack  # lazy: see the module docstring
 
     if local_server.stop(workdir):
         typer.echo("model server stopped", err=True)
@@ -60,7 +127,7 @@ def stack_down(workdir: Path = WORKDIR_OPTION) -> None:
 @stack_app.command("status")
 def stack_status(workdir: Path = WORKDIR_OPTION) -> None:
     """Say whether the stack runs; exit code 0 when it does, 3 when it does not."""
-    from brainscan import stack
+    from brainscan import stack  # lazy: see the module docstring
 
     info = stack.status(workdir)
     if info is None:
@@ -69,8 +136,7 @@ def stack_status(workdir: Path = WORKDIR_OPTION) -> None:
     typer.echo(f"running: pid {info.pid}, S3 {info.s3_endpoint}, MLflow {info.tracking_uri}")
 
 
-# --------------------------------------------------------------------------- data (issue: data in)
-# synth, ingest, validate, split
+# --------------------------------------------------------------------------- data: synth, ingest, validate, split
 data_app = typer.Typer(help="Datasets: the offline synthetic archive.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
 
@@ -81,10 +147,10 @@ def data_synth(
     per_class: int = typer.Option(40, "--per-class", min=1, help="Images per class (7 classes)."),
     seed: int = typer.Option(0, "--seed", help="Same seed, same bytes."),
     preview: Optional[Path] = typer.Option(None, "--preview", help="Also write a contact-sheet PNG here."),
-    as_json: bool = typer.Option(False, "--json", help="Last output line: a JSON summary."),
+    as_json: bool = JSON_OPTION,
 ) -> None:
     """Write a deterministic synthetic CT/MRI archive in the Kaggle layout (the offline default)."""
-    from brainscan import synth
+    from brainscan import synth  # lazy: see the module docstring
 
     result = synth.generate(out, per_class=per_class, seed=seed)
     summary = result.summary()
@@ -100,17 +166,14 @@ def data_synth(
 
 @app.command("ingest")
 def ingest_cmd(
-    source: str = typer.Option("kaggle:murtozalikhon/brain-tumor-multimodal-image-ct-and-mri", "--source",
-                               help="kaggle:OWNER/DATASET[/versions/N], a folder, a .zip file or an s3:// prefix."),
+    source: str = setting("source"),
     dest: str = typer.Option(..., "--dest", help="Dataset URI: s3://BUCKET/PREFIX (or a folder)."),
-    workers: int = typer.Option(16, "--workers", min=1, help="Parallel read/hash/decode/upload threads."),
+    workers: int = typer.Option(config.IO_WORKERS, "--workers", min=1, help="Parallel read/hash/decode/upload threads."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Progress bar on stderr."),
-    as_json: bool = typer.Option(False, "--json", help="Last output line: a JSON summary."),
+    as_json: bool = JSON_OPTION,
 ) -> None:
     """Copy the archive's images to DEST/images (sha256 in metadata, skips what is there), write DEST/manifest.csv."""
-    import logging
-
-    from brainscan.components.ingest import IngestError, ingest
+    from brainscan.components.ingest import IngestError, ingest  # lazy: see the module docstring
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     logging.getLogger("botocore").setLevel(logging.WARNING)  # not "Found credentials..." on every run
@@ -130,28 +193,21 @@ def ingest_cmd(
 
 
 @app.command("validate")
+@with_settings(ValidationLimits)
 def validate_cmd(
+    given: dict,
     data: str = typer.Option(..., "--data", help="Dataset URI holding manifest.csv (s3://... or a folder)."),
     report: str = typer.Option(..., "--report", help="Where validation.json / validation.html go (URI or folder)."),
-    min_per_class: int = typer.Option(20, "--min-per-class", help="Minimum images in each class."),
-    max_class_ratio: float = typer.Option(5.0, "--max-class-ratio", help="Largest class / smallest class, at most."),
-    min_side: int = typer.Option(64, "--min-side", help="Smallest image side allowed (px)."),
-    max_side: int = typer.Option(4096, "--max-side", help="Largest image side allowed (px)."),
-    allow_corrupt: float = typer.Option(0.0, "--allow-corrupt", help="Fraction of undecodable files tolerated."),
     check_files: bool = typer.Option(True, "--check-files/--trust-manifest",
                                      help="Re-read and decode every file (default) or trust the manifest."),
-    as_json: bool = typer.Option(False, "--json", help="Last output line: a JSON summary."),
+    as_json: bool = JSON_OPTION,
 ) -> None:
     """Run the great-expectations suite over the manifest; exit 1 naming failed checks and files."""
-    import logging
+    from brainscan.components.validate import validate  # lazy: see the module docstring
 
-    from brainscan.components.validate import validate
-
-    logging.getLogger("great_expectations").setLevel(logging.WARNING)
+    limits = dataclasses.asdict(dataclasses.replace(VALIDATION, **given))
     try:
-        result = validate(data, report, check_files=check_files, min_per_class=min_per_class,
-                          max_class_ratio=max_class_ratio, min_side=min_side, max_side=max_side,
-                          allow_corrupt=allow_corrupt)
+        result = validate(data, report, check_files=check_files, **limits)
     except (FileNotFoundError, ValueError) as err:
         fail(str(err))
     typer.echo(f"validation {'passed' if result.success else 'FAILED'}: {result.rows} images, "
@@ -167,13 +223,13 @@ def validate_cmd(
 def split_cmd(
     data: str = typer.Option(..., "--data", help="Dataset URI holding manifest.csv (s3://... or a folder)."),
     out: str = typer.Option(..., "--out", help="Where train.csv, val.csv, test.csv and split_report.json go."),
-    val: float = typer.Option(0.15, "--val", help="Validation fraction."),
-    test: float = typer.Option(0.15, "--test", help="Test fraction."),
-    seed: int = typer.Option(42, "--seed", help="Same seed, same split."),
-    as_json: bool = typer.Option(False, "--json", help="Last output line: a JSON summary."),
+    val: float = typer.Option(config.VAL_FRACTION, "--val", help="Validation fraction."),
+    test: float = typer.Option(config.TEST_FRACTION, "--test", help="Test fraction."),
+    seed: int = setting("seed"),
+    as_json: bool = JSON_OPTION,
 ) -> None:
     """Stratified train/val/test split; exact and near duplicates always share a split."""
-    from brainscan.components.split import split
+    from brainscan.components.split import split  # lazy: see the module docstring
 
     try:
         result = split(data, out, val=val, test=test, seed=seed)
@@ -186,26 +242,19 @@ def split_cmd(
         emit_json(result.summary())
 
 
-# --------------------------------------------------------------------------- model (train, evaluate, register, model rollback)
-
-# train: components/train.py
+# --------------------------------------------------------------------------- model: train, evaluate, register
 @app.command("train")
 def train_cmd(
     splits: str = typer.Option(..., "--splits", help="URI holding train.csv and val.csv (s3://... or a folder)."),
     out: str = typer.Option(..., "--out", help="Where the model bundle goes (s3://... prefix or a folder)."),
-    image_size: int = typer.Option(299, "--image-size", help="Input side in pixels (Xception: 71 or more)."),
-    epochs: int = typer.Option(10, "--epochs", help="Stage 1 epochs (head, or whole network from scratch)."),
-    fine_tune_epochs: int = typer.Option(5, "--fine-tune-epochs", help="Stage 2 epochs at a low learning rate."),
-    batch_size: int = typer.Option(32, "--batch-size", help="Images per step (over all GPUs)."),
-    base_weights: str = typer.Option("imagenet", "--base-weights",
-                                     help="imagenet, none (train from scratch), or a path / s3:// URI of a weights file."),
-    seed: int = typer.Option(42, "--seed", help="Same seed, same data order and initialisation."),
-    learning_rate: float = typer.Option(1e-3, "--learning-rate", help="Stage 1 learning rate."),
-    patience: int = typer.Option(4, "--patience", help="Early stopping patience in epochs (on validation loss)."),
-    as_json: bool = typer.Option(False, "--json", help="Last output line: a JSON summary."),
+    image_size: int = setting("image_size"), epochs: int = setting("epochs"),
+    fine_tune_epochs: int = setting("fine_tune_epochs"), batch_size: int = setting("batch_size"),
+    base_weights: str = setting("base_weights"), seed: int = setting("seed"),
+    learning_rate: float = setting("learning_rate"), patience: int = setting("patience"),
+    as_json: bool = JSON_OPTION,
 ) -> None:
     """Train the Xception classifier on the split manifests; write a model bundle."""
-    from brainscan.components.train import TrainingError, train
+    from brainscan.components.train import TrainingError, train  # lazy: loads TensorFlow
 
     try:
         result = train(splits, out, image_size=image_size, epochs=epochs, fine_tune_epochs=fine_tune_epochs,
@@ -220,26 +269,23 @@ def train_cmd(
         emit_json(result.summary())
 
 
-# evaluate, register, model rollback/list/info: components/evaluate.py, components/register.py
 @app.command("evaluate")
 def evaluate_cmd(
     model: str = typer.Option(..., "--model", help="Model bundle: a folder, s3://... or models:/NAME@ALIAS."),
     splits: str = typer.Option(..., "--splits", help="URI holding val.csv and test.csv (s3://... or a folder)."),
     out: str = typer.Option(..., "--out", help="Where evaluation.json, the plots and explanations/ go."),
-    target_recall: float = typer.Option(0.99, "--target-recall", help="Recall the threshold must reach on validation."),
-    min_recall: float = typer.Option(0.95, "--min-recall", help="Gate: test recall at least this."),
-    min_auc: float = typer.Option(0.95, "--min-auc", help="Gate: test ROC-AUC at least this."),
+    target_recall: float = setting("target_recall"), min_recall: float = setting("min_recall"),
+    min_auc: float = setting("min_auc"),
     champion: Optional[str] = typer.Option(None, "--champion",
-                                           help="Compare with this model (e.g. models:/brain-tumor@champion); "
+                                           help=f"Compare with this model (e.g. {config.CHAMPION_URI}); "
                                                 "a missing champion means no comparison."),
     tolerance: float = typer.Option(0.02, "--tolerance", help="Gate: how much worse than the champion is allowed."),
     explain: bool = typer.Option(True, "--explain/--no-explain", help="Grad-CAM and LIME images (default on)."),
     fail_on_gate: bool = typer.Option(False, "--fail-on-gate", help="Exit 2 when the gate fails (default: exit 0)."),
-    as_json: bool = typer.Option(False, "--json", help="Last output line: a JSON summary."),
+    as_json: bool = JSON_OPTION,
 ) -> None:
     """Recall-first evaluation with a validation-calibrated threshold and a gate; a failed gate is a result."""
-    import logging
-
+    # lazy: loads TensorFlow
     from brainscan.components.evaluate import evaluate
     from brainscan.modelstore import BundleError
     from brainscan.preprocessing import InvalidImageError
@@ -264,22 +310,23 @@ def evaluate_cmd(
 def register_cmd(
     model: str = typer.Option(..., "--model", help="The model bundle that was evaluated."),
     evaluation: str = typer.Option(..., "--evaluation", help="evaluation.json or the folder holding it."),
-    name: str = typer.Option("brain-tumor", "--name", help="Registered model name."),
+    name: str = MODEL_NAME_OPTION,
     pipeline_run: Optional[str] = typer.Option(None, "--pipeline-run", help="Pipeline run id, kept as a tag."),
-    tracking_uri: Optional[str] = typer.Option(None, "--tracking-uri",
-                                               help="MLflow (default: $MLFLOW_TRACKING_URI, else sqlite in --workdir)."),
-    workdir: Path = typer.Option(Path(".brainscan"), "--workdir", help="Where the default sqlite store lives."),
-    as_json: bool = typer.Option(False, "--json", help="Last output line: a JSON summary."),
+    tracking_uri: Optional[str] = TRACKING_OPTION,
+    workdir: Path = WORKDIR_OPTION,
+    as_json: bool = JSON_OPTION,
 ) -> None:
     """Register a gated model in MLflow and move the `champion` alias to it (refused when the gate failed)."""
+    # lazy: loads MLflow and TensorFlow
     from brainscan.components.register import register
     from brainscan.modelstore import BundleError
+    from brainscan.registry import RegistryError
 
     try:
         result = register(model, evaluation, name=name, pipeline_run=pipeline_run, tracking_uri=tracking_uri,
                           workdir=workdir)
-    except (FileNotFoundError, ValueError, BundleError) as err:
-        fail(str(err))
+    except (FileNotFoundError, ValueError, BundleError, RegistryError) as err:
+        fail(str(err).splitlines()[0])
     typer.echo(result.reason + (f"; {result.champion_uri} -> {result.model_uri}" if result.registered else ""), err=True)
     if as_json:
         emit_json(result.summary())
@@ -289,16 +336,13 @@ def register_cmd(
 
 model_app = typer.Typer(help="The MLflow model registry: list, info, rollback.", no_args_is_help=True)
 app.add_typer(model_app, name="model")
-MODEL_NAME_OPTION = typer.Option("brain-tumor", "--name", help="Registered model name.")
-TRACKING_OPTION = typer.Option(None, "--tracking-uri", help="MLflow (default: $MLFLOW_TRACKING_URI, else sqlite in --workdir).")
-REGISTRY_WORKDIR_OPTION = typer.Option(Path(".brainscan"), "--workdir", help="Where the default sqlite store lives.")
 
 
 @model_app.command("rollback")
 def model_rollback(name: str = MODEL_NAME_OPTION, tracking_uri: Optional[str] = TRACKING_OPTION,
-                   workdir: Path = REGISTRY_WORKDIR_OPTION, as_json: bool = typer.Option(False, "--json")) -> None:
+                   workdir: Path = WORKDIR_OPTION, as_json: bool = JSON_OPTION) -> None:
     """Move the `champion` alias back to the previous champion version."""
-    from brainscan.components.register import RegistryError, rollback
+    from brainscan.registry import RegistryError, rollback  # lazy: loads MLflow
 
     try:
         result = rollback(name, tracking_uri=tracking_uri, workdir=workdir)
@@ -311,9 +355,9 @@ def model_rollback(name: str = MODEL_NAME_OPTION, tracking_uri: Optional[str] = 
 
 @model_app.command("info")
 def model_info(name: str = MODEL_NAME_OPTION, tracking_uri: Optional[str] = TRACKING_OPTION,
-               workdir: Path = REGISTRY_WORKDIR_OPTION) -> None:
+               workdir: Path = WORKDIR_OPTION) -> None:
     """The current champion (version, threshold, tags) as JSON; exit 3 when there is none."""
-    from brainscan.components.register import champion_info
+    from brainscan.registry import champion_info  # lazy: loads MLflow
 
     info = champion_info(name, tracking_uri=tracking_uri, workdir=workdir)
     if info is None:
@@ -324,48 +368,30 @@ def model_info(name: str = MODEL_NAME_OPTION, tracking_uri: Optional[str] = TRAC
 
 @model_app.command("list")
 def model_list(name: str = MODEL_NAME_OPTION, tracking_uri: Optional[str] = TRACKING_OPTION,
-               workdir: Path = REGISTRY_WORKDIR_OPTION) -> None:
+               workdir: Path = WORKDIR_OPTION) -> None:
     """Every version of the model, oldest first, the champion marked."""
-    from brainscan.components.register import list_versions
+    from brainscan.registry import list_versions  # lazy: loads MLflow
 
     for row in list_versions(name, tracking_uri=tracking_uri, workdir=workdir):
         typer.echo(f"{row['version']:>4} {'*' if row['champion'] else ' '} threshold={row['threshold']} "
                    f"code={str(row['code_version'])[:12]} data={str(row['dataset_fingerprint'])[:12]}")
 
 
-# --------------------------------------------------------------------------- serving (serve, predict, deploy)
-
-# serve, predict: serving/server.py, serving/client.py
+# --------------------------------------------------------------------------- serving: serve, predict, deploy
 @app.command("serve")
+@with_settings(ServeSettings)
 def serve_cmd(
+    given: dict,
     model: str = typer.Option(..., "--model", help="Model bundle: models:/brain-tumor@champion, s3://... or a folder."),
-    host: str = typer.Option("127.0.0.1", "--host", help="Address to bind (0.0.0.0 only inside a container)."),
-    http_port: int = typer.Option(8080, "--http-port", "--port", help="v2 REST port."),
-    grpc_port: int = typer.Option(8081, "--grpc-port", help="v2 gRPC port."),
     no_grpc: bool = typer.Option(False, "--no-grpc", help="Serve REST only."),
     threshold: Optional[float] = typer.Option(None, "--threshold", min=0.0, max=1.0,
-                                              help="Decision threshold, overriding the model's calibrated one."),
-    max_batch_size: int = typer.Option(32, "--max-batch-size", min=1, help="Most images per batched model call."),
-    max_latency_ms: float = typer.Option(5.0, "--max-latency-ms", min=0.0,
-                                         help="Longest wait for a batch to fill, in milliseconds."),
-    max_queue: int = typer.Option(1024, "--max-queue", min=1, help="Images allowed to wait; beyond that 503."),
-    max_images: int = typer.Option(64, "--max-images", min=1, help="Images allowed in one request."),
-    max_image_bytes: int = typer.Option(20 * 1024 * 1024, "--max-image-bytes", min=1, help="Bytes of one image file."),
-    max_pixels: int = typer.Option(40_000_000, "--max-pixels", min=1, help="Width x height of one image."),
-    max_request_bytes: int = typer.Option(64 * 1024 * 1024, "--max-request-bytes", min=1,
-                                          help="Largest REST body / gRPC message."),
+                                              help="Decision threshold, overriding the model's calibrated ones."),
 ) -> None:
     """Run the KServe model server (v2 REST + gRPC) for the model `brain-tumor`."""
-    import logging
-
-    from brainscan.serving.server import ServeOptions, run
+    from brainscan.serving.server import ServeOptions, run  # lazy: loads kserve and TensorFlow
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    options = ServeOptions(model_uri=model, host=host, http_port=http_port, grpc_port=grpc_port,
-                           enable_grpc=not no_grpc, threshold=threshold, max_batch_size=max_batch_size,
-                           max_latency_ms=max_latency_ms, max_queue=max_queue, max_images=max_images,
-                           max_image_bytes=max_image_bytes, max_pixels=max_pixels,
-                           max_request_bytes=max_request_bytes)
+    options = ServeOptions(model_uri=model, threshold=threshold, enable_grpc=not no_grpc, **given)
     try:
         run(options)
     except (ValueError, FileNotFoundError) as err:  # BundleError, missing threshold
@@ -375,11 +401,11 @@ def serve_cmd(
 @app.command("predict")
 def predict_cmd(
     images: list[Path] = typer.Argument(..., exists=True, dir_okay=False, help="Image files (JPEG, PNG)."),
-    url: str = typer.Option("http://127.0.0.1:8080", "--url", help="Model server base URL."),
+    url: str = typer.Option(f"http://127.0.0.1:{ServeSettings.http_port}", "--url", help="Model server base URL."),
     as_json: bool = typer.Option(False, "--json", help="Last output line: a JSON list of results."),
 ) -> None:
     """Send images to a model server; print class, tumor probability and decision per image."""
-    from brainscan.serving.client import ServerError, predict
+    from brainscan.serving.client import ServerError, predict  # lazy: see the module docstring
 
     try:
         results = predict(url, images)
@@ -394,16 +420,15 @@ def predict_cmd(
         emit_json(results)
 
 
-# deploy: components/deploy.py (InferenceService on a cluster, or the local model server)
 @app.command("deploy")
 def deploy_cmd(
-    model: str = typer.Option(..., "--model", help="Model to serve: models:/brain-tumor@champion, s3://... or a path."),
-    namespace: str = typer.Option("kubeflow-user", "--namespace", help="Kubernetes namespace of the InferenceService."),
-    name: str = typer.Option("brain-tumor", "--name", help="InferenceService name."),
+    model: str = typer.Option(..., "--model", help=f"Model to serve: {config.CHAMPION_URI}, s3://... or a path."),
+    namespace: str = setting("namespace"),
+    name: str = typer.Option(MODEL_NAME, "--name", help="InferenceService name."),
     canary: Optional[int] = typer.Option(None, "--canary", min=1, max=100,
                                          help="Send only this percent of traffic to the new model (canary rollout)."),
     local: bool = typer.Option(False, "--local", help="(Re)start the local model server instead of a cluster deploy."),
-    workdir: Path = typer.Option(Path(".brainscan"), "--workdir", help="Local server state (with --local)."),
+    workdir: Path = typer.Option(Path(DEFAULT_WORKDIR), "--workdir", help="Local server state (with --local)."),
     timeout: float = typer.Option(600, "--timeout", help="Seconds to wait for Ready before rolling back."),
     image: Optional[str] = typer.Option(None, "--image", help="Serving image (default: $BRAINSCAN_SERVING_IMAGE)."),
     gpus: int = typer.Option(1, "--gpus", min=0, help="GPUs per predictor replica (0: CPU only)."),
@@ -412,13 +437,11 @@ def deploy_cmd(
     kubeconfig: Optional[Path] = typer.Option(None, "--kubeconfig",
                                               help="Kubeconfig (default: $KUBECONFIG, ~/.kube/config or in-cluster)."),
     poll_interval: float = typer.Option(5.0, "--poll-interval", help="Seconds between status polls.", hidden=True),
-    as_json: bool = typer.Option(False, "--json", help="Last output line: a JSON summary."),
+    as_json: bool = JSON_OPTION,
 ) -> None:
     """Deploy a model: create or patch the KServe InferenceService and wait until Ready (rolls back if
     it is not Ready in time), or with --local (re)start the local model server."""
-    import logging
-
-    from brainscan.components.deploy import deploy
+    from brainscan.components.deploy import deploy  # lazy: loads kserve
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
@@ -435,63 +458,34 @@ def deploy_cmd(
         fail("deploy failed: " + result.message)
 
 
-# --------------------------------------------------------------------------- pipeline (pipeline run/compile/upload/submit/schedule, demo, retrain)
+# --------------------------------------------------------------------------- pipeline: run, compile, upload, submit, schedule
 pipeline_app = typer.Typer(help="The KFP pipeline: run it locally, compile it, upload/submit/schedule it on Kubeflow.",
                            no_args_is_help=True)
 app.add_typer(pipeline_app, name="pipeline")
-retrain_app = typer.Typer(help="Automated retraining: retrain when the data changed.", no_args_is_help=True)
-app.add_typer(retrain_app, name="retrain")
-
-# Pipeline parameters shared by `pipeline run` and `pipeline submit` (defaults = the pipeline's defaults).
-_P_SOURCE = typer.Option(..., "--source", help="Images: a folder, a .zip, s3://BUCKET/PREFIX or kaggle:OWNER/DATASET.")
-_P_IMAGE_SIZE = typer.Option(299, "--image-size", min=71, help="Square input size (Xception accepts 71 and up).")
-_P_EPOCHS = typer.Option(10, "--epochs", min=1, help="Epochs with the base frozen.")
-_P_FINE_TUNE = typer.Option(5, "--fine-tune-epochs", min=0, help="Epochs fine-tuning the top of the base.")
-_P_BATCH = typer.Option(32, "--batch-size", min=1, help="Batch size.")
-_P_WEIGHTS = typer.Option("imagenet", "--base-weights",
-                          help="imagenet, a local .h5/.keras weights file, or none (train from scratch).")
-_P_SEED = typer.Option(42, "--seed", help="Split and training seed.")
-_P_PATIENCE = typer.Option(4, "--patience", min=1, help="Early stopping patience in epochs (validation loss).")
-_P_TARGET = typer.Option(0.99, "--target-recall", help="Recall the threshold is calibrated for (validation split).")
-_P_MIN_RECALL = typer.Option(0.95, "--min-recall", help="Gate: lowest test recall to register and deploy.")
-_P_MIN_AUC = typer.Option(0.95, "--min-auc", help="Gate: lowest test ROC-AUC to register and deploy.")
-_P_MODEL = typer.Option("brain-tumor", "--model-name", help="MLflow registered model name.")
-_P_BUCKET = typer.Option("brainscan", "--bucket", help="S3 bucket for the pipeline's data and models.")
-_P_IF_NEW = typer.Option(False, "--retrain-if-new-data",
-                         help="Use the retrain pipeline: does nothing when the champion saw this very data.")
-
-
-def _pipeline_arguments(**values) -> dict:
-    return {key: value for key, value in values.items() if value is not None}
+IF_NEW_OPTION = typer.Option(False, "--retrain-if-new-data",
+                             help="Use the retrain pipeline: does nothing when the champion saw this very data.")
+HOST_OPTION = typer.Option(..., "--host", help="KFP API endpoint, e.g. http://ml-pipeline.kubeflow.svc.cluster.local:8888.")
+NAMESPACE_OPTION = typer.Option(None, "--namespace", help="Kubeflow profile namespace (multi-user installs).")
 
 
 @pipeline_app.command("run")
+@with_settings()
 def pipeline_run(
-    source: str = _P_SOURCE,
+    given: dict,
     local: bool = typer.Option(False, "--local", help="Run on this machine through kfp.local (required for now)."),
-    workdir: Path = typer.Option(Path(".brainscan"), "--workdir", help="Local stack, pipeline root, summary.json."),
-    image_size: int = _P_IMAGE_SIZE, epochs: int = _P_EPOCHS, fine_tune_epochs: int = _P_FINE_TUNE,
-    batch_size: int = _P_BATCH, base_weights: str = _P_WEIGHTS, seed: int = _P_SEED, patience: int = _P_PATIENCE,
-    target_recall: float = _P_TARGET, min_recall: float = _P_MIN_RECALL, min_auc: float = _P_MIN_AUC,
-    model_name: str = _P_MODEL, bucket: str = _P_BUCKET,
-    prefix: str = typer.Option("local", "--prefix", help="Prefix in the bucket."),
-    if_new_data: bool = _P_IF_NEW,
+    workdir: Path = typer.Option(Path(DEFAULT_WORKDIR), "--workdir", help="Local stack, pipeline root, summary.json."),
+    preset: Optional[str] = PRESET_OPTION,
+    if_new_data: bool = IF_NEW_OPTION,
 ) -> None:
     """Run the KFP pipeline locally end to end; the last line printed is the path of summary.json."""
-    import logging
-
-    from brainscan.pipelines.local import LocalRunParams, run_local
+    from brainscan.pipelines.local import run_local  # lazy: loads kfp
 
     if not local:
         fail("only local runs start here: add --local, or use `brainscan pipeline submit --host URL` for a cluster")
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    params = LocalRunParams(image_size=image_size, epochs=epochs, fine_tune_epochs=fine_tune_epochs,
-                            batch_size=batch_size, base_weights=base_weights, seed=seed, patience=patience,
-                            target_recall=target_recall,
-                            min_recall=min_recall, min_auc=min_auc, model_name=model_name, bucket=bucket,
-                            prefix=prefix)
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    params = _params(preset, given)
     try:
-        summary_path = run_local(source, workdir, params, only_if_new_data=if_new_data)
+        summary_path = run_local(params, workdir, only_if_new_data=if_new_data)
     except (FileNotFoundError, ValueError, RuntimeError) as err:
         fail(str(err).splitlines()[0])
     _print_run_summary(summary_path)
@@ -499,13 +493,7 @@ def pipeline_run(
 
 
 def _print_run_summary(summary_path: Path) -> None:
-    from brainscan.pipelines.local import STEP_ORDER
-
     summary = json.loads(Path(summary_path).read_text())
-    for step in [name for name in STEP_ORDER if name in summary["steps"]]:  # the DAG's order
-        record = summary["steps"][step]
-        seconds = f"{record['seconds']:.1f}s" if record.get("seconds") is not None else "-"
-        typer.echo(f"  {step:<22}{record['status']:<10}{seconds}", err=True)
     if summary.get("model_uri"):
         typer.echo(f"registered {summary['model_uri']} (tracking {summary['tracking_uri']}), "
                    f"served at {summary.get('served_url')}", err=True)
@@ -525,26 +513,22 @@ def pipeline_compile(
     retrain: bool = typer.Option(False, "--retrain-if-new-data", help="Compile the retrain-if-new-data pipeline."),
 ) -> None:
     """Compile the pipeline to YAML. Images: $BRAINSCAN_PIPELINE_IMAGE / $BRAINSCAN_PIPELINE_GPU_IMAGE."""
-    from brainscan.pipelines.pipeline import compile_pipeline
+    from brainscan.pipelines.pipeline import compile_pipeline  # lazy: loads kfp
 
     out.parent.mkdir(parents=True, exist_ok=True)
     typer.echo(compile_pipeline(out, "retrain" if retrain else "train"))
 
 
-_HOST = typer.Option(..., "--host", help="KFP API endpoint, e.g. http://ml-pipeline.kubeflow.svc.cluster.local:8888.")
-_NAMESPACE = typer.Option(None, "--namespace", help="Kubeflow profile namespace (multi-user installs).")
-
-
 @pipeline_app.command("upload")
 def pipeline_upload(
-    host: str = _HOST,
+    host: str = HOST_OPTION,
     version: Optional[str] = typer.Option(None, "--version", help="Version name (default: a timestamp)."),
     retrain: bool = typer.Option(False, "--retrain-if-new-data", help="Upload the retrain-if-new-data pipeline."),
-    namespace: Optional[str] = _NAMESPACE,
-    as_json: bool = typer.Option(False, "--json", help="Last output line: a JSON summary."),
+    namespace: Optional[str] = NAMESPACE_OPTION,
+    as_json: bool = JSON_OPTION,
 ) -> None:
     """Upload the pipeline (a new version when it exists already)."""
-    from brainscan.pipelines import kfp_client
+    from brainscan.pipelines import kfp_client  # lazy: loads kfp
 
     try:
         result = kfp_client.upload(host, which="retrain" if retrain else "train", version=version, namespace=namespace)
@@ -556,25 +540,22 @@ def pipeline_upload(
 
 
 @pipeline_app.command("submit")
+@with_settings(names=tuple(n for n in config.param_names() if n != "namespace"))
 def pipeline_submit(
-    host: str = _HOST,
-    source: Optional[str] = typer.Option(None, "--source", help="Images (default: the pipeline's default source)."),
-    image_size: Optional[int] = typer.Option(None, "--image-size", min=71), epochs: Optional[int] = typer.Option(None, "--epochs", min=1),
-    fine_tune_epochs: Optional[int] = typer.Option(None, "--fine-tune-epochs", min=0),
-    base_weights: Optional[str] = typer.Option(None, "--base-weights"),
-    gpus: Optional[int] = typer.Option(None, "--gpus", min=0, help="GPUs for training."),
-    canary_percent: Optional[int] = typer.Option(None, "--canary-percent", min=0, max=100),
-    retrain: bool = _P_IF_NEW,
+    given: dict,
+    host: str = HOST_OPTION,
+    preset: Optional[str] = PRESET_OPTION,
+    retrain: bool = IF_NEW_OPTION,
     run_name: Optional[str] = typer.Option(None, "--run-name"),
-    namespace: Optional[str] = _NAMESPACE,
-    as_json: bool = typer.Option(False, "--json", help="Last output line: a JSON summary."),
+    namespace: Optional[str] = typer.Option(None, "--namespace",
+                                            help="Kubeflow profile namespace: the run runs there and deploys there."),
+    as_json: bool = JSON_OPTION,
 ) -> None:
-    """Start one run on the cluster."""
-    from brainscan.pipelines import kfp_client
+    """Start one run on the cluster; parameters not given keep the pipeline's (or the preset's) values."""
+    from brainscan.pipelines import kfp_client  # lazy: loads kfp
 
-    arguments = _pipeline_arguments(source=source, image_size=image_size, epochs=epochs,
-                                    fine_tune_epochs=fine_tune_epochs, base_weights=base_weights, gpus=gpus,
-                                    canary_percent=canary_percent)
+    _params(preset, given)  # an unknown preset or value: a clear error before the cluster is asked
+    arguments = {**(PRESETS[preset] if preset else {}), **given, **({"namespace": namespace} if namespace else {})}
     try:
         result = kfp_client.submit(host, arguments, which="retrain" if retrain else "train", run_name=run_name,
                                    namespace=namespace)
@@ -587,20 +568,20 @@ def pipeline_submit(
 
 @pipeline_app.command("schedule")
 def pipeline_schedule(
-    host: str = _HOST,
+    host: str = HOST_OPTION,
     cron: str = typer.Option("0 0 3 * * *", "--cron", help="When: cron with seconds first (5 fields also accepted)."),
-    source: Optional[str] = typer.Option(None, "--source", help="Images to watch (default: the pipeline's)."),
+    source: Optional[str] = setting("source", default=None, show_default=DEFAULTS.source),
     always: bool = typer.Option(False, "--always-train",
                                 help="Schedule the full training pipeline (default: retrain only if new data)."),
     name: Optional[str] = typer.Option(None, "--name", help="Recurring run name."),
-    namespace: Optional[str] = _NAMESPACE,
-    as_json: bool = typer.Option(False, "--json", help="Last output line: a JSON summary."),
+    namespace: Optional[str] = NAMESPACE_OPTION,
+    as_json: bool = JSON_OPTION,
 ) -> None:
     """Create a recurring run (max_concurrency=1, no catch-up)."""
-    from brainscan.pipelines import kfp_client
+    from brainscan.pipelines import kfp_client  # lazy: loads kfp
 
     try:
-        result = kfp_client.schedule(host, cron, _pipeline_arguments(source=source),
+        result = kfp_client.schedule(host, cron, {"source": source} if source else {},
                                      which="train" if always else "retrain", name=name, namespace=namespace)
     except ValueError as err:
         fail(str(err))
@@ -612,31 +593,27 @@ def pipeline_schedule(
 
 
 @app.command("demo")
+@with_settings(names=("image_size", "epochs", "fine_tune_epochs", "min_recall", "min_auc"))
 def demo(
-    workdir: Path = typer.Option(Path(".brainscan-demo"), "--workdir", help="Everything the demo writes goes here."),
+    given: dict,
+    workdir: Path = typer.Option(Path(DEMO_WORKDIR), "--workdir", help="Everything the demo writes goes here."),
     per_class: int = typer.Option(30, "--per-class", min=20, help="Synthetic images per class."),
-    image_size: int = typer.Option(71, "--image-size", min=71, help="Input size (small: it runs on a laptop CPU)."),
-    epochs: int = typer.Option(10, "--epochs", min=1), fine_tune_epochs: int = typer.Option(2, "--fine-tune-epochs", min=0),
-    min_recall: float = typer.Option(0.80, "--min-recall", help="Gate for the demo's tiny model."),
-    min_auc: float = typer.Option(0.80, "--min-auc", help="Gate for the demo's tiny model."),
 ) -> None:
-    """The whole local stack end to end on an offline synthetic dataset, then one v2 prediction."""
-    import logging
-
+    """The whole local stack end to end on an offline synthetic dataset, then one v2 prediction
+    (the demo preset; the options given override it)."""
+    # lazy: loads kfp
     from brainscan import synth
-    from brainscan.pipelines.local import LocalRunParams, run_local
+    from brainscan.pipelines.local import run_local
 
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
     workdir = workdir.resolve()
+    params = _params("demo", given)
     typer.echo(f"1/2 writing a synthetic CT/MRI archive ({per_class} images per class) ...", err=True)
     data = synth.generate(workdir / "synthetic", per_class=per_class, seed=0)
-    typer.echo(f"2/2 running the pipeline locally (image size {image_size}, {epochs}+{fine_tune_epochs} epochs) ...",
-               err=True)
-    params = LocalRunParams(image_size=image_size, epochs=epochs, fine_tune_epochs=fine_tune_epochs, batch_size=8,
-                            base_weights="none", patience=epochs, target_recall=0.95, min_recall=min_recall, min_auc=min_auc,
-                            prefix="demo")
+    typer.echo(f"2/2 running the pipeline locally (preset demo: {params.image_size} px, "
+               f"{params.epochs}+{params.fine_tune_epochs} epochs); step logs in {workdir / 'runs'}", err=True)
     try:
-        summary_path = run_local(str(data.out_dir), workdir, params)
+        summary_path = run_local(params.replace(source=str(data.out_dir)), workdir)
     except (FileNotFoundError, ValueError, RuntimeError) as err:
         fail(str(err).splitlines()[0])
     _print_run_summary(summary_path)
@@ -648,11 +625,14 @@ def demo(
     typer.echo(summary_path)
 
 
+# --------------------------------------------------------------------------- retraining: check, watch
+retrain_app = typer.Typer(help="Automated retraining: retrain when the data changed.", no_args_is_help=True)
+app.add_typer(retrain_app, name="retrain")
+
+
 def _mlflow_env(workdir: Path) -> None:
     """Use the local stack's MLflow/S3 when the environment names none."""
-    import os
-
-    from brainscan import stack
+    from brainscan import stack  # lazy: see the module docstring
 
     if os.environ.get("MLFLOW_TRACKING_URI"):
         return
@@ -665,13 +645,13 @@ def _mlflow_env(workdir: Path) -> None:
 
 @retrain_app.command("check")
 def retrain_check(
-    source: str = _P_SOURCE,
-    model_name: str = _P_MODEL,
-    workdir: Path = typer.Option(Path(".brainscan"), "--workdir", help="Local stack to use when no MLflow is set."),
-    as_json: bool = typer.Option(False, "--json", help="Last output line: a JSON summary."),
+    source: str = setting("source"),
+    model_name: str = setting("model_name"),
+    workdir: Path = typer.Option(Path(DEFAULT_WORKDIR), "--workdir", help="Local stack to use when no MLflow is set."),
+    as_json: bool = JSON_OPTION,
 ) -> None:
     """Is a retrain due? Compares the source's dataset fingerprint with the champion's tag (exit 0 either way)."""
-    from brainscan.pipelines.retrain import check
+    from brainscan.pipelines.retrain import check  # lazy: loads MLflow
 
     _mlflow_env(workdir)
     try:
@@ -684,47 +664,43 @@ def retrain_check(
 
 
 @retrain_app.command("watch")
+@with_settings()
 def retrain_watch(
-    source: str = _P_SOURCE,
+    given: dict,
     interval: float = typer.Option(300, "--interval", min=1, help="Seconds between checks."),
     host: Optional[str] = typer.Option(None, "--host", help="Submit a cluster run here (else run locally)."),
-    workdir: Path = typer.Option(Path(".brainscan"), "--workdir", help="Local runs: the work dir."),
-    model_name: str = _P_MODEL,
+    workdir: Path = typer.Option(Path(DEFAULT_WORKDIR), "--workdir", help="Local runs: the work dir."),
+    preset: Optional[str] = PRESET_OPTION,
     max_checks: Optional[int] = typer.Option(None, "--max-checks", min=1, help="Stop after this many checks."),
-    image_size: int = _P_IMAGE_SIZE, epochs: int = _P_EPOCHS, fine_tune_epochs: int = _P_FINE_TUNE,
-    base_weights: str = _P_WEIGHTS,
 ) -> None:
     """Check on an interval; when the data changed, submit a run (--host) or run the pipeline locally."""
-    import logging
-
+    # lazy: loads MLflow and kfp
+    from brainscan import stack
     from brainscan.pipelines import retrain
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    params = _params(preset, given)
     if host is None:
-        from brainscan import stack
-
         stack.up(workdir)
     _mlflow_env(workdir)
 
     def start_run(decision) -> None:
         if host:
-            from brainscan.pipelines import kfp_client
+            from brainscan.pipelines import kfp_client  # lazy: only when submitting
 
-            result = kfp_client.submit(host, {"source": source}, which="retrain")
+            result = kfp_client.submit(host, {**(PRESETS[preset] if preset else {}), **given}, which="retrain")
             typer.echo(f"submitted run {result.run_id}", err=True)
         else:
-            from brainscan.pipelines.local import LocalRunParams, run_local
+            from brainscan.pipelines.local import run_local  # lazy: only for local runs
 
-            params = LocalRunParams(image_size=image_size, epochs=epochs, fine_tune_epochs=fine_tune_epochs,
-                                    base_weights=base_weights, model_name=model_name)
             try:
-                typer.echo(run_local(source, workdir, params, only_if_new_data=True))
+                typer.echo(run_local(params, workdir, only_if_new_data=True))
             except RuntimeError as err:  # a failed run is logged; the watch goes on
                 typer.echo(f"run failed: {str(err).splitlines()[0]}", err=True)
 
-    started = retrain.watch(source, start_run, interval_s=interval, model_name=model_name, max_checks=max_checks)
+    started = retrain.watch(params.source, start_run, interval_s=interval, model_name=params.model_name,
+                            max_checks=max_checks)
     typer.echo(f"{started} run(s) started", err=True)
-
 
 
 if __name__ == "__main__":

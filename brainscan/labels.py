@@ -1,6 +1,7 @@
 """The label schema: seven classes taken from the Kaggle archive's folders and file names.
 
-The clinical decision is binary: P(tumor) = 1 - P(ct_healthy) - P(mri_healthy).
+The clinical decision over them (P(tumor) and its threshold) is brainscan.decision's.
+Shipped inside the registered MLflow model: standard library only.
 """
 
 from __future__ import annotations
@@ -8,7 +9,6 @@ from __future__ import annotations
 import re
 from pathlib import PurePosixPath
 
-import numpy as np
 
 CLASSES: tuple[str, ...] = (
     "ct_healthy",
@@ -89,12 +89,3 @@ def label_from_path(path: str) -> tuple[str, str]:
             f"expected one of {', '.join(sorted(stems))} followed by ' (N)'"
         )
     return modality, stems[match.group("stem")]
-
-
-def tumor_probability(probabilities: np.ndarray) -> np.ndarray:
-    """P(tumor) = 1 - P(ct_healthy) - P(mri_healthy), for an [N, 7] array in CLASSES order."""
-    probabilities = np.asarray(probabilities, dtype=np.float64)
-    if probabilities.ndim != 2 or probabilities.shape[1] != len(CLASSES):
-        raise ValueError(f"expected probabilities of shape [N, {len(CLASSES)}], got {probabilities.shape}")
-    healthy = probabilities[:, list(HEALTHY_INDICES)].sum(axis=1)
-    return np.clip(1.0 - healthy, 0.0, 1.0)

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageDraw
 
 from brainscan.labels import CLASSES
 
@@ -275,8 +275,6 @@ def generate(out_dir: str | Path, per_class: int = 40, seed: int = 0) -> SynthRe
 
 def preview(out_png: str | Path, seed: int = 0, per_class: int = 6, tile: int = 128) -> Path:
     """A contact sheet (one row per class) of freshly rendered slices, for a person to look at."""
-    from PIL import ImageDraw
-
     label_width = 120
     sheet = Image.new("L", (label_width + per_class * tile, len(CLASSES) * tile), 0)
     draw = ImageDraw.Draw(sheet)

@@ -1,14 +1,12 @@
 """deploy: put a registered model into service.
 
-On a cluster: build the InferenceService (`brainscan.serving.inferenceservice`), create it or
+On a cluster: build the InferenceService (`components/inferenceservice.py`), create it or
 patch the existing one with `kserve.KServeClient`, and poll its status until the new generation
 is Ready. If it is not Ready in time, roll back: a canary gets its traffic share set back to 0
 (all traffic to the previous, still running revision) and the previous spec is re-applied.
 
 Locally (`local=True`): (re)start the local KServe model server on the model
-(`brainscan.serving.local`).
-
-kserve is imported inside the functions: the CLI imports this module.
+(`brainscan.local_server`).
 """
 
 from __future__ import annotations
@@ -20,12 +18,17 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from brainscan.serving import inferenceservice as isvc_builder
+from kserve import KServeClient, V1beta1InferenceService, V1beta1InferenceServiceSpec, V1beta1PredictorSpec, constants
+from kubernetes.client import V1ObjectMeta
+from kubernetes.client.rest import ApiException
+from kubernetes.config import ConfigException
+from urllib3.exceptions import HTTPError
+
+from brainscan import local_server
+from brainscan.components import inferenceservice as isvc_builder
+from brainscan.config import DEFAULT_WORKDIR, MODEL_NAME, NAMESPACE
 
 log = logging.getLogger(__name__)
-
-DEFAULT_NAMESPACE = "kubeflow-user"
-DEFAULT_NAME = "brain-tumor"
 
 
 @dataclass
@@ -53,8 +56,8 @@ class DeployResult:
 
 def deploy(
     model_uri: str,
-    namespace: str = DEFAULT_NAMESPACE,
-    name: str = DEFAULT_NAME,
+    namespace: str = NAMESPACE,
+    name: str = MODEL_NAME,
     canary_percent: int | None = None,
     local: bool = False,
     timeout_s: float = 600,
@@ -62,7 +65,7 @@ def deploy(
     gpus: int = 1,
     kubeconfig: str | os.PathLike | None = None,
     poll_interval_s: float = 5.0,
-    workdir: str | os.PathLike = ".brainscan",
+    workdir: str | os.PathLike = DEFAULT_WORKDIR,
     **isvc_options: Any,
 ) -> DeployResult:
     """Deploy `model_uri`; returns a DeployResult whose `ready` says whether it is serving.
@@ -90,9 +93,6 @@ def deploy(
 def deploy_cluster(model_uri: str, namespace: str, name: str, canary_percent: int | None, timeout_s: float,
                    image: str | None, gpus: int, kubeconfig, poll_interval_s: float,
                    **isvc_options: Any) -> DeployResult:
-    from kserve import KServeClient
-    from kubernetes.config import ConfigException
-
     try:
         client = KServeClient(config_file=str(kubeconfig) if kubeconfig else None)
     except (ConfigException, OSError) as err:
@@ -183,9 +183,6 @@ def is_ready(isvc: dict, generation: int | None) -> bool:
 
 def rollback(client, previous: dict, namespace: str, canary: bool) -> dict:
     """Return to the InferenceService as it was before this deploy; returns the object the API stored."""
-    from kserve import V1beta1InferenceService
-    from kubernetes.client import V1ObjectMeta
-
     name = previous["metadata"]["name"]
     if canary:
         # immediate: the previous revision still runs and takes all traffic again
@@ -202,8 +199,6 @@ def rollback(client, previous: dict, namespace: str, canary: bool) -> dict:
 
 
 def _patch_canary_zero(client, name: str, namespace: str) -> None:
-    from kserve import V1beta1InferenceService, V1beta1InferenceServiceSpec, V1beta1PredictorSpec
-
     patch = V1beta1InferenceService(api_version=isvc_builder.API_VERSION, kind=isvc_builder.KIND,
                                     spec=V1beta1InferenceServiceSpec(
                                         predictor=V1beta1PredictorSpec(canary_traffic_percent=0)))
@@ -211,12 +206,8 @@ def _patch_canary_zero(client, name: str, namespace: str) -> None:
 
 
 def _get_or_none(client, name: str, namespace: str) -> dict | None:
-    from kubernetes.client.rest import ApiException
-    from urllib3.exceptions import HTTPError
-
     try:
         # the CustomObjectsApi under KServeClient, to tell "not found" from real errors
-        from kserve import constants
         return client.api_instance.get_namespaced_custom_object(
             constants.KSERVE_GROUP, constants.KSERVE_V1BETA1_VERSION, namespace,
             constants.KSERVE_PLURAL_INFERENCESERVICE, name)
@@ -250,14 +241,12 @@ def _not_ready_reason(isvc: dict | None) -> str:
 
 # --------------------------------------------------------------------------- local
 
-def deploy_local(model_uri: str, workdir: str | os.PathLike = ".brainscan") -> DeployResult:
-    """(Re)start the local model server on `model_uri`: `brainscan.serving.local.start` replaces a running
+def deploy_local(model_uri: str, workdir: str | os.PathLike = DEFAULT_WORKDIR) -> DeployResult:
+    """(Re)start the local model server on `model_uri`: `brainscan.local_server.start` replaces a running
     server on the same ports (clients keep their URL) and returns once the new model is ready."""
-    from brainscan.serving import local
-
-    running = local.status(Path(workdir))
-    info = local.start(model_uri, Path(workdir))
+    running = local_server.status(Path(workdir))
+    info = local_server.start(model_uri, Path(workdir))
     action = "reloaded" if running is not None else "started"
-    return DeployResult(model_uri=model_uri, target="local", name=DEFAULT_NAME, namespace=None, action=action,
+    return DeployResult(model_uri=model_uri, target="local", name=MODEL_NAME, namespace=None, action=action,
                         ready=True, url=info.url, previous_model_uri=running.model_uri if running else None,
                         message=f"local model server {action} on {model_uri} at {info.url}")

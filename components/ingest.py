@@ -23,6 +23,7 @@ import logging
 import mimetypes
 import os
 import shutil
+import socket
 import sys
 import tempfile
 import threading
@@ -34,16 +35,19 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Callable
 
+import requests
+from botocore.exceptions import ClientError, HTTPClientError
+from botocore.exceptions import ConnectionError as BotoConnectionError
+from PIL import Image
+from tqdm import tqdm
+
 from brainscan import storage
+from brainscan.config import DEFAULT_SOURCE, IO_WORKERS
+from brainscan.dataset import MANIFEST_COLUMNS, fingerprint_of
 from brainscan.labels import IMAGE_SUFFIXES, CLASSES, UnknownLabelError, is_tumor, label_from_path
 
 log = logging.getLogger(__name__)
 
-DEFAULT_DATASET = "murtozalikhon/brain-tumor-multimodal-image-ct-and-mri"
-DEFAULT_SOURCE = f"kaggle:{DEFAULT_DATASET}"
-MANIFEST_COLUMNS = ("path", "sha256", "bytes", "modality", "class7", "tumor", "width", "height", "mode",
-                    "format", "decodable")
-DEFAULT_WORKERS = 16
 MULTIPART_THRESHOLD = 16 * 1024 * 1024  # scans are small; only big files go multipart
 
 
@@ -122,10 +126,6 @@ def _kaggle_credentials_present() -> bool:
 
 
 def _is_network_error(err: BaseException) -> bool:
-    import socket
-
-    import requests
-
     seen = err
     while seen is not None:
         if isinstance(seen, (requests.ConnectionError, requests.Timeout, socket.gaierror, ConnectionError,
@@ -141,7 +141,7 @@ def download_kaggle(handle: str) -> Path:
     Credentials are read by kagglehub from KAGGLE_USERNAME/KAGGLE_KEY or ~/.kaggle/kaggle.json, never
     from arguments. Without network or credentials: one line that says which.
     """
-    import kagglehub
+    import kagglehub  # only for kaggle: sources; it reads credentials and config at import
 
     try:
         return Path(kagglehub.dataset_download(handle))
@@ -264,8 +264,6 @@ def open_source(source: str, scratch: Path, zip_limits: ZipLimits) -> tuple[list
 
 def describe_image(data: bytes) -> dict:
     """width, height, mode, format and decodable, from a full decode (the format is the real one)."""
-    from PIL import Image
-
     try:
         with Image.open(io.BytesIO(data)) as image:
             image.load()
@@ -311,7 +309,8 @@ class _Store:
                  "ContentType": mimetypes.guess_type(rel)[0] or "application/octet-stream"}
         if len(data) < MULTIPART_THRESHOLD:  # one request: the transfer manager's machinery costs more than it saves
             self.client.put_object(Bucket=self.bucket, Key=self.key_prefix + rel, Body=data, **extra)
-        else:  # big files go multipart, their parts in parallel (imported here: s3transfer is slow to import)
+        else:  # big files go multipart, their parts in parallel
+            # imported here: s3transfer is slow to import and scans are rarely this big
             from boto3.s3.transfer import TransferConfig
 
             config = TransferConfig(multipart_threshold=MULTIPART_THRESHOLD, multipart_chunksize=MULTIPART_THRESHOLD,
@@ -330,12 +329,6 @@ def _upload_one(store: _Store, item: _Item, data: bytes, sha256: str) -> bool:
 
 # --------------------------------------------------------------------------- the step
 
-def fingerprint_of(rows: list[dict]) -> str:
-    """sha256 of the sorted `sha256,class7` lines: changes exactly when data or labels change."""
-    lines = sorted(f"{row['sha256']},{row['class7']}" for row in rows)
-    return hashlib.sha256("\n".join(lines).encode()).hexdigest()
-
-
 def _label_all(items: list[_Item]) -> None:
     problems = []
     for item in items:
@@ -348,8 +341,6 @@ def _label_all(items: list[_Item]) -> None:
 
 
 def _s3_failure_reason(err: BaseException) -> str:
-    from botocore.exceptions import ClientError, ConnectionError as BotoConnectionError, HTTPClientError
-
     if isinstance(err, (BotoConnectionError, HTTPClientError)):
         endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or "AWS S3"
         return f"S3 unreachable at {endpoint}: {type(err).__name__}"
@@ -369,12 +360,10 @@ class _NoBar:
 def _progress_bar(total: int, show: bool):
     if not show:
         return _NoBar()
-    from tqdm import tqdm
-
     return tqdm(total=total, desc="ingest", unit="file", file=sys.stderr)
 
 
-def ingest(source: str = DEFAULT_SOURCE, dest: str = "", workers: int = DEFAULT_WORKERS, progress: bool = True,
+def ingest(source: str = DEFAULT_SOURCE, dest: str = "", workers: int = IO_WORKERS, progress: bool = True,
            zip_limits: ZipLimits = ZipLimits()) -> IngestResult:
     """Copy an archive's images to ``{dest}/images/``, then write ``manifest.csv`` and ``ingest.json``.
 

@@ -18,15 +18,19 @@ from collections import Counter, defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
+import imagehash
 import numpy as np
 import pandas as pd
+from PIL import Image
+from tqdm import tqdm
 
 from brainscan import storage
+from brainscan.config import DEFAULTS, IO_WORKERS, TEST_FRACTION, VAL_FRACTION
+from brainscan.dataset import SPLITS, read_manifest
 from brainscan.labels import CLASSES
 
 log = logging.getLogger(__name__)
 
-SPLITS = ("train", "val", "test")
 # 256-bit perceptual hashes: on the phantoms and the real sample, re-encoded / resized /
 # brightened copies stay within 6 bits while unrelated slices sit 20+ bits apart (with
 # 64-bit hashes unrelated look-alike slices came within 4 bits: too many false joins).
@@ -70,9 +74,6 @@ class _UnionFind:
 
 def _phash(uri: str) -> np.ndarray | None:
     """The perceptual hash of a stored image as packed uint64 words (None if it does not decode)."""
-    import imagehash
-    from PIL import Image
-
     try:
         with Image.open(io.BytesIO(storage.read_bytes(uri))) as image:
             bits = imagehash.phash(image.convert("L"), hash_size=HASH_SIZE).hash.flatten()
@@ -82,10 +83,8 @@ def _phash(uri: str) -> np.ndarray | None:
         return None
 
 
-def perceptual_hashes(paths: list[str], workers: int = 16) -> list[np.ndarray | None]:
+def perceptual_hashes(paths: list[str], workers: int = IO_WORKERS) -> list[np.ndarray | None]:
     """Hashes of many stored images, read in parallel (S3 reads are I/O-bound)."""
-    from tqdm import tqdm
-
     with ThreadPoolExecutor(max_workers=workers) as pool:
         return list(tqdm(pool.map(_phash, paths), total=len(paths), desc="perceptual hashes",
                          unit="img", disable=len(paths) < 50, mininterval=2))
@@ -144,18 +143,13 @@ def _assign(df: pd.DataFrame, val: float, test: float, seed: int) -> dict[int, s
     return assignment
 
 
-def split(data: str, out: str, val: float = 0.15, test: float = 0.15, seed: int = 42,
-          max_distance: int = MAX_DISTANCE, workers: int = 16) -> SplitResult:
+def split(data: str, out: str, val: float = VAL_FRACTION, test: float = TEST_FRACTION, seed: int = DEFAULTS.seed,
+          max_distance: int = MAX_DISTANCE, workers: int = IO_WORKERS) -> SplitResult:
     """Split `{data}/manifest.csv` into `{out}/{train,val,test}.csv` with duplicates kept together."""
     if not (0 <= val < 1 and 0 <= test < 1 and val + test < 1):
         raise ValueError(f"val ({val}) and test ({test}) must be fractions in [0, 1) with val + test < 1")
     manifest_uri = storage.join(data, "manifest.csv")
-    if not storage.exists(manifest_uri):
-        raise FileNotFoundError(f"no manifest at {manifest_uri}; run `brainscan ingest` first")
-    manifest = pd.read_csv(storage.open_text(manifest_uri), dtype={"sha256": str, "path": str})
-    missing = [c for c in ("path", "sha256", "class7", "decodable") if c not in manifest.columns]
-    if missing:
-        raise ValueError(f"{manifest_uri} lacks column(s) {', '.join(missing)}")
+    manifest = read_manifest(data, required=("path", "sha256", "class7", "decodable"))
     unknown = sorted(set(manifest["class7"].dropna()) - set(CLASSES))
     if unknown:
         raise ValueError(f"{manifest_uri} has unknown class(es) {unknown}; run `brainscan validate` first")
@@ -214,19 +208,3 @@ def split(data: str, out: str, val: float = 0.15, test: float = 0.15, seed: int 
     log.info("split: %s", counts)
     return result
 
-
-def read_split(splits: str, name: str, required: tuple[str, ...] = ("path", "class7")) -> pd.DataFrame:
-    """{splits}/{name}.csv as written by `split`, checked: the required columns, known classes, not empty."""
-    uri = storage.join(splits, f"{name}.csv")
-    if not storage.exists(uri):
-        raise FileNotFoundError(f"no split manifest at {uri}; is {splits} the output of `brainscan split`?")
-    frame = pd.read_csv(storage.open_text(uri), dtype={"path": str, "class7": str})
-    missing = sorted(set(required) - set(frame.columns))
-    if missing:
-        raise ValueError(f"{uri}: missing columns {missing}")
-    unknown = sorted(set(frame["class7"]) - set(CLASSES))
-    if unknown:
-        raise ValueError(f"{uri}: unknown classes {unknown}; expected {', '.join(CLASSES)}")
-    if frame.empty:
-        raise ValueError(f"{uri}: no images")
-    return frame.reset_index(drop=True)

@@ -9,7 +9,6 @@
       -> {out}/model.keras, brainscan_model.json, history.json, training_curves.png
 
 The test split is never read here. Early stopping and the best checkpoint use validation only.
-TensorFlow is imported inside functions (the CLI imports this module lazily anyway).
 """
 
 from __future__ import annotations
@@ -23,15 +22,17 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import keras
 import numpy as np
-import pandas as pd
+import tensorflow as tf
+from tqdm import tqdm
 
 from brainscan import modelstore, storage
-from brainscan.components.split import read_split
+from brainscan.config import DEFAULTS, IO_WORKERS, MIN_IMAGE_SIZE
+from brainscan.dataset import read_split, splits_fingerprint
 from brainscan.labels import CLASS_INDEX, CLASSES
-from brainscan.preprocessing import InvalidImageError, check_image_bytes
+from brainscan.preprocessing import InvalidImageError, check_image_bytes, preprocess_image
 
-MIN_IMAGE_SIZE = 71  # the smallest input Xception accepts
 # Fine-tuning unfreezes the base from this block on (the exit flow and the last middle block).
 FINE_TUNE_FROM = "block13"
 # From scratch on a few hundred images an epoch is only ~20 steps: BatchNorm's default
@@ -75,13 +76,11 @@ def _log(message: str) -> None:
 
 # --------------------------------------------------------------------------- data
 
-def read_images(paths: list[str], workers: int = 16, desc: str = "read") -> list[bytes]:
+def read_images(paths: list[str], workers: int = IO_WORKERS, desc: str = "read") -> list[bytes]:
     """The bytes of every image, read in parallel (S3 latency, not bandwidth, is the limit).
 
     Every file is checked to decode: a bad one stops training with its URI, before any epoch.
     """
-    from tqdm import tqdm
-
     def read_one(path: str) -> bytes:
         data = storage.read_bytes(path)
         try:
@@ -97,8 +96,6 @@ def read_images(paths: list[str], workers: int = 16, desc: str = "read") -> list
 
 def augmenter(seed: int):
     """Random rotation (~10 degrees), brightness, small zoom and shift; training data only."""
-    import keras
-
     return keras.Sequential([
         keras.layers.RandomRotation(10 / 360, fill_mode="nearest", seed=seed),
         keras.layers.RandomZoom(0.1, fill_mode="nearest", seed=seed + 1),
@@ -109,15 +106,11 @@ def augmenter(seed: int):
 
 
 def make_dataset(images: list[bytes], labels: np.ndarray, image_size: int, batch_size: int,
-                 training: bool, seed: int = 42, cache_dir: str | None = None):
+                 training: bool, seed: int = DEFAULTS.seed, cache_dir: str | None = None):
     """A batched tf.data pipeline of (preprocessed image, label).
 
     Decoding happens once (cache); shuffling and augmentation per epoch for training only.
     """
-    import tensorflow as tf
-
-    from brainscan.preprocessing import preprocess_image
-
     data = tf.data.Dataset.from_tensor_slices((tf.constant(images, dtype=tf.string),
                                                tf.constant(labels, dtype=tf.int32)))
     data = data.map(lambda raw, label: (preprocess_image(raw, image_size), label),
@@ -162,8 +155,6 @@ def _local_weights_file(base_weights: str, tmp: str) -> str:
 def build_model(image_size: int, base_weights: str = "imagenet", dropout: float = 0.3,
                 bn_momentum: float = SCRATCH_BN_MOMENTUM):
     """Xception base + GAP + dropout + dense softmax(7); returns (model, base)."""
-    import keras
-
     if image_size < MIN_IMAGE_SIZE:
         raise ValueError(f"image size {image_size} is too small: Xception needs at least {MIN_IMAGE_SIZE}")
     from_scratch = base_weights in ("none", None, "")
@@ -198,8 +189,6 @@ def build_model(image_size: int, base_weights: str = "imagenet", dropout: float 
 
 def set_fine_tuning(base, from_block: str = FINE_TUNE_FROM) -> int:
     """Unfreeze the base from `from_block` on; BatchNorm stays frozen (inference mode). Returns trainable layers."""
-    import keras
-
     base.trainable = True
     unfrozen, reached = 0, False
     for layer in base.layers:
@@ -213,10 +202,11 @@ def set_fine_tuning(base, from_block: str = FINE_TUNE_FROM) -> int:
 
 def plot_curves(history: dict, stage2_start: int | None, best_epoch: int) -> bytes:
     """PNG of loss and accuracy, train vs validation, over both stages."""
+    # pyplot needs its headless backend chosen before the import; only when a chart is drawn
     import matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # after the backend is chosen
 
     epochs = np.arange(1, len(history["loss"]) + 1)
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
@@ -243,8 +233,6 @@ class _EpochLog:
 
     @staticmethod
     def make(stage: str, epochs: int, offset: int):
-        import keras
-
         class EpochLog(keras.callbacks.Callback):
             def on_epoch_begin(self, epoch, logs=None):
                 self.started = time.monotonic()
@@ -262,24 +250,14 @@ class _EpochLog:
 
 # --------------------------------------------------------------------------- train
 
-def _split_fingerprint(splits: str) -> str | None:
-    uri = storage.join(splits, "split_report.json")
-    try:
-        return storage.read_json(uri).get("fingerprint") if storage.exists(uri) else None
-    except Exception:  # the report is informative only
-        return None
-
-
-def train(splits: str, out: str, image_size: int = 299, epochs: int = 10, fine_tune_epochs: int = 5,
-          batch_size: int = 32, base_weights: str = "imagenet", seed: int = 42,
-          learning_rate: float = 1e-3, fine_tune_learning_rate: float | None = None,
-          patience: int = 4, dropout: float = 0.3, bn_momentum: float = SCRATCH_BN_MOMENTUM,
+def train(splits: str, out: str, image_size: int = DEFAULTS.image_size, epochs: int = DEFAULTS.epochs,
+          fine_tune_epochs: int = DEFAULTS.fine_tune_epochs, batch_size: int = DEFAULTS.batch_size,
+          base_weights: str = DEFAULTS.base_weights, seed: int = DEFAULTS.seed,
+          learning_rate: float = DEFAULTS.learning_rate, fine_tune_learning_rate: float | None = None,
+          patience: int = DEFAULTS.patience, dropout: float = 0.3, bn_momentum: float = SCRATCH_BN_MOMENTUM,
           deterministic: bool = True,
-          workers: int = 16) -> TrainResult:
+          workers: int = IO_WORKERS) -> TrainResult:
     """Train on {splits}/train.csv with {splits}/val.csv for early stopping; write the bundle to out."""
-    import keras
-    import tensorflow as tf
-
     started = time.monotonic()
     if epochs < 1 or fine_tune_epochs < 0 or batch_size < 1:
         raise ValueError("epochs must be >= 1, fine-tune epochs >= 0 and batch size >= 1")
@@ -373,7 +351,7 @@ def train(splits: str, out: str, image_size: int = 299, epochs: int = 10, fine_t
         "batch_size": batch_size, "learning_rate": learning_rate, "patience": patience,
         "bn_momentum": bn_momentum if from_scratch else None,
         "fine_tune_learning_rate": fine_tune_learning_rate, "splits": splits,
-        "dataset_fingerprint": _split_fingerprint(splits), "train_images": len(train_frame),
+        "dataset_fingerprint": splits_fingerprint(splits), "train_images": len(train_frame),
         "val_images": len(val_frame), "best_epoch": best_index + 1,
         "best_val_loss": history["val_loss"][best_index], "best_val_accuracy": history["val_accuracy"][best_index],
         "preprocessing": "brainscan.preprocessing.preprocess_image (RGB, bilinear resize, xception preprocess_input)",

@@ -26,17 +26,24 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pandas as pd
+from PIL import Image
 
-from brainscan import storage
+# Before great-expectations is imported: no usage statistics call home, and none of the hundreds of
+# INFO lines about its own API registry that it logs on import (under kfp's executor, whose root
+# logger is at INFO, they would bury the step's log).
+os.environ.setdefault("GX_ANALYTICS_ENABLED", "False")
+logging.getLogger("great_expectations").setLevel(logging.WARNING)
+import great_expectations as gx  # noqa: E402
+import great_expectations.expectations as gxe  # noqa: E402
+from great_expectations.data_context.types.base import ProgressBarsConfig  # noqa: E402
+
+from brainscan import storage  # noqa: E402
+from brainscan.config import IO_WORKERS, VALIDATION  # noqa: E402
+from brainscan.dataset import MANIFEST_COLUMNS, read_manifest  # noqa: E402
 from brainscan.labels import CLASSES, MODALITIES, UnknownLabelError, is_tumor, label_from_path
 
 log = logging.getLogger(__name__)
-# great-expectations logs hundreds of INFO lines about its own API registry on import;
-# under a root logger at INFO (kfp's executor) they would bury the step's log.
-logging.getLogger("great_expectations").setLevel(logging.WARNING)
 
-MANIFEST_COLUMNS = ("path", "sha256", "bytes", "modality", "class7", "tumor",
-                    "width", "height", "mode", "format", "decodable")
 IMAGE_MODES = ("L", "LA", "RGB", "RGBA", "P")  # what preprocessing turns into RGB
 IMAGE_FORMATS = ("JPEG", "PNG")
 UNKNOWN = "<unknown>"
@@ -113,8 +120,6 @@ def _expected_tumor(class7: str) -> int:
 
 def _inspect_file(path: str) -> tuple[bool, str | None, str]:
     """(decodes, sha256 of the stored bytes or None when unreadable, error message) for one stored file."""
-    from PIL import Image
-
     try:
         data = storage.read_bytes(path)
     except Exception as err:  # missing object, unreadable file: reported, not raised
@@ -134,7 +139,7 @@ def _as_bool(value) -> bool:
     return bool(value) if pd.notna(value) else False
 
 
-def prepare(manifest: pd.DataFrame, check_files: bool = True, workers: int = 16) -> pd.DataFrame:
+def prepare(manifest: pd.DataFrame, check_files: bool = True, workers: int = IO_WORKERS) -> pd.DataFrame:
     """The manifest plus the columns the suite checks: labels from the path, re-read results."""
     missing = [c for c in MANIFEST_COLUMNS if c not in manifest.columns]
     if missing:
@@ -256,16 +261,13 @@ def _plain(value):
     return value
 
 
-def validate_manifest(manifest: pd.DataFrame, *, check_files: bool = True, min_per_class: int = 20,
-                      max_class_ratio: float = 5.0, min_side: int = 64, max_side: int = 4096,
-                      allow_corrupt: float = 0.0, max_duplicate_fraction: float = 0.2,
+def validate_manifest(manifest: pd.DataFrame, *, check_files: bool = True,
+                      min_per_class: int = VALIDATION.min_per_class, max_class_ratio: float = VALIDATION.max_class_ratio,
+                      min_side: int = VALIDATION.min_side, max_side: int = VALIDATION.max_side,
+                      allow_corrupt: float = VALIDATION.allow_corrupt,
+                      max_duplicate_fraction: float = VALIDATION.max_duplicate_fraction,
                       ) -> tuple[list[ExpectationOutcome], pd.DataFrame, pd.DataFrame]:
     """Run the suite; returns (outcomes, prepared manifest, per-class counts)."""
-    os.environ.setdefault("GX_ANALYTICS_ENABLED", "False")  # no usage statistics calls home
-    import great_expectations as gx
-    import great_expectations.expectations as gxe
-    from great_expectations.data_context.types.base import ProgressBarsConfig
-
     df = prepare(manifest, check_files=check_files)
     counts = df["class7"].value_counts()
     class_counts = pd.DataFrame({"class7": list(CLASSES), "count": [int(counts.get(c, 0)) for c in CLASSES]})
@@ -287,9 +289,10 @@ def validate_manifest(manifest: pd.DataFrame, *, check_files: bool = True, min_p
     return outcomes, df, class_counts
 
 
-def validate(data: str, report_dir: str, *, check_files: bool = True, min_per_class: int = 20,
-             max_class_ratio: float = 5.0, min_side: int = 64, max_side: int = 4096,
-             allow_corrupt: float = 0.0, max_duplicate_fraction: float = 0.2) -> ValidationResult:
+def validate(data: str, report_dir: str, *, check_files: bool = True, min_per_class: int = VALIDATION.min_per_class,
+             max_class_ratio: float = VALIDATION.max_class_ratio, min_side: int = VALIDATION.min_side,
+             max_side: int = VALIDATION.max_side, allow_corrupt: float = VALIDATION.allow_corrupt,
+             max_duplicate_fraction: float = VALIDATION.max_duplicate_fraction) -> ValidationResult:
     """Validate `{data}/manifest.csv`; write the JSON and HTML reports (and quarantine list) to report_dir.
 
     Thresholds: `min_per_class` images in each class; the largest class at most
@@ -298,9 +301,7 @@ def validate(data: str, report_dir: str, *, check_files: bool = True, min_per_cl
     `max_duplicate_fraction` the share of exact-duplicate files tolerated.
     """
     manifest_uri = storage.join(data, "manifest.csv")
-    if not storage.exists(manifest_uri):
-        raise FileNotFoundError(f"no manifest at {manifest_uri}; run `brainscan ingest` first")
-    manifest = pd.read_csv(storage.open_text(manifest_uri), dtype={"sha256": str, "path": str})
+    manifest = read_manifest(data, required=())  # the suite itself reports missing columns
     log.info("validate: %d rows from %s", len(manifest), manifest_uri)
     outcomes, df, class_counts = validate_manifest(
         manifest, check_files=check_files, min_per_class=min_per_class, max_class_ratio=max_class_ratio,

@@ -12,6 +12,9 @@ artifacts carry its URI in their metadata and a small JSON/HTML copy for the UI.
 Images: every step runs on the project's pipeline image, training on its GPU variant.
 Both are read from the environment at compile time (`BRAINSCAN_PIPELINE_IMAGE`,
 `BRAINSCAN_PIPELINE_GPU_IMAGE`), so a user's registry needs no code change.
+
+Local runs (pipelines/local.py) set brainscan.config.LOCAL_DEPLOY_ENV for the steps they
+start: the deploy step then (re)starts the local model server instead of a cluster rollout.
 """
 
 # No `from __future__ import annotations`: KFP reads the real annotation objects.
@@ -22,10 +25,11 @@ from typing import NamedTuple
 from kfp import dsl
 from kfp.dsl import HTML, ClassificationMetrics, Dataset, Metrics, Model, Output
 
-DEFAULT_IMAGE = "ghcr.io/brainscan/brainscan-pipeline:0.1.0"
-BASE_IMAGE = os.environ.get("BRAINSCAN_PIPELINE_IMAGE", DEFAULT_IMAGE)
+from brainscan.config import PIPELINE_IMAGE
+
+BASE_IMAGE = os.environ.get("BRAINSCAN_PIPELINE_IMAGE", PIPELINE_IMAGE)
 GPU_IMAGE = os.environ.get("BRAINSCAN_PIPELINE_GPU_IMAGE", BASE_IMAGE if "BRAINSCAN_PIPELINE_IMAGE" in os.environ
-                           else DEFAULT_IMAGE + "-gpu")
+                           else PIPELINE_IMAGE + "-gpu")
 
 # The image already holds brainscan and kfp (pinned lock): nothing is pip-installed at run time.
 _COMMON = dict(base_image=BASE_IMAGE, install_kfp_package=False)
@@ -95,7 +99,7 @@ def split_op(data_uri: str, fingerprint: str, val: float, test: float, seed: int
 
 @dsl.component(base_image=GPU_IMAGE, install_kfp_package=False)
 def train_op(splits_uri: str, bucket: str, prefix: str, run_id: str, image_size: int, epochs: int, fine_tune_epochs: int,
-             batch_size: int, base_weights: str, seed: int, patience: int, gpus: int,
+             batch_size: int, learning_rate: float, base_weights: str, seed: int, patience: int, gpus: int,
              model: Output[Model], metrics: Output[Metrics]) -> str:
     """Xception transfer learning: frozen base, then fine-tuning; writes a model bundle at model_uri.
 
@@ -112,7 +116,7 @@ def train_op(splits_uri: str, bucket: str, prefix: str, run_id: str, image_size:
 
     model_uri = f"s3://{bucket}/{prefix.strip('/')}/runs/{run_id}/model"
     result = train(splits_uri, model_uri, image_size=image_size, epochs=epochs, fine_tune_epochs=fine_tune_epochs,
-                   batch_size=batch_size, base_weights=base_weights,
+                   batch_size=batch_size, learning_rate=learning_rate, base_weights=base_weights,
                    seed=seed, patience=patience)
     summary = result.summary() if hasattr(result, "summary") else dict(vars(result))
     with open(model.path, "w") as handle:
@@ -136,11 +140,12 @@ def evaluate_op(model_uri: str, splits_uri: str, target_recall: float, min_recal
 
     from brainscan import storage
     from brainscan.components.evaluate import evaluate
+    from brainscan.config import champion_uri
 
     evaluation_uri = f"{model_uri.rsplit('/', 1)[0]}/evaluation"
     # A missing champion (first run) is a note in the report, not an error.
     result = evaluate(model_uri, splits_uri, evaluation_uri, target_recall=target_recall, min_recall=min_recall,
-                      min_auc=min_auc, champion=f"models:/{model_name}@champion")
+                      min_auc=min_auc, champion=champion_uri(model_name))
     evaluation = storage.read_json(storage.join(evaluation_uri, "evaluation.json"))
 
     for key, value in evaluation.get("test", {}).items():
@@ -176,6 +181,7 @@ def register_op(model_uri: str, model_name: str, pipeline_run: str, fingerprint:
                 registered: Output[Model]) -> str:
     """Register the model in MLflow and move the `champion` alias to it; returns `models:/NAME/VERSION`."""
     from brainscan.components.register import register
+    from brainscan.config import CHAMPION_ALIAS
 
     evaluation_uri = f"{model_uri.rsplit('/', 1)[0]}/evaluation"
     # The dataset fingerprint tag comes from evaluation.json; `fingerprint` orders this step after ingest's.
@@ -184,7 +190,7 @@ def register_op(model_uri: str, model_name: str, pipeline_run: str, fingerprint:
         raise RuntimeError(result.reason)
     registered_uri = result.model_uri
     registered.metadata.update({"uri": registered_uri, "source_uri": model_uri, "version": int(result.version),
-                                "alias": "champion", "run_id": result.run_id, "threshold": result.threshold,
+                                "alias": CHAMPION_ALIAS, "run_id": result.run_id, "threshold": result.threshold,
                                 "dataset_fingerprint": fingerprint})
     with open(registered.path, "w") as handle:
         handle.write(registered_uri)
@@ -192,12 +198,16 @@ def register_op(model_uri: str, model_name: str, pipeline_run: str, fingerprint:
 
 
 @dsl.component(**_COMMON)
-def deploy_op(model_uri: str, namespace: str, canary_percent: int, local: bool, workdir: str) -> str:
-    """Roll the model out: the KServe InferenceService on a cluster, the local model server with `local`."""
-    from brainscan.components.deploy import deploy
+def deploy_op(model_uri: str, namespace: str, canary_percent: int) -> str:
+    """Roll the model out: the KServe InferenceService on a cluster; in a local run, the local model server."""
+    import os
 
-    result = deploy(model_uri, namespace=namespace, canary_percent=canary_percent or None, local=local,
-                    workdir=workdir)
+    from brainscan.components.deploy import deploy
+    from brainscan.config import LOCAL_DEPLOY_ENV
+
+    local_workdir = os.environ.get(LOCAL_DEPLOY_ENV)
+    result = deploy(model_uri, namespace=namespace, canary_percent=canary_percent or None,
+                    local=bool(local_workdir), workdir=local_workdir or ".")
     if not result.ready:
         raise RuntimeError(f"deploy failed: {result.message}")
     return result.url or ""

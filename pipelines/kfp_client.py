@@ -13,7 +13,12 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-DEFAULT_EXPERIMENT = "brainscan"
+import kfp
+
+from brainscan.config import EXPERIMENT, PIPELINE_NAME, RETRAIN_PIPELINE_NAME
+from brainscan.pipelines.pipeline import compile_pipeline
+
+DEFAULT_EXPERIMENT = EXPERIMENT
 
 
 @dataclass
@@ -32,20 +37,14 @@ class KfpResult:
 
 
 def _client(host: str, namespace: str | None = None):
-    import kfp
-
     return kfp.Client(host=host, namespace=namespace or "kubeflow")
 
 
 def _compiled(which: str, folder: str) -> str:
-    from brainscan.pipelines.pipeline import compile_pipeline
-
     return compile_pipeline(Path(folder) / f"{which}.yaml", which=which)
 
 
 def _pipeline_name(which: str) -> str:
-    from brainscan.pipelines.pipeline import PIPELINE_NAME, RETRAIN_PIPELINE_NAME
-
     return RETRAIN_PIPELINE_NAME if which == "retrain" else PIPELINE_NAME
 
 

@@ -10,14 +10,20 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import shutil
+import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
-from brainscan import labels
+from brainscan import labels, registry
+from brainscan.components import ingest
+from brainscan.config import MODEL_NAME
+from brainscan.dataset import fingerprint_of
 
 log = logging.getLogger(__name__)
+
 
 @dataclass
 class RetrainDecision:
@@ -38,11 +44,6 @@ def source_fingerprint(source: str) -> str:
     Uses ingest's own source reader and fingerprint function, so the value equals what ingest
     records for the same data (and thus the champion's tag) by construction.
     """
-    import shutil
-    import tempfile
-
-    from brainscan.components import ingest
-
     scratch = Path(tempfile.mkdtemp(prefix="brainscan-fingerprint-"))
     try:
         items, _ignored = ingest.open_source(str(source), scratch, ingest.ZipLimits())
@@ -54,24 +55,22 @@ def source_fingerprint(source: str) -> str:
         shutil.rmtree(scratch, ignore_errors=True)
     if not rows:
         raise ValueError(f"no images under {source!r}")
-    return ingest.fingerprint_of(rows)
+    return fingerprint_of(rows)
 
 
-def champion_fingerprint(model_name: str = "brain-tumor", tracking_uri: str | None = None
+def champion_fingerprint(model_name: str = MODEL_NAME, tracking_uri: str | None = None
                          ) -> tuple[str | None, str | None]:
     """(fingerprint tag, version) of the champion, or (None, None) when there is none yet.
 
-    Read through register's own champion lookup: the tag it writes is the tag compared here.
+    Read through the registry's champion lookup: the tag register writes is the tag compared here.
     """
-    from brainscan.components.register import champion_info
-
-    info = champion_info(model_name, tracking_uri=tracking_uri)
+    info = registry.champion_info(model_name, tracking_uri=tracking_uri)
     if info is None:
         return None, None
     return info["dataset_fingerprint"] or None, str(info["version"])
 
 
-def check(source: str, model_name: str = "brain-tumor", tracking_uri: str | None = None) -> RetrainDecision:
+def check(source: str, model_name: str = MODEL_NAME, tracking_uri: str | None = None) -> RetrainDecision:
     """Is a retrain due? Yes when there is no champion or its data differs from the source's.
 
     tracking_uri: default MLFLOW_TRACKING_URI, else the embedded sqlite (see register).
@@ -93,7 +92,7 @@ def _first_line(err: Exception) -> str:
 
 
 def watch(source: str, on_change: Callable[[RetrainDecision], object], interval_s: float = 300,
-          model_name: str = "brain-tumor", max_checks: int | None = None) -> int:
+          model_name: str = MODEL_NAME, max_checks: int | None = None) -> int:
     """Check every `interval_s` seconds; call `on_change` (submit a run / run locally) when due.
 
     Returns the number of runs started. A fingerprint already acted on is not started again

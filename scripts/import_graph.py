@@ -10,7 +10,9 @@ Layers (dependencies point down only):
     core         brainscan/ (everything but the CLI)
 benchmarks/ may use any layer but never tests/. No import loops between modules. An import
 inside a function needs a comment saying why (on its line, or in the comment lines directly
-above the block of imports it belongs to): TensorFlow's start-up cost is a fine reason.
+above the block of imports it belongs to): TensorFlow's start-up cost is a fine reason. The bodies of
+KFP components (`@dsl.component`) are exempt: KFP ships only the function's source, so their
+imports must live inside.
 
 Standard library only, and nothing of the project is imported: the source is read as text.
 """
@@ -81,13 +83,22 @@ def _commented(lines: list[str], node: ast.stmt) -> bool:
         text = lines[i - 1].strip()
         if text.startswith("#"):
             return True
-        if text.startswith(("import ", "from ")) or (text and text[0] in ")," and False):
+        if not text or text.startswith(("import ", "from ")):  # the block, its groups split by blank lines
             i -= 1
             continue
         if text.endswith(",") or text.endswith("(") or text.startswith(")"):  # inside a multi-line import
             i -= 1
             continue
         return False
+    return False
+
+
+def _is_kfp_component(node: ast.AST) -> bool:
+    decorators = getattr(node, "decorator_list", [])
+    for decorator in decorators:
+        target = decorator.func if isinstance(decorator, ast.Call) else decorator
+        if ast.unparse(target) in ("dsl.component", "component", "kfp.dsl.component"):
+            return True
     return False
 
 
@@ -100,9 +111,10 @@ def imports_of(module: str, path: Path, modules: dict[str, Path]) -> tuple[list[
     found: list[Import] = []
     unexplained: list[tuple[int, str]] = []
 
-    def visit(node: ast.AST, in_function: bool) -> None:
+    def visit(node: ast.AST, in_function: bool, in_component: bool = False) -> None:
         for child in ast.iter_child_nodes(node):
             inside = in_function or isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda))
+            component = in_component or _is_kfp_component(child)
             if isinstance(child, (ast.Import, ast.ImportFrom)):
                 names = []
                 if isinstance(child, ast.Import):
@@ -113,7 +125,7 @@ def imports_of(module: str, path: Path, modules: dict[str, Path]) -> tuple[list[
                         base = ".".join(package.split(".")[: len(package.split(".")) - child.level + 1]
                                         + ([base] if base else []))
                     names = [f"{base}.{a.name}" for a in child.names] or [base]
-                explained = _commented(lines, child) if in_function else True
+                explained = _commented(lines, child) or in_component if in_function else True
                 if in_function and not explained:
                     unexplained.append((child.lineno, lines[child.lineno - 1].strip()))
                 for name in names:
@@ -122,7 +134,7 @@ def imports_of(module: str, path: Path, modules: dict[str, Path]) -> tuple[list[
                         target = "tests"
                     if target and target != module:
                         found.append(Import(module, target, child.lineno, in_function, explained))
-            visit(child, inside)
+            visit(child, inside, component)
 
     visit(tree, False)
     return found, unexplained

@@ -5,7 +5,7 @@
     -> [{"image": "scan1.jpg", "label": "mri_glioma", "tumor_probability": 0.97, "tumor": True,
          "probabilities": {...}}, ...]
 
-Only the standard library: importable anywhere, no kserve/tritonclient needed.
+Only the standard library and brainscan's (standard library) names: no kserve/tritonclient needed.
 """
 
 from __future__ import annotations
@@ -17,8 +17,9 @@ import urllib.request
 from pathlib import Path
 from typing import Sequence, Union
 
-MODEL_NAME = "brain-tumor"
-CLASSES = ("ct_healthy", "ct_tumor", "mri_glioma", "mri_healthy", "mri_meningioma", "mri_pituitary", "mri_tumor")
+from brainscan.config import MODEL_NAME
+from brainscan.labels import CLASSES
+
 
 ImageLike = Union[str, Path, bytes]
 
@@ -81,11 +82,3 @@ def explain(url: str, image: ImageLike, model: str = MODEL_NAME, timeout: float 
     answer["overlay_png"] = base64.b64decode(answer["overlay_png_b64"])
     return answer
 
-
-def ready(url: str, model: str = MODEL_NAME, timeout: float = 5.0) -> bool:
-    """True when the server says the model is ready (v2 model-ready endpoint)."""
-    try:
-        with urllib.request.urlopen(f"{url.rstrip('/')}/v2/models/{model}/ready", timeout=timeout) as response:
-            return response.status == 200
-    except (urllib.error.URLError, OSError):
-        return False

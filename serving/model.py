@@ -12,8 +12,10 @@ Explanation: the v1 route `POST /v1/models/brain-tumor:explain` with
 `{"explanations": [{"label", "tumor_probability", "tumor", "overlay_png_b64"}, ...]}`
 (a Grad-CAM overlay PNG per image).
 
-Batching across requests lives in `brainscan.serving.server.DynamicBatcher`; this class
-only calls it. Bad input raises kserve's InvalidInput (HTTP 400 / gRPC INVALID_ARGUMENT).
+The decision (P(tumor), the threshold of the scan's modality, tumor or not) is
+brainscan.decision's, as in evaluation and the registered MLflow model. Batching across
+requests lives in brainscan.serving.batching; this class only calls it. Bad input raises
+kserve's InvalidInput (HTTP 400 / gRPC INVALID_ARGUMENT).
 """
 
 from __future__ import annotations
@@ -21,7 +23,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
-import io
 import logging
 from dataclasses import dataclass, field
 
@@ -30,12 +31,16 @@ import numpy as np
 from kserve.errors import InvalidInput
 from kserve.protocol.infer_type import InferOutput, InferRequest, InferResponse
 
-from brainscan.labels import CLASSES, HEALTHY_INDICES, MODALITIES
+from brainscan.config import MODEL_NAME, ServeSettings
+from brainscan.decision import check_modality
+from brainscan.explain import gradcam_overlay
+from brainscan.labels import CLASSES
+from brainscan.modelstore import load_bundle
 from brainscan.preprocessing import InvalidImageError, preprocess_batch
+from brainscan.serving.batching import DynamicBatcher
 
 log = logging.getLogger("brainscan.serving")
 
-MODEL_NAME = "brain-tumor"
 IMAGE_INPUT = "image"
 TENSOR_INPUT = "input"
 
@@ -44,9 +49,9 @@ TENSOR_INPUT = "input"
 class Limits:
     """What one request may hold (bigger requests get a 4xx, never a crash)."""
 
-    max_images: int = 64  # elements per request
-    max_image_bytes: int = 20 * 1024 * 1024  # one encoded file
-    max_pixels: int = 40_000_000  # width * height of one image, read from its header before decoding
+    max_images: int = ServeSettings.max_images  # elements per request
+    max_image_bytes: int = ServeSettings.max_image_bytes  # one encoded file
+    max_pixels: int = ServeSettings.max_pixels  # width * height of one image, from its header before decoding
 
 
 @dataclass
@@ -68,27 +73,25 @@ class BrainTumorModel(kserve.Model):
         self.limits = limits or Limits()
         self.batcher_options = batcher_options or {}
         self.bundle = None
+        self.policy = None
         self.batcher = None
 
     # ------------------------------------------------------------------ load
     def load(self) -> bool:
-        from brainscan.modelstore import load_bundle, predict_probabilities
-        from brainscan.serving.server import DynamicBatcher
-
         bundle = load_bundle(self.model_uri)
-        if bundle.threshold is None and not bundle.thresholds and self.threshold_override is None:
+        try:
             # A served detector without a calibrated threshold would decide at an arbitrary 0.5.
-            raise ValueError(f"{self.model_uri} has no calibrated decision threshold (brainscan_model.json "
-                             "'threshold' is null): serve an evaluated/registered model, or pass --threshold")
+            self.policy = bundle.policy(self.threshold_override)
+        except ValueError as err:
+            raise ValueError(f"{self.model_uri}: {err} (brainscan serve --threshold)") from None
         self.bundle = bundle
-        max_batch = int(self.batcher_options.get("max_batch_size", 32))
-        self.batcher = DynamicBatcher(lambda x: predict_probabilities(bundle, x, batch_size=max_batch),
-                                      **self.batcher_options)
+        max_batch = int(self.batcher_options.get("max_batch_size", ServeSettings.max_batch_size))
+        self.batcher = DynamicBatcher(lambda x: bundle.predict(x, batch_size=max_batch), **self.batcher_options)
         # Warm up: the first call traces the graph; do it before reporting ready.
-        predict_probabilities(bundle, np.zeros((1, bundle.image_size, bundle.image_size, 3), np.float32))
+        bundle.predict(np.zeros((1, bundle.image_size, bundle.image_size, 3), np.float32))
         self.ready = True
         log.info("loaded %s (image size %d, threshold %s, per modality %s)", self.model_uri,
-                 bundle.image_size, self.threshold_for(None), bundle.thresholds)
+                 bundle.image_size, self.policy.threshold, dict(self.policy.thresholds))
         return self.ready
 
     # ------------------------------------------------------------------ metadata (v2 model metadata)
@@ -102,17 +105,6 @@ class BrainTumorModel(kserve.Model):
                 {"name": "tumor_probability", "datatype": "FP32", "shape": [-1]},
                 {"name": "tumor", "datatype": "BOOL", "shape": [-1]},
                 {"name": "label", "datatype": "BYTES", "shape": [-1]}]
-
-    def threshold_for(self, modality: str | None) -> float:
-        """--threshold wins; then the bundle's per-modality threshold; then its global one."""
-        if self.threshold_override is not None:
-            return float(self.threshold_override)
-        thresholds = self.bundle.thresholds or {}
-        if modality in thresholds:
-            return float(thresholds[modality])
-        if self.bundle.threshold is not None:
-            return float(self.bundle.threshold)
-        return float(max(thresholds.values()))  # only per-modality ones: the stricter for unknown modality
 
     # ------------------------------------------------------------------ preprocess
     def validate(self, payload):
@@ -132,9 +124,7 @@ class BrainTumorModel(kserve.Model):
         tensor = request.inputs[0]
         params = request.parameters or {}
         modality = params.get("modality")
-        modality = getattr(modality, "string_param", modality) or None
-        if modality is not None and modality not in MODALITIES:
-            raise InvalidInput(f"parameter modality must be 'ct' or 'mri', got {modality!r}")
+        modality = self._modality_parameter(getattr(modality, "string_param", modality))
         if tensor.name == IMAGE_INPUT:
             if tensor.datatype != "BYTES":
                 raise InvalidInput(f"input '{IMAGE_INPUT}' must have datatype BYTES (encoded image files), "
@@ -183,27 +173,26 @@ class BrainTumorModel(kserve.Model):
             raise InvalidInput(f"image {index}: not valid base64 (in JSON, BYTES elements carry the image "
                                "file's base64 text)") from None
 
-    def _check_size(self, data: bytes, index: int) -> None:
-        from PIL import Image
+    @staticmethod
+    def _modality_parameter(value) -> str | None:
+        try:
+            return check_modality(value)
+        except ValueError:
+            raise InvalidInput(f"parameter modality must be 'ct' or 'mri', got {value!r}") from None
 
+    def _check_size(self, data: bytes, index: int) -> None:
         if len(data) == 0:
             raise InvalidInput(f"image {index}: empty input (0 bytes)")
         if len(data) > self.limits.max_image_bytes:
             raise InvalidInput(f"image {index}: {len(data)} bytes; at most {self.limits.max_image_bytes}")
-        try:  # the header alone says the size: refuse decompression bombs before decoding
-            with Image.open(io.BytesIO(data)) as image:
-                width, height = image.size
-        except Exception:
-            return  # not an image at all: preprocess_batch says so with its own message
-        if width * height > self.limits.max_pixels:
-            raise InvalidInput(f"image {index}: {width}x{height} = {width * height} pixels; "
-                               f"at most {self.limits.max_pixels}")
 
     async def _decode(self, raw: list[bytes]) -> np.ndarray:
-        # Decoding is CPU work: off the event loop, so other requests keep flowing.
+        # Decoding is CPU work: off the event loop, so other requests keep flowing. Preprocessing
+        # refuses an image whose header names more than max_pixels before decoding it.
         loop = asyncio.get_running_loop()
         try:
-            return await loop.run_in_executor(None, preprocess_batch, raw, self.bundle.image_size)
+            return await loop.run_in_executor(None, preprocess_batch, raw, self.bundle.image_size,
+                                              self.limits.max_pixels)
         except InvalidImageError as err:
             raise InvalidInput(str(err)) from None
 
@@ -239,7 +228,8 @@ class BrainTumorModel(kserve.Model):
                                         if isinstance(instance.get(IMAGE_INPUT), dict) else instance.get(IMAGE_INPUT))
             raw.append(self._from_text(instance, index))
             self._check_size(raw[-1], index)
-        return PreparedBatch(images=await self._decode(raw), raw_images=raw, modality=body.get("modality"))
+        return PreparedBatch(images=await self._decode(raw), raw_images=raw,
+                             modality=self._modality_parameter(body.get("modality")))
 
     # ------------------------------------------------------------------ predict / postprocess
     async def predict(self, payload: PreparedBatch, headers=None):
@@ -250,21 +240,18 @@ class BrainTumorModel(kserve.Model):
         if isinstance(result, dict):  # explain's answer passes through
             return result
         prepared, probabilities = result
-        probabilities = np.asarray(probabilities, dtype=np.float32)
-        tumor_probability = np.clip(1.0 - probabilities[:, list(HEALTHY_INDICES)].sum(axis=1), 0.0, 1.0).astype(np.float32)
-        thresholds = np.array([self.threshold_for(self._modality(prepared.modality, row))
-                               for row in probabilities], dtype=np.float64)
-        tumor = tumor_probability >= thresholds
-        labels = np.array([CLASSES[i] for i in probabilities.argmax(axis=1)], dtype=object)
+        decision = self.policy.decide(probabilities, prepared.modality)
+        tumor_probability = decision.tumor_probability.astype(np.float32)
         if prepared.request is None:  # v1 predict
             return {"predictions": [
-                {"label": str(labels[i]), "tumor_probability": float(tumor_probability[i]), "tumor": bool(tumor[i]),
-                 "threshold": float(thresholds[i]), "probabilities": probabilities[i].tolist()}
-                for i in range(len(labels))]}
+                {"label": str(decision.label[i]), "tumor_probability": float(tumor_probability[i]),
+                 "tumor": bool(decision.tumor[i]), "threshold": float(decision.threshold[i]),
+                 "probabilities": decision.probabilities[i].tolist()}
+                for i in range(len(decision))]}
         outputs = []
-        for name, array, datatype in (("probabilities", probabilities, "FP32"),
+        for name, array, datatype in (("probabilities", decision.probabilities, "FP32"),
                                       ("tumor_probability", tumor_probability, "FP32"),
-                                      ("tumor", tumor, "BOOL"), ("label", labels, "BYTES")):
+                                      ("tumor", decision.tumor, "BOOL"), ("label", decision.label, "BYTES")):
             output = InferOutput(name=name, shape=list(array.shape), datatype=datatype)
             output.set_data_from_numpy(array, binary_data=False)
             outputs.append(output)
@@ -273,24 +260,13 @@ class BrainTumorModel(kserve.Model):
                              from_grpc=request.from_grpc, use_binary_outputs=request.use_binary_outputs,
                              requested_outputs=request.request_outputs)
 
-    def _modality(self, given: str | None, probabilities: np.ndarray) -> str | None:
-        """The client's modality if it sent one, else the model's own CT-vs-MRI call (only needed
-        when the bundle has per-modality thresholds; CT and MRI scores sit on different scales)."""
-        if given or not self.bundle.thresholds:
-            return given
-        ct = sum(float(probabilities[CLASSES.index(c)]) for c in CLASSES if c.startswith("ct_"))
-        return "ct" if ct >= 0.5 else "mri"
-
     # ------------------------------------------------------------------ explain
     async def explain(self, payload: PreparedBatch, headers=None) -> dict:
-        from brainscan.components.explain import gradcam_overlay
-
         if not payload.raw_images:
             raise InvalidInput("explain needs encoded image files (input 'image' / v1 instances), "
                                "not a preprocessed tensor")
         _, probabilities = await self.predict(payload)
         answer = self.postprocess((PreparedBatch(images=payload.images, modality=payload.modality), probabilities))
-        loop = asyncio.get_running_loop()
         explanations = []
         for raw, prediction in zip(payload.raw_images, answer["predictions"]):
             # Grad-CAM needs gradients through the model: run it on the batcher's worker thread.
@@ -298,5 +274,4 @@ class BrainTumorModel(kserve.Model):
             prediction["overlay_png_b64"] = base64.b64encode(png).decode("ascii")
             prediction.pop("probabilities", None)
             explanations.append(prediction)
-        del loop
         return {"explanations": explanations}

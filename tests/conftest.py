@@ -8,4 +8,5 @@ pytest_plugins = [
     "tests.fixtures.registry",
     "tests.fixtures.model",
     "tests.fixtures.serving",
+    "tests.fixtures.schemas",
 ]

@@ -11,7 +11,7 @@ import pytest
 from typer.testing import CliRunner
 
 from brainscan.components.deploy import deploy
-from brainscan.serving.inferenceservice import build_inference_service, to_dict
+from brainscan.components.inferenceservice import build_inference_service, to_dict
 from tests.fixtures.kube import write_kubeconfig
 
 NS = "ml-team"
@@ -172,11 +172,11 @@ def test_bad_arguments(kwargs, message, tmp_path):
 
 
 def test_local_deploy_starts_then_reloads_the_local_server(monkeypatch, tmp_path):
-    """The call contract with brainscan.serving.local (whose own tests run the real server)."""
-    import brainscan.serving
+    """The call contract with brainscan.local_server (whose own tests run the real server)."""
+    from brainscan.components import deploy as deploy_module
 
     calls, running = [], {}
-    fake_local = types.ModuleType("brainscan.serving.local")
+    fake_local = types.ModuleType("brainscan.local_server")
 
     def start(model_uri, workdir):
         calls.append((model_uri, workdir))
@@ -185,8 +185,7 @@ def test_local_deploy_starts_then_reloads_the_local_server(monkeypatch, tmp_path
 
     fake_local.start = start
     fake_local.status = lambda workdir: running.get(workdir)
-    monkeypatch.setitem(sys.modules, "brainscan.serving.local", fake_local)
-    monkeypatch.setattr(brainscan.serving, "local", fake_local, raising=False)
+    monkeypatch.setattr(deploy_module, "local_server", fake_local)
 
     first = deploy(V1, local=True, workdir=tmp_path)
     assert (first.ready, first.target, first.action, first.url) == (True, "local", "started", "http://127.0.0.1:18080")

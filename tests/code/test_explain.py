@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from brainscan.components import explain
+from brainscan import explain
 from brainscan.modelstore import ModelBundle, load_bundle
 from tests.fixtures.registry import TINY_SIZE
 

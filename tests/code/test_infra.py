@@ -3,6 +3,7 @@ lists, custom kinds) and the InferenceService builder."""
 
 from __future__ import annotations
 
+import copy
 import json
 import re
 import subprocess
@@ -13,7 +14,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from brainscan.serving import inferenceservice as isvc_mod
+from brainscan.components import inferenceservice as isvc_mod
 
 ROOT = Path(__file__).resolve().parents[2]
 INFRA = ROOT / "infra"
@@ -71,7 +72,10 @@ def test_hadolint_catches_a_bad_dockerfile(tmp_path):
     assert {"DL3007", "DL3013", "DL3025"} <= codes
 
 
-@pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)
+PROJECT_IMAGES = [INFRA / "docker" / name for name in ("serving.Dockerfile", "pipeline.Dockerfile")]
+
+
+@pytest.mark.parametrize("dockerfile", PROJECT_IMAGES, ids=lambda p: p.name)
 def test_dockerfile_pinned_base_non_root_and_lock(dockerfile):
     text = dockerfile.read_text()
     assert re.search(r"^FROM python:3\.11-slim\s*$", text, re.M)
@@ -228,7 +232,7 @@ def test_argo_events_source_and_sensor():
 def test_example_inferenceservice_is_what_the_builder_makes():
     (example,) = documents(K8S / "examples" / "inferenceservice.yaml")
     assert example == isvc_mod.to_dict(isvc_mod.build_inference_service()), \
-        "regenerate: python -m brainscan.serving.inferenceservice > infra/k8s/examples/inferenceservice.yaml"
+        "regenerate: python -m brainscan.components.inferenceservice > infra/k8s/examples/inferenceservice.yaml"
 
 
 # --------------------------------------------------------------------------- the InferenceService builder
@@ -312,3 +316,50 @@ def test_builder_raw_deployment_adds_the_grpc_port():
 def test_builder_rejects_bad_parameters(kwargs, message):
     with pytest.raises(ValueError, match=message):
         isvc_mod.build_inference_service(**kwargs)
+
+
+# --------------------------------------------------------------------------- KServe's MLflow runtime path
+def test_mlflow_runtime_path_passes_the_kserve_schemas(upstream_schemas):
+    """The modelFormat: mlflow InferenceService and its runtime, as the KServe CRDs accept them."""
+    from tests.fixtures.schemas import validate
+
+    (isvc,) = documents(K8S / "examples" / "inferenceservice-mlflow.yaml")
+    (runtime,) = documents(K8S / "base" / "serving-runtime-mlserver.yaml")
+    validate(isvc)
+    validate(runtime)
+    model = isvc["spec"]["predictor"]["model"]
+    assert model["modelFormat"]["name"] == "mlflow" and model["protocolVersion"] == "v2"
+    assert model["runtime"] == runtime["metadata"]["name"]
+    assert {"name": "mlflow", "version": "1", "autoSelect": True, "priority": 2} in runtime["spec"]["supportedModelFormats"]
+    assert "v2" in runtime["spec"]["protocolVersions"]
+    env = {e["name"]: e["value"] for e in runtime["spec"]["containers"][0]["env"]}
+    assert env["MLSERVER_MODEL_IMPLEMENTATION"] == "mlserver_mlflow.MLflowRuntime"
+    assert int(env["MLSERVER_MODEL_MAX_BATCH_SIZE"]) > 1  # adaptive batching, as in the tests and benchmark
+
+
+def test_schema_check_refuses_what_the_api_server_would_refuse_or_prune(upstream_schemas):
+    import jsonschema
+
+    from tests.fixtures.schemas import validate
+
+    (isvc,) = documents(K8S / "examples" / "inferenceservice-mlflow.yaml")
+    wrong_type = copy.deepcopy(isvc)
+    wrong_type["spec"]["predictor"]["minReplicas"] = "one"
+    unknown = copy.deepcopy(isvc)
+    unknown["spec"]["predictor"]["model"]["protocol"] = "v2"  # a typo the API server would drop silently
+    for bad in (wrong_type, unknown):
+        with pytest.raises(jsonschema.ValidationError):
+            validate(bad)
+
+
+def test_mlserver_image_installs_the_registered_models_requirements():
+    """The runtime image's package list is the pyfunc's: what the model needs, at the lock's versions."""
+    import re
+
+    from brainscan import pyfunc
+
+    text = (INFRA / "docker" / "mlserver.Dockerfile").read_text()
+    listed = set(re.search(r"\^\(([^)]*)\)==", text).group(1).split("|"))
+    lock = {line.split("==")[0] for line in (ROOT / "requirements.lock").read_text().splitlines() if "==" in line}
+    assert listed == {name for name in pyfunc.REQUIREMENTS if name in lock}
+    assert "mlserver-requirements.txt" in text

@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from brainscan.labels import CLASSES, UnknownLabelError, is_tumor, label_from_path, tumor_probability
+from brainscan.decision import tumor_probability
+from brainscan.labels import CLASSES, UnknownLabelError, is_tumor, label_from_path
 
 CT = "Dataset/Brain Tumor CT scan Images"
 MRI = "Dataset/Brain Tumor MRI images"

@@ -22,7 +22,7 @@ def test_local_round_trip_keeps_predictions_and_metadata(tmp_path):
     bundle = modelstore.load_bundle(str(tmp_path / "b"))
     assert bundle.image_size == TINY_SIZE and bundle.threshold == 0.25
     assert bundle.thresholds == {"ct": 0.2, "mri": 0.3} and bundle.metadata["epochs"] == 2
-    probs = modelstore.predict_probabilities(bundle, _images())
+    probs = bundle.predict(_images())
     assert probs.shape == (4, 7) and np.allclose(probs.sum(axis=1), 1, atol=1e-5)
     np.testing.assert_allclose(probs, model.predict(_images(), verbose=0), atol=1e-6)
 
@@ -33,8 +33,8 @@ def test_s3_round_trip(s3_prefix, tiny_bundle_dir, tmp_path, monkeypatch):
     storage.upload_dir(tiny_bundle_dir, s3_prefix + "/model")
     remote = modelstore.load_bundle(s3_prefix + "/model")
     assert remote.uri == s3_prefix + "/model" and remote.threshold is None
-    np.testing.assert_allclose(modelstore.predict_probabilities(remote, _images()),
-                               modelstore.predict_probabilities(local, _images()), atol=1e-6)
+    np.testing.assert_allclose(remote.predict(_images()),
+                               local.predict(_images()), atol=1e-6)
 
 
 def test_not_a_bundle_is_a_clear_error(tmp_path, s3_prefix):
@@ -54,4 +54,4 @@ def test_not_a_bundle_is_a_clear_error(tmp_path, s3_prefix):
 def test_wrong_input_shape_is_rejected(tiny_bundle_dir):
     bundle = modelstore.load_bundle(str(tiny_bundle_dir))
     with pytest.raises(ValueError, match="expected preprocessed images"):
-        modelstore.predict_probabilities(bundle, np.zeros((2, 8, 8, 3), dtype="float32"))
+        bundle.predict(np.zeros((2, 8, 8, 3), dtype="float32"))

@@ -61,13 +61,41 @@ def test_dag_order_and_gate(train_yaml):
 def test_parameters_have_ui_defaults(train_yaml):
     spec, _ = train_yaml
     params = spec["root"]["inputDefinitions"]["parameters"]
-    expected = {"source": "s3://brainscan-data/raw", "bucket": "brainscan", "prefix": "pipeline", "image_size": 299,
+    expected = {"source": "kaggle:murtozalikhon/brain-tumor-multimodal-image-ct-and-mri", "bucket": "brainscan",
+                "prefix": "pipeline", "image_size": 299,
                 "epochs": 10, "fine_tune_epochs": 5, "base_weights": "imagenet", "target_recall": 0.99,
                 "min_recall": 0.95, "min_auc": 0.95, "gpus": 1, "namespace": "kubeflow-user", "canary_percent": 0,
                 "model_name": "brain-tumor"}
     for name, default in expected.items():
         assert params[name]["defaultValue"] == default, name
         assert params[name]["isOptional"] is True
+    # Only what a cluster user sets, each with the one line the Kubeflow UI shows.
+    assert not {"local", "workdir"} & set(params)
+    assert all(p.get("description") for p in params.values()), [n for n, p in params.items() if not p.get("description")]
+
+
+def test_cli_local_runner_and_pipeline_share_one_parameter_list(train_yaml, retrain_yaml):
+    """brainscan.config.PipelineParams is the one definition: names, defaults and help agree everywhere."""
+    import typer.main
+
+    from brainscan.config import DEFAULTS, PipelineParams, param_help, param_names
+
+    fields = param_names()
+    for spec, _ in (train_yaml, retrain_yaml):
+        params = spec["root"]["inputDefinitions"]["parameters"]
+        assert sorted(params) == sorted(fields)
+        for name in fields:
+            assert params[name]["defaultValue"] == getattr(DEFAULTS, name), name
+            assert params[name]["description"] == param_help(name), name
+    command = typer.main.get_command(app).commands["pipeline"].commands["run"]
+    options = {p.name: p for p in command.params}
+    for name in fields:
+        assert options[name].show_default == str(getattr(DEFAULTS, name)), name
+        assert options[name].help == param_help(name), name
+    import inspect
+
+    from brainscan.pipelines import local
+    assert inspect.signature(local.run_local).parameters["params"].annotation in (PipelineParams, "PipelineParams")
 
 
 def test_artifact_outputs_for_the_ui(train_yaml):
@@ -169,15 +197,16 @@ def test_cli_compile(tmp_path):
 
 
 def test_cli_run_local_hands_every_option_to_the_local_run(tmp_path, monkeypatch):
-    """`pipeline run --local` options reach LocalRunParams; the summary's path is the last line."""
+    """`pipeline run --local` options reach the run as PipelineParams; the summary's path is the last line."""
     import json
 
+    from brainscan.config import PipelineParams
     from brainscan.pipelines import local
 
     seen = {}
 
-    def fake_run_local(source, workdir, params, only_if_new_data=False):
-        seen.update(source=source, workdir=workdir, params=params, only_if_new_data=only_if_new_data)
+    def fake_run_local(params, workdir, only_if_new_data=False):
+        seen.update(params=params, workdir=workdir, only_if_new_data=only_if_new_data)
         path = tmp_path / "summary.json"
         steps = {name: {"status": "SUCCESS", "seconds": 1.0} for name in sorted(local.STEP_ORDER)}
         path.write_text(json.dumps({"steps": steps, "trained": True, "gate": {"reason": "min_recall"}}))
@@ -192,13 +221,51 @@ def test_cli_run_local_hands_every_option_to_the_local_run(tmp_path, monkeypatch
     assert result.exit_code == 0, result.output
     lines = result.output.splitlines()
     assert lines[-1] == str(tmp_path / "summary.json")
-    printed = [line.split()[0] for line in lines if line.startswith("  ")]
-    assert printed == local.STEP_ORDER, "steps are listed in the DAG's order"
-    assert seen["only_if_new_data"] is True and seen["source"] == "src"
-    assert seen["params"] == local.LocalRunParams(image_size=96, epochs=7, fine_tune_epochs=3, batch_size=4,
-                                                  base_weights="none", seed=5, patience=2, target_recall=0.97,
-                                                  min_recall=0.9, min_auc=0.85, model_name="m", bucket="b",
-                                                  prefix="p")
+    assert seen["only_if_new_data"] is True and seen["params"].source == "src"
+    assert seen["params"] == PipelineParams(source="src", image_size=96, epochs=7, fine_tune_epochs=3, batch_size=4,
+                                            base_weights="none", seed=5, patience=2, target_recall=0.97,
+                                            min_recall=0.9, min_auc=0.85, model_name="m", bucket="b", prefix="p")
+    # A preset sets the defaults; what is given on the command line wins.
+    result = CliRunner().invoke(app, ["pipeline", "run", "--local", "--source", "src", "--workdir", str(tmp_path),
+                                      "--preset", "cpu", "--epochs", "3"])
+    assert result.exit_code == 0, result.output
+    assert seen["params"].epochs == 3 and seen["params"].base_weights == "none" and seen["params"].gpus == 0
+    bad = CliRunner().invoke(app, ["pipeline", "run", "--local", "--source", "src", "--preset", "tpu"])
+    assert bad.exit_code == 1 and "unknown preset 'tpu'" in bad.output
+
+
+def test_step_logs_go_to_files_and_the_console_gets_one_line_per_step(tmp_path):
+    """kfp.local's executor output lands in one log file per step; a failed step shows its log's path and tail."""
+    import logging
+
+    from brainscan.pipelines.local import StepLogs
+
+    lines = []
+    logs = StepLogs(tmp_path / "logs", lines.append)
+    root = logging.getLogger()
+    root.addFilter(logs)
+    handler = logging.StreamHandler(logs)  # as kfp.local points its handler at sys.stdout
+    root.addHandler(handler)
+    level = root.level
+    root.setLevel(logging.INFO)
+    try:
+        logging.info("Executing task 'ingest-op'")
+        logs.write("ingest: 700 files uploaded\n")
+        logging.info("Task 'ingest-op' finished with status \x1b[92mSUCCESS\x1b[0m")
+        logging.info("Executing task 'train-op'")
+        logs.write("Traceback (most recent call last):\nTrainingError: no GPU\n")
+        logging.info("Task 'train-op' finished with status FAILURE")
+    finally:
+        root.removeHandler(handler)
+        root.removeFilter(logs)
+        root.setLevel(level)
+        logs.close()
+    assert "ingest: 700 files uploaded" in (tmp_path / "logs" / "ingest.log").read_text()
+    assert "TrainingError: no GPU" in (tmp_path / "logs" / "train.log").read_text()
+    assert "TrainingError" not in (tmp_path / "logs" / "ingest.log").read_text()
+    assert lines[0].split()[:2] == ["ingest", "SUCCESS"] and lines[1].split()[:2] == ["train", "FAILURE"]
+    assert str(tmp_path / "logs" / "train.log") in lines[2] and "TrainingError: no GPU" in lines[2]
+    assert len(lines) == 3
 
 
 def test_cli_run_without_local_says_where_cluster_runs_go():

@@ -12,6 +12,7 @@ from typer.testing import CliRunner
 from brainscan import storage
 from brainscan.cli import app
 from brainscan.components import ingest
+from brainscan import registry
 from brainscan.components import register as reg
 from brainscan.pipelines import retrain
 
@@ -26,7 +27,7 @@ def source(synthetic_archive, tmp_path) -> Path:
 
 @pytest.fixture
 def tracking(tmp_path, monkeypatch) -> str:
-    uri = reg.default_tracking_uri(tmp_path / "mlflow")
+    uri = registry.default_tracking_uri(tmp_path / "mlflow")
     (tmp_path / "mlflow").mkdir()
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     return uri

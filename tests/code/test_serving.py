@@ -90,12 +90,12 @@ def assert_still_serving(server, images):
 def expected_from_bundle(bundle_dir, images):
     """What the server must answer, computed here with the same bundle and preprocessing."""
     from brainscan.labels import HEALTHY_INDICES
-    from brainscan.modelstore import load_bundle, predict_probabilities
+    from brainscan.modelstore import load_bundle
     from brainscan.preprocessing import preprocess_batch
 
     bundle = load_bundle(str(bundle_dir))
     x = preprocess_batch(images, bundle.image_size)
-    probabilities = predict_probabilities(bundle, x)
+    probabilities = bundle.predict(x)
     tumor = 1.0 - probabilities[:, list(HEALTHY_INDICES)].sum(axis=1)
     return bundle, x, probabilities, tumor
 
@@ -397,7 +397,7 @@ def test_metrics_endpoint(model_server, serving_images):
 
 
 def test_local_status(model_server):
-    from brainscan.serving import local
+    from brainscan import local_server as local
 
     info = local.status(model_server.workdir)
     assert info is not None and info.pid == model_server.pid and info.url == model_server.url

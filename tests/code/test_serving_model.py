@@ -23,7 +23,7 @@ def _identity_model(calls: list):
 
 
 def test_batcher_gathers_concurrent_requests_and_returns_each_its_rows():
-    from brainscan.serving.server import DynamicBatcher
+    from brainscan.serving.batching import DynamicBatcher
 
     calls: list[int] = []
     batcher = DynamicBatcher(_identity_model(calls), max_batch_size=8, max_latency_ms=20)
@@ -42,7 +42,7 @@ def test_batcher_gathers_concurrent_requests_and_returns_each_its_rows():
 
 
 def test_batcher_model_error_reaches_every_waiter_and_it_keeps_working():
-    from brainscan.serving.server import DynamicBatcher
+    from brainscan.serving.batching import DynamicBatcher
 
     fail = {"now": True}
 
@@ -66,7 +66,7 @@ def test_batcher_model_error_reaches_every_waiter_and_it_keeps_working():
 
 
 def test_batcher_bounded_queue_refuses_when_full():
-    from brainscan.serving.server import DynamicBatcher, ServerOverloaded
+    from brainscan.serving.batching import DynamicBatcher, ServerOverloaded
 
     release = threading.Event()
 
@@ -93,7 +93,7 @@ def test_batcher_bounded_queue_refuses_when_full():
 
 
 def test_batcher_rejects_bad_settings():
-    from brainscan.serving.server import DynamicBatcher
+    from brainscan.serving.batching import DynamicBatcher
 
     with pytest.raises(ValueError):
         DynamicBatcher(lambda x: x, max_batch_size=0)
@@ -113,14 +113,14 @@ def test_stock_kserve_cannot_parse_raw_image_bytes_but_ours_can(serving_images):
     from kserve.protocol.dataplane import DataPlane
     from kserve.model_repository import ModelRepository
 
-    from brainscan.serving.server import _binary_safe_data_plane_class
+    from brainscan.serving.server import BinarySafeDataPlane
 
     body, headers = _tritonclient_binary_body(serving_images)
     with pytest.raises(Exception) as stock_error:  # the trap the server works around
         DataPlane(ModelRepository()).decode_inference_request(body, headers, "brain-tumor")
     assert "utf" in str(stock_error.value).lower() or isinstance(stock_error.value, UnicodeDecodeError)
 
-    request = _binary_safe_data_plane_class()(ModelRepository()).decode_inference_request(
+    request = BinarySafeDataPlane(ModelRepository()).decode_inference_request(
         body, headers, "brain-tumor")
     decoded = [bytes(b) for b in request.inputs[0].as_numpy()]
     assert decoded == serving_images
@@ -130,9 +130,9 @@ def test_binary_parser_refuses_broken_framing(serving_images):
     from kserve.errors import InvalidInput
     from kserve.model_repository import ModelRepository
 
-    from brainscan.serving.server import _binary_safe_data_plane_class
+    from brainscan.serving.server import BinarySafeDataPlane
 
-    plane = _binary_safe_data_plane_class()(ModelRepository())
+    plane = BinarySafeDataPlane(ModelRepository())
     body, headers = _tritonclient_binary_body(serving_images[:1])
     for bad_headers, bad_body, message in (
         ({"inference-header-content-length": "abc"}, body, "not a number"),
@@ -161,7 +161,7 @@ def test_refuses_a_bundle_without_threshold_unless_given(tmp_path):
     with pytest.raises(ValueError, match="no calibrated decision threshold.*--threshold"):
         BrainTumorModel(str(bundle)).load()
     model = BrainTumorModel(str(bundle), threshold=0.3)
-    assert model.load() and model.threshold_for(None) == 0.3 and model.threshold_for("ct") == 0.3
+    assert model.load() and model.policy.threshold_for(None) == 0.3 and model.policy.threshold_for("ct") == 0.3
 
 
 def test_per_modality_thresholds(tmp_path, serving_images):
@@ -170,7 +170,7 @@ def test_per_modality_thresholds(tmp_path, serving_images):
 
     model = BrainTumorModel(str(_bundle(tmp_path, threshold=0.5, thresholds={"ct": 0.2, "mri": 0.9})))
     model.load()
-    assert (model.threshold_for("ct"), model.threshold_for("mri"), model.threshold_for(None)) == (0.2, 0.9, 0.5)
+    assert (model.policy.threshold_for("ct"), model.policy.threshold_for("mri"), model.policy.threshold_for(None)) == (0.2, 0.9, 0.5)
     # Scores of 0.6: tumor at CT's threshold, not at MRI's. Modality from the client or, when not
     # given, from the model's own CT-vs-MRI probabilities.
     ct_like = np.zeros(7, np.float32)

@@ -83,7 +83,7 @@ def test_cli_down_also_stops_the_local_model_server(tmp_path, serving_bundle):
     from typer.testing import CliRunner
 
     from brainscan.cli import app
-    from brainscan.serving import local
+    from brainscan import local_server as local
 
     workdir = tmp_path / "work"
     stack.up(workdir)

@@ -37,7 +37,7 @@ E2E_ARCHIVE_SEED = 1
 @contextlib.contextmanager
 def _pipeline_workdir(workdir: Path):
     """Yields workdir; at the end its stack and model server are stopped and the environment restored."""
-    from brainscan.serving import local as local_server
+    from brainscan import local_server
 
     saved = dict(os.environ)
     try:
@@ -58,10 +58,11 @@ def local_run(tmp_path_factory):
 
 
 def _run(source, workdir, base_weights, **overrides):
-    from brainscan.pipelines.local import LocalRunParams, run_local
+    from brainscan.config import PipelineParams
+    from brainscan.pipelines.local import run_local
 
-    params = LocalRunParams(**{**E2E_PARAMS, "base_weights": base_weights, **overrides})
-    path = run_local(str(source), workdir, params, only_if_new_data=True)
+    params = PipelineParams(**{**E2E_PARAMS, "source": str(source), "base_weights": base_weights, **overrides})
+    path = run_local(params, workdir, only_if_new_data=True)
     return path, json.loads(Path(path).read_text())
 
 
@@ -97,7 +98,7 @@ def test_local_pipeline_end_to_end_then_retrain_only_on_new_data(local_run, tmp_
                                                                  synthetic_pretrained_base):
     import pandas as pd
 
-    from brainscan.components.split import read_split
+    from brainscan.dataset import read_split
     from brainscan.pipelines.retrain import check
 
     source = tmp_path / "archive"
@@ -160,12 +161,13 @@ def test_local_pipeline_end_to_end_then_retrain_only_on_new_data(local_run, tmp_
 @pytest.mark.timeout(1800)
 def test_local_pipeline_on_real_sample(tmp_path, real_sample_dir, synthetic_pretrained_base):
     """The real Kaggle sample through the whole pipeline (small sizes; the gate may pass or not)."""
-    from brainscan.pipelines.local import LocalRunParams, run_local
+    from brainscan.config import PipelineParams
+    from brainscan.pipelines.local import run_local
 
-    params = LocalRunParams(**{**E2E_PARAMS, "epochs": 2, "fine_tune_epochs": 1, "prefix": "real",
-                               "base_weights": synthetic_pretrained_base})
+    params = PipelineParams(**{**E2E_PARAMS, "epochs": 2, "fine_tune_epochs": 1, "prefix": "real",
+                               "source": str(real_sample_dir), "base_weights": synthetic_pretrained_base})
     with _pipeline_workdir(tmp_path):
-        summary = json.loads(Path(run_local(str(real_sample_dir), tmp_path, params)).read_text())
+        summary = json.loads(Path(run_local(params, tmp_path)).read_text())
     assert summary["status"] == "succeeded" and summary["trained"] is True
     assert summary["steps"]["validate"]["status"] == "SUCCESS"
     assert isinstance(summary["gate_passed"], bool) and summary["metrics"]["roc_auc"] is not None

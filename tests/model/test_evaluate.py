@@ -2,7 +2,9 @@
 
 A tiny CNN trained for seconds on the synthetic split stands in for the trained Xception
 (the gate logic does not care which network produced the scores); the untrained one is the
-model that must fail. Limits for the tiny model are 0.9 instead of 0.95: it is a stand-in.
+model that must fail. Limits for the tiny model are below the pipeline's 0.95: it is a stand-in,
+and the gate checks the recall lower bound, which the synthetic test split (about 23 tumors)
+caps at 0.878 even when every tumor is found.
 """
 
 from __future__ import annotations
@@ -15,11 +17,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from brainscan import storage
+from brainscan import calibration, storage
 from brainscan.components import evaluate as ev
 from brainscan.modelstore import load_bundle
 
-LIMITS = {"min_recall": 0.9, "min_auc": 0.9}
+LIMITS = {"min_recall": 0.85, "min_auc": 0.9}
 
 
 # ----------------------------------------------------------------------------- score-level units
@@ -28,7 +30,7 @@ def test_threshold_is_the_highest_reaching_target_recall():
     y = rng.random(400) < 0.6
     scores = np.clip(rng.normal(0.35 + 0.3 * y, 0.15), 0, 1)
     for target in (0.8, 0.95, 0.99, 1.0):
-        t = ev.threshold_for_recall(y, scores, target)
+        t = calibration.highest_threshold_reaching(scores[y], target)
         assert np.mean(scores[y] >= t) >= target
         # any higher candidate (the next tumor score up) misses the target
         higher = np.sort(scores[y][scores[y] > t])
@@ -38,7 +40,9 @@ def test_threshold_is_the_highest_reaching_target_recall():
 
 def test_threshold_needs_tumors_in_validation():
     with pytest.raises(ValueError, match="no tumor images"):
-        ev.threshold_for_recall(np.zeros(5, bool), np.linspace(0, 1, 5), 0.99)
+        calibration.highest_threshold_reaching(np.linspace(0, 1, 5)[np.zeros(5, bool)], 0.99)
+    with pytest.raises(ValueError, match="no tumor images"):
+        calibration.recall_threshold([], 0.99)
 
 
 def test_metrics_and_bootstrap_interval():
@@ -54,9 +58,10 @@ def test_metrics_and_bootstrap_interval():
 
 
 def test_gate_rules_in_order_and_champion_tolerance():
-    good = {"recall": 0.97, "roc_auc": 0.98}
+    # The gate checks the recall the test split can promise: its lower bound, not the point estimate.
+    good = {"recall": 0.97, "recall_lower_bound": 0.96, "roc_auc": 0.98}
     assert ev.gate_decision(good, 0.95, 0.95, None, 0.02)["passed"]
-    low_recall = ev.gate_decision({"recall": 0.90, "roc_auc": 0.80}, 0.95, 0.95, None, 0.02)
+    low_recall = ev.gate_decision({"recall": 0.96, "recall_lower_bound": 0.90, "roc_auc": 0.80}, 0.95, 0.95, None, 0.02)
     assert not low_recall["passed"] and low_recall["decided_by"] == "min_recall"
     assert "0.9000 < 0.95" in low_recall["reason"]
     better_champion = {"test": {"recall": 0.99, "roc_auc": 0.999}}
@@ -79,7 +84,10 @@ def test_gate_passes_for_a_trained_model(trained_eval):
     report = json.loads((out / "evaluation.json").read_text())
     assert report["gate"]["passed"] and report["threshold_source"] == "validation split"
     assert report["test"]["recall"] >= LIMITS["min_recall"] and report["test"]["roc_auc"] >= LIMITS["min_auc"]
-    assert set(report["thresholds"]) == {"ct", "mri"}
+    # Too few validation scans per modality for thresholds of their own: the pooled one, and why.
+    assert report["thresholds"] == {} and set(report["calibration"]["pooled_only"]) == {"ct", "mri"}
+    assert report["test"]["recall_lower_bound"] >= LIMITS["min_recall"]
+    assert report["promise"]["statement"].startswith("At this threshold, recall is at least")
     assert np.array(report["confusion_matrix"]).shape == (7, 7)
     assert sum(map(sum, report["confusion_matrix"])) == report["test"]["n"]
     assert set(report["per_class"]) == set(report["classes"]) and report["curves"]["roc"]
@@ -152,6 +160,6 @@ def test_trained_xception_report_is_consistent(request, eval_splits, tmp_path):
         pytest.skip("fixture trained_bundle (tests/fixtures/model.py) not available")
     bundle = load_bundle(str(getattr(bundle_uri, "uri", bundle_uri)))
     result = ev.evaluate(bundle, eval_splits, str(tmp_path), explain=True)
-    expected = result.test["recall"] >= 0.95 and result.test["roc_auc"] >= 0.95
+    expected = result.test["recall_lower_bound"] >= 0.95 and result.test["roc_auc"] >= 0.95
     assert result.passed == expected, result.gate["reason"]
     assert list(Path(tmp_path, "explanations").glob("gradcam_*.png"))

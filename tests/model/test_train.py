@@ -9,7 +9,8 @@ import pandas as pd
 import pytest
 
 from brainscan import storage
-from brainscan.labels import CLASS_INDEX, CLASSES, tumor_probability
+from brainscan.decision import tumor_probability
+from brainscan.labels import CLASS_INDEX, CLASSES
 from brainscan.preprocessing import preprocess_batch
 
 SIZE = 71

@@ -2,8 +2,9 @@
 
 Grad-CAM uses the last 4-D activation of the network (for Xception: the output of the
 convolutional base, block14_sepconv2_act), weighted by the gradient of one class score.
-`gradcam_overlay(bundle, image_bytes)` is what the model server calls: one image in, a PNG out.
-TensorFlow is imported inside the functions.
+`gradcam_overlay(bundle, image_bytes)` is what the model server calls: one image in, a PNG out;
+evaluation writes overlays of test images with `gradcam` and `lime_png`. Not a pipeline step:
+a view on a model that serving and evaluation share.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Sequence
 import numpy as np
 
 from brainscan.labels import CLASSES
+from brainscan.preprocessing import preprocess_batch
 
 
 # ----------------------------------------------------------------------------- Grad-CAM
@@ -24,7 +26,7 @@ def _last_conv_path(model):
     Looks at the top level first; if the 4-D part is hidden inside a nested model (e.g.
     Xception built with pooling="avg"), looks inside the last nested model that has one.
     """
-    import keras
+    import keras  # TensorFlow's import costs seconds: only when a model is explained
 
     for layer in reversed(model.layers):
         shape = getattr(layer, "output", None)
@@ -44,7 +46,7 @@ class _GradCam:
     """Callable x -> (conv activations, class probabilities), built once per model."""
 
     def __init__(self, model):
-        import keras
+        import keras  # see _last_conv_path
 
         nested, layer = _last_conv_path(model)
         self.layer_name = layer.name
@@ -93,7 +95,7 @@ def gradcam(model, images: np.ndarray, class_indices: Sequence[int] | None = Non
     images: preprocessed float32 [N, S, S, 3]; class_indices: the class to explain per image
     (default: the predicted one).
     """
-    import tensorflow as tf
+    import tensorflow as tf  # see _last_conv_path
 
     cam = _gradcam_for(model)
     x = tf.convert_to_tensor(np.asarray(images, dtype=np.float32))
@@ -119,7 +121,7 @@ def gradcam(model, images: np.ndarray, class_indices: Sequence[int] | None = Non
 
 def _as_rgb_uint8(image) -> np.ndarray:
     """Encoded bytes, a uint8 array or a preprocessed [-1, 1] float array -> uint8 RGB [H, W, 3]."""
-    from PIL import Image
+    from PIL import Image  # the drawing libraries only where a picture is drawn
 
     if isinstance(image, (bytes, bytearray, memoryview)):
         with Image.open(io.BytesIO(bytes(image))) as img:
@@ -136,6 +138,7 @@ def _as_rgb_uint8(image) -> np.ndarray:
 def overlay_png(image, heatmap: np.ndarray, alpha: float = 0.45, max_side: int = 512,
                 title: str | None = None) -> bytes:
     """PNG bytes: the image with the heat map (jet colours) blended over it."""
+    # the drawing libraries only where a picture is drawn
     from matplotlib import colormaps
     from PIL import Image, ImageDraw
 
@@ -158,8 +161,6 @@ def overlay_png(image, heatmap: np.ndarray, alpha: float = 0.45, max_side: int =
 
 def gradcam_overlay(bundle, image_bytes: bytes, class_index: int | None = None) -> bytes:
     """One encoded image in, a Grad-CAM overlay PNG out (the class explained: predicted or given)."""
-    from brainscan.preprocessing import preprocess_batch
-
     x = preprocess_batch([image_bytes], bundle.image_size)
     heat, probs = gradcam(bundle.model, x, None if class_index is None else [class_index])
     shown = int(np.argmax(probs[0])) if class_index is None else int(class_index)
@@ -168,18 +169,18 @@ def gradcam_overlay(bundle, image_bytes: bytes, class_index: int | None = None) 
 
 # ----------------------------------------------------------------------------- LIME
 def lime_png(bundle, image: np.ndarray, num_samples: int = 150, num_features: int = 6, seed: int = 0) -> bytes:
-    """LIME super-pixels that support the predicted class of one preprocessed image, as a PNG."""
+    """LIME super-pixels that support the predicted class of one preprocessed image (`bundle`: a
+    brainscan.modelstore.ModelBundle), as a PNG."""
+    # LIME and scikit-image load slowly and only evaluation draws these
     from lime import lime_image
     from PIL import Image
     from skimage.segmentation import mark_boundaries
-
-    from brainscan.modelstore import predict_probabilities
 
     # LIME segments and perturbs a [0, 1] image; the model wants Xception's [-1, 1].
     display = (np.asarray(image, dtype=np.float64) + 1.0) / 2.0
 
     def classify(batch: np.ndarray) -> np.ndarray:
-        return predict_probabilities(bundle, (np.asarray(batch, dtype=np.float32) * 2.0) - 1.0)
+        return bundle.predict((np.asarray(batch, dtype=np.float32) * 2.0) - 1.0)
 
     explainer = lime_image.LimeImageExplainer(random_state=seed)
     explanation = explainer.explain_instance(display, classify, top_labels=1, hide_color=0,

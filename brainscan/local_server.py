@@ -1,5 +1,8 @@
 """Run the model server as a background process on 127.0.0.1 (what `deploy --local` uses).
 
+Part of the local stack (like brainscan.stack's SeaweedFS and MLflow): it starts the
+`brainscan serve` command in its own process and only talks HTTP to it.
+
 `start(model_uri, workdir)` runs `brainscan serve` detached, waits until the model is ready and
 writes `{workdir}/serving/server.json`; starting again on a new model replaces the running
 server (reload); `status(workdir)` reads the state back if the process still lives;
@@ -15,10 +18,12 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from brainscan.serving.client import ready
+from brainscan.config import MODEL_NAME
 from brainscan.stack import process_alive
 
 HOST = "127.0.0.1"
@@ -58,6 +63,15 @@ def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind((HOST, 0))
         return sock.getsockname()[1]
+
+
+def ready(url: str, model: str = MODEL_NAME, timeout: float = 5.0) -> bool:
+    """True when the server says the model is ready (v2 model-ready endpoint)."""
+    try:
+        with urllib.request.urlopen(f"{url.rstrip('/')}/v2/models/{model}/ready", timeout=timeout) as response:
+            return response.status == 200
+    except (urllib.error.URLError, OSError):
+        return False
 
 
 def status(workdir) -> LocalServer | None:

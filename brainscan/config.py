@@ -1,0 +1,159 @@
+"""Every name and default of brainscan, written once (as TFX templates keep theirs in configs.py).
+
+`PipelineParams` is the one parameters object of a pipeline run: the KFP pipeline takes its
+fields as parameters (with their help as the one-line description the Kubeflow UI shows), the
+local runner runs it, and the CLI turns each field into an option. `ServeSettings` does the
+same for the model server. `PRESETS` are named sets of pipeline parameters (`--preset`).
+
+Standard library only: the CLI reads this module to build its options before any heavy import.
+"""
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+
+# ----------------------------------------------------------------------------- names
+MODEL_NAME = "brain-tumor"  # MLflow registered model, v2 model name, InferenceService name
+CHAMPION_ALIAS = "champion"  # the MLflow alias that is deployed
+
+
+def champion_uri(name: str = MODEL_NAME) -> str:
+    """The MLflow URI of a registered model's deployed version."""
+    return f"models:/{name}@{CHAMPION_ALIAS}"
+
+
+CHAMPION_URI = champion_uri()
+EXPERIMENT = "brainscan"  # MLflow experiment of the register runs
+KAGGLE_DATASET = "murtozalikhon/brain-tumor-multimodal-image-ct-and-mri"
+DEFAULT_SOURCE = f"kaggle:{KAGGLE_DATASET}"
+DEFAULT_WORKDIR = ".brainscan"  # local stack, pipeline root, summaries
+DEMO_WORKDIR = ".brainscan-demo"
+NAMESPACE = "kubeflow-user"  # the Kubeflow profile namespace the manifests in infra/k8s use
+S3_SECRET = "brainscan-s3"  # Kubernetes secret with the S3 and MLflow settings
+SERVING_SERVICE_ACCOUNT = "brainscan-serving"
+PIPELINE_IMAGE = "ghcr.io/brainscan/brainscan-pipeline:0.1.0"
+SERVING_IMAGE = "ghcr.io/brainscan/brainscan-serving:0.1.0"
+PIPELINE_NAME = "brainscan-train"
+RETRAIN_PIPELINE_NAME = "brainscan-retrain-if-new-data"
+
+# ----------------------------------------------------------------------------- data
+VAL_FRACTION = 0.15
+TEST_FRACTION = 0.15
+MIN_IMAGE_SIZE = 71  # the smallest input Xception accepts
+# Width x height of one image, read from its header before anything is decoded (decompression
+# bombs); the archive's largest scans are about 1,500 px a side.
+MAX_IMAGE_PIXELS = 40_000_000
+
+IO_WORKERS = 16  # parallel reads / uploads: S3 latency, not bandwidth, is the limit
+
+
+@dataclass(frozen=True)
+class ValidationLimits:
+    """What the great-expectations suite accepts (validate step, `brainscan validate`)."""
+
+    min_per_class: int = field(default=20, metadata={"help": "Minimum images in each class."})
+    max_class_ratio: float = field(default=5.0, metadata={"help": "Largest class / smallest class, at most."})
+    min_side: int = field(default=64, metadata={"help": "Smallest image side allowed (px)."})
+    max_side: int = field(default=4096, metadata={"help": "Largest image side allowed (px)."})
+    allow_corrupt: float = field(default=0.0, metadata={"help": "Fraction of undecodable files tolerated."})
+    max_duplicate_fraction: float = field(default=0.2, metadata={"help": "Fraction of exact duplicates tolerated."})
+
+
+VALIDATION = ValidationLimits()
+
+# Where a local run tells its steps to deploy to the local model server instead of a cluster
+# (an environment variable: configuration, not a pipeline parameter).
+LOCAL_DEPLOY_ENV = "BRAINSCAN_LOCAL_DEPLOY_WORKDIR"
+
+
+def _param(default, help: str, **extra):
+    return field(default=default, metadata={"help": help, **extra})
+
+
+@dataclass(frozen=True)
+class PipelineParams:
+    """The parameters of a pipeline run, with the cluster's defaults (299 px, ImageNet weights, a GPU)."""
+
+    source: str = _param(DEFAULT_SOURCE, "Images: kaggle:OWNER/DATASET (or .../versions/N), an s3:// prefix, a folder or a .zip.")
+    bucket: str = _param("brainscan", "S3 bucket for the dataset copy, splits, models and reports.")
+    prefix: str = _param("pipeline", "Prefix inside the bucket for this pipeline's data.")
+    image_size: int = _param(299, "Square input size in pixels (Xception accepts 71 and up).", min=MIN_IMAGE_SIZE)
+    epochs: int = _param(10, "Stage 1 epochs: the head on a frozen base, or the whole network from scratch.", min=1)
+    fine_tune_epochs: int = _param(5, "Stage 2 epochs at a lower learning rate (fine-tuning).", min=0)
+    batch_size: int = _param(32, "Images per training step, over all GPUs.", min=1)
+    learning_rate: float = _param(1e-3, "Stage 1 learning rate (stage 2 uses a fraction of it).")
+    base_weights: str = _param("imagenet", "Xception start: imagenet, none (from scratch), or a path / s3:// URI "
+                                           "of an .h5 weights file.")
+    seed: int = _param(42, "Seed of the split and of training: same seed, same result.")
+    patience: int = _param(4, "Early stopping patience in epochs, on validation loss.", min=1)
+    target_recall: float = _param(0.99, "Recall the decision threshold is calibrated for, on the validation split.")
+    min_recall: float = _param(0.95, "Gate: lowest test recall to register and deploy the model.")
+    min_auc: float = _param(0.95, "Gate: lowest test ROC-AUC to register and deploy the model.")
+    gpus: int = _param(1, "GPUs for the training step.", min=0)
+    namespace: str = _param(NAMESPACE, "Kubernetes namespace of the InferenceService.")
+    canary_percent: int = _param(0, "Traffic share for the new model: 0 replaces the served one at once, "
+                                    "10 starts a 10 % canary.", min=0, max=100)
+    model_name: str = _param(MODEL_NAME, "MLflow registered model name.")
+
+    def replace(self, **changes) -> "PipelineParams":
+        unknown = sorted(set(changes) - set(param_names()))
+        if unknown:
+            raise ValueError(f"unknown pipeline parameter(s): {', '.join(unknown)}")
+        return dataclasses.replace(self, **changes)
+
+    def as_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+DEFAULTS = PipelineParams()
+
+# Named parameter sets. "gpu": the cluster defaults above. "cpu": what 2 CPU cores can train
+# from scratch on a few hundred real scans (see docs/results/). "demo": `brainscan demo`'s tiny
+# model on the synthetic archive, with a gate to match.
+PRESETS: dict[str, dict] = {
+    "gpu": {},
+    "cpu": {"image_size": 96, "epochs": 18, "fine_tune_epochs": 4, "batch_size": 16, "base_weights": "none",
+            "gpus": 0},
+    "demo": {"image_size": 71, "epochs": 10, "fine_tune_epochs": 2, "batch_size": 8, "base_weights": "none",
+             "patience": 10, "target_recall": 0.95, "min_recall": 0.80, "min_auc": 0.80, "prefix": "demo", "gpus": 0},
+}
+
+
+def preset(name: str | None) -> PipelineParams:
+    if name is None:
+        return DEFAULTS
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; expected one of {', '.join(PRESETS)}")
+    return DEFAULTS.replace(**PRESETS[name])
+
+
+@dataclass(frozen=True)
+class ServeSettings:
+    """How `brainscan serve` runs: ports, batching, and what one request may hold."""
+
+    host: str = _param("127.0.0.1", "Address to bind (0.0.0.0 only inside a container).")
+    http_port: int = _param(8080, "v2 REST port.")
+    grpc_port: int = _param(8081, "v2 gRPC port.")
+    max_batch_size: int = _param(32, "Most images per batched model call.", min=1)
+    max_latency_ms: float = _param(5.0, "Longest wait for a batch to fill, in milliseconds.", min=0.0)
+    max_queue: int = _param(1024, "Images allowed to wait for the model; beyond that 503.", min=1)
+    max_images: int = _param(64, "Images allowed in one request.", min=1)
+    max_image_bytes: int = _param(20 * 1024 * 1024, "Bytes of one encoded image file.", min=1)
+    max_pixels: int = _param(MAX_IMAGE_PIXELS, "Width x height of one image, read from its header before decoding.", min=1)
+    max_request_bytes: int = _param(64 * 1024 * 1024, "Largest REST body or gRPC message.", min=1)
+
+
+def param_names(cls=PipelineParams) -> list[str]:
+    return [f.name for f in dataclasses.fields(cls)]
+
+
+def param_types(cls=PipelineParams) -> dict[str, type]:
+    return typing.get_type_hints(cls)
+
+
+def param_help(name: str, cls=PipelineParams) -> str:
+    return next(f.metadata["help"] for f in dataclasses.fields(cls) if f.name == name)
+
+
+def param_field(name: str, cls=PipelineParams) -> dataclasses.Field:
+    return next(f for f in dataclasses.fields(cls) if f.name == name)

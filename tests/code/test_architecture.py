@@ -1,0 +1,50 @@
+"""The code's shape: dependencies point one way, and the registered model carries all the code it runs."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+from brainscan import pyfunc
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "scripts"))
+import import_graph  # noqa: E402  (scripts/ is not a package)
+
+
+def test_import_graph_has_no_loops_no_upward_imports_and_no_silent_lazy_imports():
+    done = subprocess.run([sys.executable, str(ROOT / "scripts" / "import_graph.py"), "--check"],
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout[-4000:]
+    result = import_graph.analyse()
+    assert result["loops"] == [] and result["violations"] == [] and result["unexplained"] == {}
+
+
+def test_the_checker_sees_what_it_forbids(tmp_path, monkeypatch):
+    """A planted loop, an upward import and an unexplained lazy import are each reported."""
+    for folder in ("brainscan", "components", "pipelines", "serving", "benchmarks"):
+        (tmp_path / folder).mkdir()
+    (tmp_path / "brainscan" / "a.py").write_text("from brainscan import b\n")
+    (tmp_path / "brainscan" / "b.py").write_text("import brainscan.a\n")
+    (tmp_path / "brainscan" / "c.py").write_text("from brainscan.components import step\n")
+    (tmp_path / "components" / "step.py").write_text("def f():\n    import json\n    return json\n")
+    monkeypatch.setattr(import_graph, "ROOT", tmp_path)
+    result = import_graph.analyse()
+    assert result["loops"] == [["brainscan.a", "brainscan.b"]]
+    assert any("brainscan.c" in v and "points up" in v for v in result["violations"])
+    assert list(result["unexplained"]) == ["brainscan.components.step"]
+
+
+def test_the_registered_model_code_is_closed_under_its_imports():
+    """What pyfunc.code_package ships is every brainscan module the pyfunc imports, nothing missing."""
+    result = import_graph.analyse()
+    graph = result["graph"]
+    shipped = {"brainscan" if name == "__init__.py" else f"brainscan.{name[:-3]}" for name in pyfunc.SHIPPED_MODULES}
+    reached, todo = set(), ["brainscan.pyfunc", "brainscan.pyfunc_entry"]
+    while todo:
+        module = todo.pop()
+        if module not in reached:
+            reached.add(module)
+            todo.extend(graph.get(module, ()))
+    assert reached - {"brainscan.pyfunc_entry"} <= shipped, sorted(reached - shipped)
