@@ -597,7 +597,8 @@ def pipeline_schedule(
 def demo(
     given: dict,
     workdir: Path = typer.Option(Path(DEMO_WORKDIR), "--workdir", help="Everything the demo writes goes here."),
-    per_class: int = typer.Option(30, "--per-class", min=20, help="Synthetic images per class."),
+    per_class: int = typer.Option(60, "--per-class", min=20,
+                                  help="Synthetic images per class (60: enough validation and test tumors for a recall promise)."),
 ) -> None:
     """The whole local stack end to end on an offline synthetic dataset, then one v2 prediction
     (the demo preset; the options given override it)."""
@@ -611,7 +612,7 @@ def demo(
     typer.echo(f"1/2 writing a synthetic CT/MRI archive ({per_class} images per class) ...", err=True)
     data = synth.generate(workdir / "synthetic", per_class=per_class, seed=0)
     typer.echo(f"2/2 running the pipeline locally (preset demo: {params.image_size} px, "
-               f"{params.epochs}+{params.fine_tune_epochs} epochs); step logs in {workdir / 'runs'}", err=True)
+               f"{params.epochs}+{params.fine_tune_epochs} epochs); step logs in {workdir / 'logs'}", err=True)
     try:
         summary_path = run_local(params.replace(source=str(data.out_dir)), workdir)
     except (FileNotFoundError, ValueError, RuntimeError) as err:

@@ -86,8 +86,10 @@ class PipelineParams:
                                            "of an .h5 weights file.")
     seed: int = _param(42, "Seed of the split and of training: same seed, same result.")
     patience: int = _param(4, "Early stopping patience in epochs, on validation loss.", min=1)
-    target_recall: float = _param(0.99, "Recall the decision threshold is calibrated for, on the validation split.")
-    min_recall: float = _param(0.95, "Gate: lowest test recall to register and deploy the model.")
+    target_recall: float = _param(0.99, "Recall the threshold promises with 95% confidence, calibrated on the "
+                                        "validation split (sample size included).")
+    min_recall: float = _param(0.95, "Gate: lowest recall the test split can promise (95% lower bound) to register "
+                                     "and deploy the model.")
     min_auc: float = _param(0.95, "Gate: lowest test ROC-AUC to register and deploy the model.")
     gpus: int = _param(1, "GPUs for the training step.", min=0)
     namespace: str = _param(NAMESPACE, "Kubernetes namespace of the InferenceService.")

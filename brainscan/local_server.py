@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -24,7 +23,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from brainscan.config import MODEL_NAME
-from brainscan.stack import process_alive
+from brainscan.stack import free_ports, log_tail, process_alive
 
 HOST = "127.0.0.1"
 
@@ -57,12 +56,6 @@ def _state_dir(workdir) -> Path:
 
 def _state_file(workdir) -> Path:
     return _state_dir(workdir) / "server.json"
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind((HOST, 0))
-        return sock.getsockname()[1]
 
 
 def ready(url: str, model: str = MODEL_NAME, timeout: float = 5.0) -> bool:
@@ -100,8 +93,9 @@ def start(model_uri: str, workdir, http_port: int | None = None, grpc_port: int 
         stop(workdir)
     state = _state_dir(workdir)
     state.mkdir(parents=True, exist_ok=True)
-    http_port = http_port or _free_port()
-    grpc_port = grpc_port or _free_port()
+    fresh = free_ports(2)
+    http_port = http_port or fresh[0]
+    grpc_port = grpc_port or fresh[1]
     log_file = state / "server.log"
     command = [sys.executable, "-m", "brainscan.cli", "serve", "--model", str(model_uri), "--host", HOST,
                "--http-port", str(http_port), "--grpc-port", str(grpc_port), *map(str, extra_args)]
@@ -116,12 +110,12 @@ def start(model_uri: str, workdir, http_port: int | None = None, grpc_port: int 
         if process.poll() is not None:
             _state_file(workdir).unlink(missing_ok=True)
             raise RuntimeError(f"model server exited with code {process.returncode} while starting:\n"
-                               + _tail(log_file))
+                               + log_tail(log_file))
         if ready(info.url, timeout=2.0):
             return info
         time.sleep(0.5)
     stop(workdir)
-    raise RuntimeError(f"model server not ready after {timeout:.0f}s:\n" + _tail(log_file))
+    raise RuntimeError(f"model server not ready after {timeout:.0f}s:\n" + log_tail(log_file))
 
 
 def stop(workdir, timeout: float = 20.0) -> bool:
@@ -147,10 +141,3 @@ def stop(workdir, timeout: float = 20.0) -> bool:
 def reload(model_uri: str, workdir, **kwargs) -> LocalServer:
     """Serve model_uri instead of the current model (same ports)."""
     return start(model_uri, workdir, **kwargs)
-
-
-def _tail(path: Path, lines: int = 25) -> str:
-    try:
-        return "\n".join(Path(path).read_text(errors="replace").splitlines()[-lines:])
-    except OSError:
-        return "(no log)"

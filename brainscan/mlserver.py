@@ -18,17 +18,15 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
 from brainscan.config import MODEL_NAME
-from brainscan.stack import process_alive
+from brainscan.local_server import ready
+from brainscan.stack import free_ports, log_tail, process_alive, tool
 
 MLSERVER_PINS = Path(__file__).resolve().parents[1] / "infra" / "docker" / "mlserver-requirements.txt"
 HOST = "127.0.0.1"
@@ -50,11 +48,7 @@ def environments_dir() -> Path:
 
 
 def _uv() -> str:
-    beside = Path(sys.executable).parent / "uv"
-    found = str(beside) if beside.is_file() else shutil.which("uv")
-    if not found:
-        raise RuntimeError("uv is needed to build model environments: `pip install uv` (scripts/dev.sh installs it)")
-    return found
+    return tool("uv", "`pip install uv` (scripts/dev.sh installs it)")
 
 
 def model_environment(model_dir: str | Path, extra: tuple[str, ...] = (), log=print) -> Path:
@@ -78,12 +72,6 @@ def model_environment(model_dir: str | Path, extra: tuple[str, ...] = (), log=pr
     return folder
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind((HOST, 0))
-        return sock.getsockname()[1]
-
-
 @dataclass
 class MLServerProcess:
     pid: int
@@ -97,20 +85,12 @@ class MLServerProcess:
         return f"http://{HOST}:{self.http_port}"
 
 
-def _ready(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(f"{url}/v2/models/{MODEL_NAME}/ready", timeout=2) as response:
-            return response.status == 200
-    except (urllib.error.URLError, OSError):
-        return False
-
-
 def start(model_dir: str | Path, folder: str | Path, environment: Path, max_batch_size: int = 32,
           max_batch_time_ms: float = 5.0, timeout: float = 300.0) -> MLServerProcess:
     """MLServer serving the MLflow model in `model_dir` as `brain-tumor` (v2 REST and gRPC on loopback)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    http_port, grpc_port, metrics_port = _free_port(), _free_port(), _free_port()
+    http_port, grpc_port, metrics_port = free_ports(3)
     (folder / "settings.json").write_text(json.dumps({
         "host": HOST, "http_port": http_port, "grpc_port": grpc_port, "metrics_port": metrics_port,
         "parallel_workers": 1}))
@@ -127,12 +107,12 @@ def start(model_dir: str | Path, folder: str | Path, environment: Path, max_batc
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            raise RuntimeError(f"MLServer exited with code {process.returncode}:\n" + _tail(log_file))
-        if _ready(server.url):
+            raise RuntimeError(f"MLServer exited with code {process.returncode}:\n" + log_tail(log_file))
+        if ready(server.url, timeout=2.0):
             return server
         time.sleep(0.5)
     stop(server)
-    raise RuntimeError(f"MLServer not ready after {timeout:.0f}s:\n" + _tail(log_file))
+    raise RuntimeError(f"MLServer not ready after {timeout:.0f}s:\n" + log_tail(log_file))
 
 
 def stop(server: MLServerProcess, timeout: float = 20.0) -> None:
@@ -149,10 +129,3 @@ def stop(server: MLServerProcess, timeout: float = 20.0) -> None:
     except ProcessLookupError:
         pass
     process_alive(server.pid)  # reap
-
-
-def _tail(path: Path, lines: int = 30) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-    except OSError:
-        return "(no log)"

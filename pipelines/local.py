@@ -8,9 +8,9 @@ setting (brainscan.config.LOCAL_DEPLOY_ENV) reach every step. After the run the 
 is already served by the deploy step (local model server); one v2 request goes to it and
 `summary.json` records everything.
 
-Quiet by design: each step's KFP executor output goes to `runs/<run>/logs/<step>.log`; the
-console gets one line per step (name, status, seconds) and, for a failed step, its log's path
-and last lines.
+Quiet by design: each step's KFP executor output goes to `logs/<run start>/<step>.log` in the
+work dir; the console gets one line per step (name, status, seconds) and, for a failed step,
+its log's path and last lines.
 """
 
 from __future__ import annotations
@@ -120,10 +120,7 @@ class StepLogs(logging.Filter):
 
 
 def _tail(path: Path | None, lines: int = 12) -> str:
-    if path is None or not Path(path).is_file():
-        return ""
-    text = Path(path).read_text(errors="replace").rstrip().splitlines()[-lines:]
-    return "\n".join(f"    | {line}" for line in text)
+    return "\n".join(f"    | {line}" for line in stack.log_tail(path, lines).splitlines())
 
 
 def _task_outputs(run_dir: Path) -> dict[str, dict]:
@@ -177,8 +174,7 @@ def run_local(params: PipelineParams, workdir: str | os.PathLike = DEFAULT_WORKD
     pipeline = retrain_pipeline if only_if_new_data else training_pipeline
 
     run_name = time.strftime("run-%Y%m%d-%H%M%S")
-    run_folder = workdir / "runs" / run_name
-    steps_log = StepLogs(run_folder / "logs", report)
+    steps_log = StepLogs(workdir / "logs" / run_name, report)
     root_logger = logging.getLogger()
     root_logger.addFilter(steps_log)
     before = set(pipeline_root.glob("*")) if pipeline_root.exists() else set()
@@ -232,7 +228,8 @@ def run_local(params: PipelineParams, workdir: str | os.PathLike = DEFAULT_WORKD
         except Exception as err:  # the run itself succeeded; say what went wrong with the request
             summary["prediction"] = {"error": f"{type(err).__name__}: {err}"}
 
-    summary_path = run_folder / "summary.json"
+    summary_path = workdir / "runs" / (run_dir.name if run_dir else run_name) / "summary.json"
+    summary_path.parent.mkdir(parents=True, exist_ok=True)
     summary_path.write_text(json.dumps(summary, indent=2, sort_keys=True, default=str))
     (workdir / "summary.json").write_text(summary_path.read_text())  # the latest run, at a fixed place
     if error is not None:
