@@ -300,6 +300,7 @@ def evaluate_cmd(
     typer.echo(f"threshold {result.threshold:.4g} (validation, target recall {target_recall}); test recall "
                f"{test['recall']:.4f} {test['recall_ci95']}, precision {test['precision']:.4f} {test['precision_ci95']}, "
                f"ROC-AUC {test['roc_auc']:.4f}; gate {result.gate['reason']}; report {result.report_uri}", err=True)
+    typer.echo(result.promise["statement"], err=True)
     if as_json:
         emit_json(result.summary())
     if fail_on_gate and not result.passed:
@@ -494,6 +495,8 @@ def pipeline_run(
 
 def _print_run_summary(summary_path: Path) -> None:
     summary = json.loads(Path(summary_path).read_text())
+    if summary.get("promise"):
+        typer.echo(summary["promise"], err=True)
     if summary.get("model_uri"):
         typer.echo(f"registered {summary['model_uri']} (tracking {summary['tracking_uri']}), "
                    f"served at {summary.get('served_url')}", err=True)

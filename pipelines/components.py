@@ -171,6 +171,7 @@ def evaluate_op(model_uri: str, splits_uri: str, target_recall: float, min_recal
             images.append(f'<figure><img src="data:image/png;base64,{encoded}"><figcaption>{name}</figcaption></figure>')
     with open(report.path, "w") as handle:
         handle.write(f"<h1>Evaluation: gate {'passed' if passed else 'FAILED'}</h1>"
+                     f"<p><b>{evaluation.get('promise', {}).get('statement', '')}</b></p>"
                      f"<p>{gate.get('reason', '')}</p>" + "".join(images))
     metrics.metadata["gate_passed"] = passed
     return passed

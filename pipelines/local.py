@@ -269,6 +269,7 @@ def _summarise(params, steps, elapsed, error, run_dir, tracking_uri, only_if_new
         "metrics": (evaluation or {}).get("test"),
         "threshold": (evaluation or {}).get("threshold"),
         "thresholds": (evaluation or {}).get("thresholds"),
+        "promise": ((evaluation or {}).get("promise") or {}).get("statement"),
         "gate_passed": out("evaluate", "Output"),
         "gate": gate,
         "model_name": params.model_name,
