@@ -2,6 +2,7 @@
 
     python scripts/import_graph.py            # the graph, its layers, loops and function-level imports
     python scripts/import_graph.py --check    # exit 1 when a rule below is broken (tests/code/test_architecture.py)
+    python scripts/import_graph.py --root DIR # another checkout, e.g. `git worktree add DIR <commit>` of an older one
 
 Layers (dependencies point down only):
     cli          brainscan/cli.py
@@ -201,7 +202,11 @@ def analyse() -> dict:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--check", action="store_true", help="exit 1 when a rule is broken")
+    parser.add_argument("--root", type=Path, help="the checkout to read (default: this one)")
     args = parser.parse_args(argv)
+    if args.root:
+        global ROOT
+        ROOT = args.root.resolve()
     result = analyse()
     edges = [e for e in result["edges"] if e.target != "tests"]
     by_source: dict[str, list[Import]] = defaultdict(list)
