@@ -432,7 +432,12 @@ def deploy_cmd(
     workdir: Path = typer.Option(Path(DEFAULT_WORKDIR), "--workdir", help="Local server state (with --local)."),
     timeout: float = typer.Option(600, "--timeout", help="Seconds to wait for Ready before rolling back."),
     image: Optional[str] = typer.Option(None, "--image", help="Serving image (default: $BRAINSCAN_SERVING_IMAGE)."),
-    gpus: int = typer.Option(1, "--gpus", min=0, help="GPUs per predictor replica (0: CPU only)."),
+    gpus: int = setting("serving_gpus", flag="--gpus"),
+    deployment_mode: str = setting("deployment_mode"),
+    gpu_node_selection: Optional[bool] = typer.Option(
+        None, "--gpu-node-selection/--no-gpu-node-selection", show_default="RawDeployment: yes, Serverless: no",
+        help="GPU node selector and toleration on a GPU predictor. A stock Knative refuses them: turn on its "
+             "podspec flags first (infra/k8s/knative/) for Serverless."),
     min_replicas: int = typer.Option(1, "--min-replicas", min=0, help="Fewest predictor replicas."),
     max_replicas: int = typer.Option(3, "--max-replicas", min=1, help="Most predictor replicas."),
     kubeconfig: Optional[Path] = typer.Option(None, "--kubeconfig",
@@ -449,7 +454,8 @@ def deploy_cmd(
         result = deploy(model, namespace=namespace, name=name, canary_percent=canary, local=local,
                         timeout_s=timeout, image=image, gpus=gpus, kubeconfig=kubeconfig,
                         poll_interval_s=poll_interval, workdir=workdir, min_replicas=min_replicas,
-                        max_replicas=max_replicas)
+                        max_replicas=max_replicas, deployment_mode=deployment_mode,
+                        gpu_node_selection=gpu_node_selection)
     except (ValueError, RuntimeError, FileNotFoundError) as err:
         fail(str(err).splitlines()[0])
     typer.echo(result.message, err=True)

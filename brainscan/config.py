@@ -9,6 +9,7 @@ Standard library only: the CLI reads this module to build its options before any
 """
 
 import dataclasses
+import os
 import typing
 from dataclasses import dataclass, field
 
@@ -33,6 +34,55 @@ S3_SECRET = "brainscan-s3"  # Kubernetes secret with the S3 and MLflow settings
 SERVING_SERVICE_ACCOUNT = "brainscan-serving"
 PIPELINE_IMAGE = "ghcr.io/brainscan/brainscan-pipeline:0.1.0"
 SERVING_IMAGE = "ghcr.io/brainscan/brainscan-serving:0.1.0"
+# Where a user's registry holds the images: these variables, read when the pipeline is compiled
+# (or a run submitted), become the defaults of the pipeline's image parameters below.
+PIPELINE_IMAGE_ENV = "BRAINSCAN_PIPELINE_IMAGE"
+TRAIN_IMAGE_ENV = "BRAINSCAN_PIPELINE_GPU_IMAGE"
+SERVING_IMAGE_ENV = "BRAINSCAN_SERVING_IMAGE"
+
+
+def default_pipeline_image() -> str:
+    return os.environ.get(PIPELINE_IMAGE_ENV) or PIPELINE_IMAGE
+
+
+def default_train_image() -> str:
+    """The training step's (GPU) image: its own variable, else the pipeline image a user set, else ours + -gpu."""
+    return os.environ.get(TRAIN_IMAGE_ENV) or os.environ.get(PIPELINE_IMAGE_ENV) or PIPELINE_IMAGE + "-gpu"
+
+
+def default_serving_image() -> str:
+    return os.environ.get(SERVING_IMAGE_ENV) or SERVING_IMAGE
+
+
+# GPU nodes, as the NVIDIA GPU operator labels and taints them: the training pod and a
+# RawDeployment predictor that ask for GPUs go there (a Serverless one cannot: see
+# components/inferenceservice.py).
+GPU_RESOURCE = "nvidia.com/gpu"
+GPU_NODE_SELECTOR = {"nvidia.com/gpu.present": "true"}
+GPU_TOLERATIONS = ({"key": GPU_RESOURCE, "operator": "Exists", "effect": "NoSchedule"},)
+
+
+def gpu_placement(gpus: int) -> tuple[dict, list]:
+    """(node selector, tolerations) of a pod asking for `gpus` GPUs: GPU nodes only when it asks for any."""
+    if gpus > 0:
+        return dict(GPU_NODE_SELECTOR), [dict(t) for t in GPU_TOLERATIONS]
+    return {}, []
+
+
+# KServe deployment modes, by the names every KServe release accepts; KServe 0.16 renamed them
+# (Knative, Standard) and still reads these. The InferenceService carries the name given here.
+SERVERLESS = "Serverless"  # Knative: scale to zero, canary revisions; one container port
+RAW_DEPLOYMENT = "RawDeployment"  # a plain Deployment + Service (KServe's "Standard")
+DEPLOYMENT_MODES = {SERVERLESS: SERVERLESS, "Knative": SERVERLESS, RAW_DEPLOYMENT: RAW_DEPLOYMENT,
+                    "Standard": RAW_DEPLOYMENT}
+
+
+def canonical_deployment_mode(name: str) -> str:
+    """The canonical mode for a name (either spelling); ValueError for anything else."""
+    if name not in DEPLOYMENT_MODES:
+        raise ValueError(f"deployment mode {name!r}: expected one of {', '.join(DEPLOYMENT_MODES)}")
+    return DEPLOYMENT_MODES[name]
+
 PIPELINE_NAME = "brainscan-train"
 RETRAIN_PIPELINE_NAME = "brainscan-retrain-if-new-data"
 
@@ -91,11 +141,26 @@ class PipelineParams:
     min_recall: float = _param(0.95, "Gate: lowest recall the test split can promise (95% lower bound) to register "
                                      "and deploy the model.")
     min_auc: float = _param(0.95, "Gate: lowest test ROC-AUC to register and deploy the model.")
-    gpus: int = _param(1, "GPUs for the training step.", min=0)
+    gpus: int = _param(1, "GPUs for the training step (0: CPU only, on any node).", min=0)
     namespace: str = _param(NAMESPACE, "Kubernetes namespace of the InferenceService.")
     canary_percent: int = _param(0, "Traffic share for the new model: 0 replaces the served one at once, "
                                     "10 starts a 10 % canary.", min=0, max=100)
     model_name: str = _param(MODEL_NAME, "MLflow registered model name.")
+    deployment_mode: str = _param(SERVERLESS, "KServe deployment mode: Serverless (Knative; canaries, scale to "
+                                              "zero) or RawDeployment (Standard: a Deployment, also gRPC, GPU node "
+                                              "selector and toleration).")
+    serving_gpus: int = _param(1, "GPUs per predictor replica (0: CPU only).", min=0)
+    pipeline_image: str = _param(default_pipeline_image(), "Image of every step but training (default: "
+                                                   f"${PIPELINE_IMAGE_ENV} at compile time).")
+    train_image: str = _param(default_train_image(), f"Image of the training step, the GPU variant (default: ${TRAIN_IMAGE_ENV} "
+                                             "at compile time).")
+    serving_image: str = _param(default_serving_image(), "KServe predictor image the deploy step rolls out (default: "
+                                                 f"${SERVING_IMAGE_ENV} at compile time).")
+
+    def __post_init__(self):  # clear errors before anything runs
+        if canonical_deployment_mode(self.deployment_mode) != SERVERLESS and self.canary_percent:
+            raise ValueError("canary_percent needs deployment_mode Serverless (Knative splits traffic between "
+                             "revisions; a RawDeployment has none)")
 
     def replace(self, **changes) -> "PipelineParams":
         unknown = sorted(set(changes) - set(param_names()))
@@ -110,14 +175,15 @@ class PipelineParams:
 DEFAULTS = PipelineParams()
 
 # Named parameter sets. "gpu": the cluster defaults above. "cpu": what 2 CPU cores can train
-# from scratch on a few hundred real scans (see docs/results/). "demo": `brainscan demo`'s tiny
+# from scratch on a few hundred real scans (see docs/results/); no GPU anywhere, so the CPU image. "demo": `brainscan demo`'s tiny
 # model on the synthetic archive, with a gate to match.
 PRESETS: dict[str, dict] = {
     "gpu": {},
     "cpu": {"image_size": 96, "epochs": 18, "fine_tune_epochs": 4, "batch_size": 16, "base_weights": "none",
-            "gpus": 0},
+            "gpus": 0, "serving_gpus": 0, "train_image": DEFAULTS.pipeline_image},
     "demo": {"image_size": 71, "epochs": 10, "fine_tune_epochs": 2, "batch_size": 8, "base_weights": "none",
-             "patience": 10, "target_recall": 0.95, "min_recall": 0.80, "min_auc": 0.80, "prefix": "demo", "gpus": 0},
+             "patience": 10, "target_recall": 0.95, "min_recall": 0.80, "min_auc": 0.80, "prefix": "demo", "gpus": 0,
+             "serving_gpus": 0},
 }
 
 

@@ -26,7 +26,7 @@ from urllib3.exceptions import HTTPError
 
 from brainscan import local_server
 from brainscan.components import inferenceservice as isvc_builder
-from brainscan.config import DEFAULT_WORKDIR, MODEL_NAME, NAMESPACE
+from brainscan.config import DEFAULT_WORKDIR, MODEL_NAME, NAMESPACE, default_serving_image
 
 log = logging.getLogger(__name__)
 
@@ -72,8 +72,8 @@ def deploy(
 
     `image` defaults to $BRAINSCAN_SERVING_IMAGE, then the builder's default. `kubeconfig`:
     None reads $KUBECONFIG / ~/.kube/config, or the in-cluster service account when run in
-    a pod (the pipeline's deploy step). Other keyword arguments go to
-    `build_inference_service` (node_selector, tolerations, service_account, min_replicas, ...).
+    a pod (the pipeline's deploy step). Other keyword arguments go to `build_inference_service`
+    (deployment_mode, gpu_node_selection, node_selector, tolerations, min_replicas, ...).
     """
     if not model_uri:
         raise ValueError("no model URI: give --model models:/brain-tumor@champion, an s3:// URI or a path")
@@ -99,8 +99,7 @@ def deploy_cluster(model_uri: str, namespace: str, name: str, canary_percent: in
         raise RuntimeError(f"no usable Kubernetes configuration ({err}): pass --kubeconfig, set KUBECONFIG, "
                            f"or run inside the cluster") from err
     isvc = isvc_builder.build_inference_service(
-        name=name, namespace=namespace, image=image or os.environ.get("BRAINSCAN_SERVING_IMAGE")
-        or isvc_builder.DEFAULT_IMAGE, model_uri=model_uri, gpus=gpus,
+        name=name, namespace=namespace, image=image or default_serving_image(), model_uri=model_uri, gpus=gpus,
         canary_traffic_percent=canary_percent, **isvc_options)
 
     previous = _get_or_none(client, name, namespace)

@@ -1,9 +1,20 @@
-"""The KServe InferenceService that runs the brainscan model server on GPU nodes.
+"""The KServe InferenceService that runs the brainscan model server.
 
 `build_inference_service(...)` turns deployment parameters into a kserve SDK
 `V1beta1InferenceService` (a custom predictor container running the serving image from
 `infra/docker/serving.Dockerfile`). `components/deploy.py` sends it with `KServeClient`;
 `to_dict` gives the plain manifest (for `kubectl apply`, the tests and the docs).
+
+Two deployment modes (brainscan.config.DEPLOYMENT_MODES):
+- Serverless (default; Knative): what a stock KServe + Knative, as kubeflow/manifests installs
+  them, accepts. Knative refuses `nodeSelector`, `tolerations` and `affinity` in a pod spec
+  unless the cluster enables its `kubernetes.podspec-*` feature flags (all "disabled" by
+  default), and routes one container port. So by default the predictor only asks for
+  `nvidia.com/gpu`: the scheduler then places it on a GPU node, and a tainted GPU pool needs the
+  ExtendedResourceToleration admission plugin (GKE, for one, adds the toleration itself) or the
+  flags turned on (infra/k8s/knative/, then `gpu_node_selection=True`). HTTP (REST) only.
+- RawDeployment (KServe's "Standard"): a plain Deployment and Service, no Knative. GPU predictors
+  get the GPU node selector and toleration; HTTP on 8080 and gRPC on 8081 (h2c). No canaries.
 """
 
 from __future__ import annotations
@@ -14,21 +25,22 @@ from typing import Any, Mapping, Sequence
 import yaml
 from kserve import V1beta1InferenceService, V1beta1InferenceServiceSpec, V1beta1PredictorSpec
 from kubernetes.client import (ApiClient, V1Capabilities, V1Container, V1ContainerPort, V1EnvFromSource, V1EnvVar,
-                               V1HTTPGetAction, V1ObjectMeta, V1Probe, V1ResourceRequirements, V1SecretEnvSource,
-                               V1SecurityContext, V1Toleration)
+                               V1HTTPGetAction, V1ObjectMeta, V1Probe, V1ResourceRequirements, V1SeccompProfile,
+                               V1SecretEnvSource, V1SecurityContext, V1Toleration)
 
-from brainscan.config import CHAMPION_URI, MODEL_NAME, NAMESPACE, S3_SECRET, SERVING_IMAGE, SERVING_SERVICE_ACCOUNT, ServeSettings
+from brainscan.config import (CHAMPION_URI, GPU_NODE_SELECTOR, GPU_RESOURCE, GPU_TOLERATIONS, MODEL_NAME, NAMESPACE,
+                              RAW_DEPLOYMENT, S3_SECRET, SERVERLESS, SERVING_IMAGE, SERVING_SERVICE_ACCOUNT,
+                              ServeSettings, canonical_deployment_mode, gpu_placement)
 
 API_VERSION = "serving.kserve.io/v1beta1"
 KIND = "InferenceService"
-GPU_RESOURCE = "nvidia.com/gpu"
 
 # Defaults that match infra/k8s (the secret and service account created there).
 DEFAULT_IMAGE = SERVING_IMAGE
 DEFAULT_SERVICE_ACCOUNT = SERVING_SERVICE_ACCOUNT
 DEFAULT_S3_SECRET = S3_SECRET
-DEFAULT_NODE_SELECTOR = {"nvidia.com/gpu.present": "true"}
-DEFAULT_TOLERATIONS = ({"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"},)
+DEFAULT_NODE_SELECTOR = GPU_NODE_SELECTOR
+DEFAULT_TOLERATIONS = GPU_TOLERATIONS
 DEFAULT_RESOURCES = {
     "requests": {"cpu": "1", "memory": "4Gi"},
     "limits": {"cpu": "4", "memory": "8Gi"},
@@ -36,6 +48,11 @@ DEFAULT_RESOURCES = {
 HTTP_PORT = ServeSettings.http_port
 GRPC_PORT = ServeSettings.grpc_port
 SERVING_UID = 1000  # the non-root user of the serving image
+# Loading TensorFlow and pulling the model from S3 / MLflow can take minutes on a cold node: the
+# server only listens once the model is loaded. The startup probe allows this long before the
+# liveness probe may restart the container.
+STARTUP_SECONDS = 600
+METRICS_PATH = "/metrics"  # Prometheus text, with the brainscan_* metrics, on the HTTP port
 
 
 def build_inference_service(
@@ -54,21 +71,30 @@ def build_inference_service(
     probes: bool = True,
     s3_secret: str | None = DEFAULT_S3_SECRET,
     env: Mapping[str, str] | None = None,
-    deployment_mode: str = "Serverless",
+    deployment_mode: str = SERVERLESS,
     labels: Mapping[str, str] | None = None,
     annotations: Mapping[str, str] | None = None,
+    gpu_node_selection: bool | None = None,
 ):
     """Build the InferenceService for one model URI.
 
-    - `gpus` > 0 adds an `nvidia.com/gpu` limit and, unless given otherwise, the GPU node
-      selector and toleration; `gpus=0` gives a CPU-only predictor with neither.
+    - `gpus` > 0 adds an `nvidia.com/gpu` limit; `gpus=0` gives a CPU-only predictor.
+    - `gpu_node_selection`: the GPU node selector and toleration on a GPU predictor. Default: in
+      RawDeployment mode yes, in Serverless mode no (a stock Knative refuses both; say True where
+      the cluster enabled `kubernetes.podspec-nodeselector` and `-tolerations`). `node_selector`
+      and `tolerations`, when given, are used as they are.
     - `canary_traffic_percent` (0-100): share of traffic the new revision gets while the
       previous one keeps the rest (KServe canary rollout, Serverless mode).
     - `s3_secret`: every key of that secret becomes an environment variable of the server
       (AWS_*, MLFLOW_*), so the server reads `models:/` and `s3://` URIs; the service
       account references the same secret for KServe's own storage initializer.
-    - `deployment_mode`: "Serverless" (Knative: one container port, so only HTTP 8080) or
-      "RawDeployment" (a plain Deployment: HTTP 8080 and gRPC 8081 as h2c).
+    - `deployment_mode`: "Serverless" / "Knative" (one container port, so only HTTP 8080) or
+      "RawDeployment" / "Standard" (a plain Deployment: HTTP 8080 and gRPC 8081 as h2c). The
+      annotation carries the first spelling, which every KServe release reads.
+    - Probes: a startup probe gives the server STARTUP_SECONDS to load the model before the
+      liveness probe counts; readiness says when the model is loaded.
+    - Metrics: KServe scrapes `/metrics` on 8080 (the brainscan_* metrics with kserve's own);
+      in Serverless mode the queue-proxy aggregates them with its own on one port.
     """
     if not model_uri:
         raise ValueError("model_uri is empty: give a models:/, s3:// or local model URI")
@@ -79,9 +105,11 @@ def build_inference_service(
                          f"got {min_replicas}..{max_replicas}")
     if canary_traffic_percent is not None and not 0 <= canary_traffic_percent <= 100:
         raise ValueError(f"canary_traffic_percent must be within 0..100, got {canary_traffic_percent}")
-    if deployment_mode not in ("Serverless", "RawDeployment"):
-        raise ValueError(f"deployment_mode must be Serverless or RawDeployment, got {deployment_mode!r}")
-    if canary_traffic_percent is not None and deployment_mode != "Serverless":
+    try:
+        deployment_mode = canonical_deployment_mode(deployment_mode)
+    except ValueError as err:
+        raise ValueError(f"deployment_mode: {err}") from None
+    if canary_traffic_percent is not None and deployment_mode != SERVERLESS:
         # KServe splits traffic between revisions through Knative; a plain Deployment has no revisions
         raise ValueError("canary_traffic_percent needs deployment_mode Serverless")
 
@@ -89,29 +117,34 @@ def build_inference_service(
     requests = dict((resources or DEFAULT_RESOURCES).get("requests", {}))
     if gpus:
         limits[GPU_RESOURCE] = str(gpus)  # extended resources: the limit is what the scheduler counts
+    if gpu_node_selection is None:
+        gpu_node_selection = deployment_mode == RAW_DEPLOYMENT
+    gpu_selector, gpu_tolerations = gpu_placement(gpus if gpu_node_selection else 0)
     if node_selector is None:
-        node_selector = DEFAULT_NODE_SELECTOR if gpus else {}
+        node_selector = gpu_selector
     if tolerations is None:
-        tolerations = DEFAULT_TOLERATIONS if gpus else ()
+        tolerations = gpu_tolerations
 
     # Knative routes a single port; name "http1" tells it the protocol. gRPC needs its own
     # port named h2c, which only RawDeployment can add next to HTTP.
     ports = [V1ContainerPort(container_port=HTTP_PORT, name="http1", protocol="TCP")]
-    if deployment_mode == "RawDeployment":
+    if deployment_mode == RAW_DEPLOYMENT:
         ports.append(V1ContainerPort(container_port=GRPC_PORT, name="h2c", protocol="TCP"))
 
-    env_vars = [V1EnvVar(name="MODEL_URI", value=model_uri)]
+    # PROTOCOL: how KServe knows that a custom predictor speaks the Open Inference Protocol (v2).
+    env_vars = [V1EnvVar(name="MODEL_URI", value=model_uri), V1EnvVar(name="PROTOCOL", value="v2")]
     env_vars += [V1EnvVar(name=key, value=str(value)) for key, value in sorted((env or {}).items())]
     env_from = [V1EnvFromSource(secret_ref=V1SecretEnvSource(name=s3_secret))] if s3_secret else None
 
-    readiness = liveness = None
+    startup = readiness = liveness = None
     if probes:
-        # v2 health endpoints of the kserve ModelServer: ready once the model is loaded.
-        # Loading TensorFlow and pulling the model from S3 takes a while, hence the delays.
+        # v2 health endpoints of the kserve ModelServer, which listens once the model is loaded.
+        startup = V1Probe(http_get=V1HTTPGetAction(path="/v2/health/live", port=HTTP_PORT),
+                          period_seconds=10, timeout_seconds=5, failure_threshold=STARTUP_SECONDS // 10)
         readiness = V1Probe(http_get=V1HTTPGetAction(path="/v2/health/ready", port=HTTP_PORT),
-                            initial_delay_seconds=10, period_seconds=10, timeout_seconds=5, failure_threshold=3)
+                            period_seconds=10, timeout_seconds=5, failure_threshold=3)
         liveness = V1Probe(http_get=V1HTTPGetAction(path="/v2/health/live", port=HTTP_PORT),
-                           initial_delay_seconds=60, period_seconds=20, timeout_seconds=5, failure_threshold=3)
+                           period_seconds=20, timeout_seconds=5, failure_threshold=3)
 
     container = V1Container(
         name="kserve-container",  # the name KServe expects for a custom predictor
@@ -120,11 +153,12 @@ def build_inference_service(
         env=env_vars,
         env_from=env_from,
         resources=V1ResourceRequirements(requests=requests or None, limits=limits or None),
+        startup_probe=startup,
         readiness_probe=readiness,
         liveness_probe=liveness,
         security_context=V1SecurityContext(
             run_as_non_root=True, run_as_user=SERVING_UID, allow_privilege_escalation=False,
-            capabilities=V1Capabilities(drop=["ALL"])),
+            capabilities=V1Capabilities(drop=["ALL"]), seccomp_profile=V1SeccompProfile(type="RuntimeDefault")),
     )
 
     predictor = V1beta1PredictorSpec(
@@ -139,8 +173,12 @@ def build_inference_service(
 
     all_annotations = {
         "serving.kserve.io/deploymentMode": deployment_mode,
-        # the kserve ModelServer serves Prometheus metrics on its HTTP port
+        # Prometheus scrapes the server's /metrics on the HTTP port; in Serverless mode the
+        # queue-proxy merges them with its own (metric aggregation), one port for the scraper.
         "serving.kserve.io/enable-prometheus-scraping": "true",
+        "serving.kserve.io/enable-metric-aggregation": "true",
+        "prometheus.kserve.io/port": str(HTTP_PORT),
+        "prometheus.kserve.io/path": METRICS_PATH,
         **(annotations or {}),
     }
     all_labels = {"app.kubernetes.io/name": "brainscan", "app.kubernetes.io/component": "predictor",

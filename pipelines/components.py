@@ -9,9 +9,10 @@ artifacts that the Kubeflow UI renders (`Dataset`, `Model`, `Metrics`,
 The data itself stays where the steps put it (S3 on a cluster or the local stack); the
 artifacts carry its URI in their metadata and a small JSON/HTML copy for the UI.
 
-Images: every step runs on the project's pipeline image, training on its GPU variant.
-Both are read from the environment at compile time (`BRAINSCAN_PIPELINE_IMAGE`,
-`BRAINSCAN_PIPELINE_GPU_IMAGE`), so a user's registry needs no code change.
+Images: every step runs on the project's pipeline image, training on its GPU variant. The
+pipeline sets them from its `pipeline_image` / `train_image` parameters (KFP resolves the
+image when the step starts), whose defaults come from the environment at compile time
+(brainscan.config); `base_image` here is only the fallback for a component used on its own.
 
 Local runs (pipelines/local.py) set brainscan.config.LOCAL_DEPLOY_ENV for the steps they
 start: the deploy step then (re)starts the local model server instead of a cluster rollout.
@@ -19,7 +20,6 @@ start: the deploy step then (re)starts the local model server instead of a clust
 
 # No `from __future__ import annotations`: KFP reads the real annotation objects.
 
-import os
 from typing import NamedTuple
 
 from kfp import dsl
@@ -27,12 +27,8 @@ from kfp.dsl import HTML, ClassificationMetrics, Dataset, Metrics, Model, Output
 
 from brainscan.config import PIPELINE_IMAGE
 
-BASE_IMAGE = os.environ.get("BRAINSCAN_PIPELINE_IMAGE", PIPELINE_IMAGE)
-GPU_IMAGE = os.environ.get("BRAINSCAN_PIPELINE_GPU_IMAGE", BASE_IMAGE if "BRAINSCAN_PIPELINE_IMAGE" in os.environ
-                           else PIPELINE_IMAGE + "-gpu")
-
 # The image already holds brainscan and kfp (pinned lock): nothing is pip-installed at run time.
-_COMMON = dict(base_image=BASE_IMAGE, install_kfp_package=False)
+_COMMON = dict(base_image=PIPELINE_IMAGE, install_kfp_package=False)
 
 
 @dsl.component(**_COMMON)
@@ -97,7 +93,20 @@ def split_op(data_uri: str, fingerprint: str, val: float, test: float, seed: int
     return splits_uri
 
 
-@dsl.component(base_image=GPU_IMAGE, install_kfp_package=False)
+@dsl.component(**_COMMON)
+def train_placement_op(gpus: int) -> NamedTuple("Placement", [("node_selector", dict), ("tolerations", list)]):
+    """Where the training pod may run: GPU nodes (their label and taint) when it asks for GPUs, any node
+    otherwise. The pipeline hands both to the train step's pod spec (kfp-kubernetes *_json settings)."""
+    import collections
+
+    from brainscan.config import gpu_placement
+
+    node_selector, tolerations = gpu_placement(gpus)
+    print(f"train: {gpus} GPU(s): node selector {node_selector}, tolerations {tolerations}")
+    return collections.namedtuple("Placement", ["node_selector", "tolerations"])(node_selector, tolerations)
+
+
+@dsl.component(**_COMMON)
 def train_op(splits_uri: str, bucket: str, prefix: str, run_id: str, image_size: int, epochs: int, fine_tune_epochs: int,
              batch_size: int, learning_rate: float, base_weights: str, seed: int, patience: int, gpus: int,
              model: Output[Model], metrics: Output[Metrics]) -> str:
@@ -199,7 +208,8 @@ def register_op(model_uri: str, model_name: str, pipeline_run: str, fingerprint:
 
 
 @dsl.component(**_COMMON)
-def deploy_op(model_uri: str, namespace: str, canary_percent: int) -> str:
+def deploy_op(model_uri: str, namespace: str, canary_percent: int, image: str, deployment_mode: str,
+              gpus: int) -> str:
     """Roll the model out: the KServe InferenceService on a cluster; in a local run, the local model server."""
     import os
 
@@ -207,8 +217,8 @@ def deploy_op(model_uri: str, namespace: str, canary_percent: int) -> str:
     from brainscan.config import LOCAL_DEPLOY_ENV
 
     local_workdir = os.environ.get(LOCAL_DEPLOY_ENV)
-    result = deploy(model_uri, namespace=namespace, canary_percent=canary_percent or None,
-                    local=bool(local_workdir), workdir=local_workdir or ".")
+    result = deploy(model_uri, namespace=namespace, canary_percent=canary_percent or None, image=image, gpus=gpus,
+                    deployment_mode=deployment_mode, local=bool(local_workdir), workdir=local_workdir or ".")
     if not result.ready:
         raise RuntimeError(f"deploy failed: {result.message}")
     return result.url or ""

@@ -43,7 +43,8 @@ _END = re.compile(r"Task '([^']+)' finished with status (\w+)")
 # kfp.local names task directories after the component functions; the summary uses step names.
 STEP_OF_TASK = {
     "fingerprint-op": "fingerprint", "champion-fingerprint-op": "champion_fingerprint", "ingest-op": "ingest",
-    "validate-op": "validate", "split-op": "split", "train-op": "train", "evaluate-op": "evaluate",
+    "validate-op": "validate", "split-op": "split", "train-placement-op": "train_placement", "train-op": "train",
+    "evaluate-op": "evaluate",
     "register-op": "register", "deploy-op": "deploy",
 }
 STEP_ORDER = list(STEP_OF_TASK.values())

@@ -22,7 +22,7 @@ from types import SimpleNamespace
 
 from kfp import compiler, dsl, kubernetes
 
-from brainscan.config import (DEFAULTS, PIPELINE_NAME, RETRAIN_PIPELINE_NAME, S3_SECRET, TEST_FRACTION,
+from brainscan.config import (DEFAULTS, GPU_RESOURCE, PIPELINE_NAME, RETRAIN_PIPELINE_NAME, S3_SECRET, TEST_FRACTION,
                               VAL_FRACTION, param_help, param_names, param_types)
 from brainscan.pipelines import components as c
 
@@ -30,8 +30,6 @@ from brainscan.pipelines import components as c
 SECRET_NAME = os.environ.get("BRAINSCAN_SECRET", S3_SECRET)
 S3_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION")
 MLFLOW_ENV = ("MLFLOW_TRACKING_URI", "MLFLOW_S3_ENDPOINT_URL")
-GPU_RESOURCE = "nvidia.com/gpu"
-GPU_NODE_LABEL = ("nvidia.com/gpu.present", "true")
 
 
 def _with_credentials(task: dsl.PipelineTask, mlflow: bool = False) -> dsl.PipelineTask:
@@ -40,7 +38,9 @@ def _with_credentials(task: dsl.PipelineTask, mlflow: bool = False) -> dsl.Pipel
     return kubernetes.use_secret_as_env(task, secret_name=SECRET_NAME, secret_key_to_env={k: k for k in keys})
 
 
-def _resources(task: dsl.PipelineTask, cpu: str, memory: str) -> dsl.PipelineTask:
+def _resources(task: dsl.PipelineTask, cpu: str, memory: str, image) -> dsl.PipelineTask:
+    """Requests and limits, and the step's image: a pipeline parameter, resolved by KFP when the step starts."""
+    task.set_container_image(image)
     return task.set_cpu_request(cpu).set_memory_request(memory).set_memory_limit(memory)
 
 
@@ -51,16 +51,16 @@ def _train_and_deploy(p, fingerprint) -> None:
     # Cached: the cache key holds the source's fingerprint, so new or relabelled images re-run it.
     ingest.set_caching_options(True).set_retry(num_retries=3, backoff_duration="30s", backoff_factor=2,
                                                backoff_max_duration="10m")
-    _resources(_with_credentials(ingest), "1", "2Gi")
+    _resources(_with_credentials(ingest), "1", "2Gi", p.pipeline_image)
 
     validate = c.validate_op(data_uri=ingest.outputs["data_uri"], fingerprint=ingest.outputs["fingerprint"])
     validate.set_display_name("validate").set_caching_options(True)
-    _resources(_with_credentials(validate), "1", "4Gi")
+    _resources(_with_credentials(validate), "1", "4Gi", p.pipeline_image)
 
     split = c.split_op(data_uri=ingest.outputs["data_uri"], fingerprint=ingest.outputs["fingerprint"],
                        val=VAL_FRACTION, test=TEST_FRACTION, seed=p.seed).after(validate)
     split.set_display_name("split").set_caching_options(True)
-    _resources(_with_credentials(split), "1", "2Gi")
+    _resources(_with_credentials(split), "1", "2Gi", p.pipeline_image)
 
     train = c.train_op(splits_uri=split.outputs["Output"], bucket=p.bucket, prefix=p.prefix,
                        run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER, image_size=p.image_size, epochs=p.epochs,
@@ -69,33 +69,39 @@ def _train_and_deploy(p, fingerprint) -> None:
     # Never cached: a new run is asked for to get a new model (seeds, code, base weights may differ).
     train.set_display_name("train").set_caching_options(False)
     train.set_accelerator_type(GPU_RESOURCE).set_accelerator_limit(p.gpus)
-    kubernetes.add_node_selector(train, *GPU_NODE_LABEL)
-    kubernetes.add_toleration(train, key=GPU_RESOURCE, operator="Exists", effect="NoSchedule")
-    _resources(_with_credentials(train), "4", "16Gi")
+    # GPU nodes only when it asks for GPUs (gpus=0: any node): node selector and tolerations come
+    # from a step that reads `gpus`, as pod-spec settings cannot depend on a parameter's value.
+    placement = c.train_placement_op(gpus=p.gpus)
+    placement.set_display_name("train placement").set_caching_options(False)
+    _resources(placement, "100m", "512Mi", p.pipeline_image)
+    kubernetes.add_node_selector_json(train, placement.outputs["node_selector"])
+    kubernetes.add_toleration_json(train, placement.outputs["tolerations"])
+    _resources(_with_credentials(train), "4", "16Gi", p.train_image)
 
     evaluate = c.evaluate_op(model_uri=train.outputs["Output"], splits_uri=split.outputs["Output"],
                              target_recall=p.target_recall, min_recall=p.min_recall, min_auc=p.min_auc,
                              model_name=p.model_name)
     evaluate.set_display_name("evaluate").set_caching_options(False)
-    _resources(_with_credentials(evaluate, mlflow=True), "2", "8Gi")
+    _resources(_with_credentials(evaluate, mlflow=True), "2", "8Gi", p.pipeline_image)
 
     with dsl.If(evaluate.outputs["Output"] == True, name="gate-passed"):  # noqa: E712 (a pipeline condition)
         register = c.register_op(model_uri=train.outputs["Output"], model_name=p.model_name,
                                  pipeline_run=dsl.PIPELINE_JOB_NAME_PLACEHOLDER, fingerprint=ingest.outputs["fingerprint"])
         register.set_display_name("register").set_caching_options(False)
-        _resources(_with_credentials(register, mlflow=True), "1", "2Gi")
+        _resources(_with_credentials(register, mlflow=True), "1", "2Gi", p.pipeline_image)
 
         deploy = c.deploy_op(model_uri=register.outputs["Output"], namespace=p.namespace,
-                             canary_percent=p.canary_percent)
+                             canary_percent=p.canary_percent, image=p.serving_image,
+                             deployment_mode=p.deployment_mode, gpus=p.serving_gpus)
         deploy.set_display_name("deploy").set_caching_options(False)
         deploy.set_retry(num_retries=2, backoff_duration="60s", backoff_factor=2, backoff_max_duration="10m")
-        _resources(_with_credentials(deploy, mlflow=True), "500m", "1Gi")
+        _resources(_with_credentials(deploy, mlflow=True), "500m", "1Gi", p.pipeline_image)
 
 
 def _fingerprint(p) -> dsl.PipelineTask:
     fingerprint = c.fingerprint_op(source=p.source)
     fingerprint.set_display_name("fingerprint").set_caching_options(False)
-    _resources(_with_credentials(fingerprint), "500m", "1Gi")
+    _resources(_with_credentials(fingerprint), "500m", "1Gi", p.pipeline_image)
     return fingerprint
 
 
@@ -132,7 +138,7 @@ def retrain_pipeline(p) -> None:
     fingerprint = _fingerprint(p)
     champion = c.champion_fingerprint_op(model_name=p.model_name)
     champion.set_display_name("champion fingerprint").set_caching_options(False)
-    _resources(_with_credentials(champion, mlflow=True), "500m", "1Gi")
+    _resources(_with_credentials(champion, mlflow=True), "500m", "1Gi", p.pipeline_image)
     with dsl.If(fingerprint.output != champion.output, name="data-changed"):
         _train_and_deploy(p, fingerprint.output)
 

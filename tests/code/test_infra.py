@@ -140,8 +140,10 @@ def test_kustomizations_list_existing_files_and_every_manifest_but_the_secret_te
         assert set(kustomize_resources(K8S / sub)) <= listed
     template = K8S / "secrets" / "s3-secret.template.yaml"
     assert template not in listed  # never applied by `kubectl apply -k`: it would overwrite the real one
+    # nor is the Knative feature patch: Knative's own ConfigMap, patched by a cluster admin who wants it
+    knative_patch = K8S / "knative" / "config-features-patch.yaml"
     examples = {p for p in manifest_files() if "examples" in p.parts}
-    assert set(manifest_files()) - listed == {template} | examples
+    assert set(manifest_files()) - listed == {template, knative_patch} | examples
     kinds = {doc["kind"] for path in listed for doc in documents(path)}
     assert kinds >= {"ServingRuntime", "ServiceAccount", "Role", "RoleBinding", "EventSource", "Sensor"}
 
@@ -284,16 +286,32 @@ def test_builder_sets_every_parameter():
     kubernetes_validate.validate(_predictor_pod(manifest), K8S_VERSION, strict=True)
 
 
-def test_builder_gpu_defaults_and_cpu_only():
-    gpu = isvc_mod.to_dict(isvc_mod.build_inference_service())["spec"]["predictor"]
-    assert gpu["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "1"
-    assert gpu["nodeSelector"] == isvc_mod.DEFAULT_NODE_SELECTOR
-    assert gpu["tolerations"][0]["key"] == "nvidia.com/gpu"
-    assert "canaryTrafficPercent" not in gpu
+def test_builder_gpu_placement_by_deployment_mode():
+    """Serverless (default): a GPU limit only, as a stock Knative refuses nodeSelector and tolerations;
+    RawDeployment: the GPU node selector and toleration too; CPU-only predictors get neither."""
+    serverless = isvc_mod.to_dict(isvc_mod.build_inference_service())["spec"]["predictor"]
+    assert serverless["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    assert "nodeSelector" not in serverless and "tolerations" not in serverless
+    assert "canaryTrafficPercent" not in serverless
 
-    cpu = isvc_mod.to_dict(isvc_mod.build_inference_service(gpus=0))["spec"]["predictor"]
-    assert "nvidia.com/gpu" not in cpu["containers"][0]["resources"]["limits"]
-    assert "nodeSelector" not in cpu and "tolerations" not in cpu
+    for mode in ("RawDeployment", "Standard"):  # KServe 0.16's name for it, written as the name all releases read
+        manifest = isvc_mod.to_dict(isvc_mod.build_inference_service(deployment_mode=mode))
+        assert manifest["metadata"]["annotations"]["serving.kserve.io/deploymentMode"] == "RawDeployment"
+        raw = manifest["spec"]["predictor"]
+        assert raw["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "1"
+        assert raw["nodeSelector"] == isvc_mod.DEFAULT_NODE_SELECTOR == {"nvidia.com/gpu.present": "true"}
+        assert raw["tolerations"] == [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
+
+    # a cluster that turned Knative's podspec flags on (infra/k8s/knative/) may ask for them in Serverless mode
+    selected = isvc_mod.to_dict(isvc_mod.build_inference_service(gpu_node_selection=True))["spec"]["predictor"]
+    assert selected["nodeSelector"] == isvc_mod.DEFAULT_NODE_SELECTOR and selected["tolerations"]
+    knative = isvc_mod.to_dict(isvc_mod.build_inference_service(deployment_mode="Knative"))
+    assert knative["metadata"]["annotations"]["serving.kserve.io/deploymentMode"] == "Serverless"
+
+    for mode in ("Serverless", "RawDeployment"):
+        cpu = isvc_mod.to_dict(isvc_mod.build_inference_service(gpus=0, deployment_mode=mode))["spec"]["predictor"]
+        assert "nvidia.com/gpu" not in cpu["containers"][0]["resources"]["limits"]
+        assert "nodeSelector" not in cpu and "tolerations" not in cpu
 
 
 def test_builder_raw_deployment_adds_the_grpc_port():
@@ -305,17 +323,141 @@ def test_builder_raw_deployment_adds_the_grpc_port():
     kubernetes_validate.validate(_predictor_pod(manifest), K8S_VERSION, strict=True)
 
 
+def test_builder_probes_protocol_and_metrics():
+    """A slow model load is not killed (startup probe), KServe knows the predictor speaks v2, and the
+    brainscan_* metrics on :8080 are scraped (merged with the queue-proxy's in Serverless mode)."""
+    manifest = isvc_mod.to_dict(isvc_mod.build_inference_service())
+    (container,) = manifest["spec"]["predictor"]["containers"]
+    startup = container["startupProbe"]
+    assert startup["httpGet"] == {"path": "/v2/health/live", "port": 8080}
+    assert startup["periodSeconds"] * startup["failureThreshold"] >= 600  # minutes for TensorFlow + the model
+    assert "initialDelaySeconds" not in container["livenessProbe"]  # the startup probe holds it back instead
+    assert container["readinessProbe"]["httpGet"]["path"] == "/v2/health/ready"
+    assert {"name": "PROTOCOL", "value": "v2"} in container["env"]
+    annotations = manifest["metadata"]["annotations"]
+    assert annotations["serving.kserve.io/enable-prometheus-scraping"] == "true"
+    assert annotations["serving.kserve.io/enable-metric-aggregation"] == "true"
+    assert (annotations["prometheus.kserve.io/port"], annotations["prometheus.kserve.io/path"]) == ("8080", "/metrics")
+    assert container["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}  # PodSecurity "restricted"
+
+
 @pytest.mark.parametrize("kwargs, message", [
     ({"model_uri": ""}, "model_uri"),
     ({"gpus": -1}, "gpus"),
     ({"min_replicas": 3, "max_replicas": 2}, "min_replicas"),
     ({"canary_traffic_percent": 101}, "canary_traffic_percent"),
-    ({"deployment_mode": "Knative"}, "deployment_mode"),
+    ({"deployment_mode": "Kubernetes"}, "deployment_mode"),
     ({"deployment_mode": "RawDeployment", "canary_traffic_percent": 10}, "Serverless"),
+    ({"deployment_mode": "Standard", "canary_traffic_percent": 10}, "Serverless"),
 ])
 def test_builder_rejects_bad_parameters(kwargs, message):
     with pytest.raises(ValueError, match=message):
         isvc_mod.build_inference_service(**kwargs)
+
+
+# --------------------------------------------------------------------------- upstream schemas: KServe, Knative
+ISVC_VARIANTS = {
+    "serverless-default": {},
+    "serverless-canary": {"canary_traffic_percent": 10, "model_uri": "models:/brain-tumor/7"},
+    "serverless-cpu": {"gpus": 0, "min_replicas": 0},
+    "serverless-gpu-node-selection": {"gpu_node_selection": True},
+    "raw-gpu": {"deployment_mode": "RawDeployment", "gpus": 2},
+    "standard-cpu": {"deployment_mode": "Standard", "gpus": 0},
+}
+SERVERLESS_VARIANTS = ("serverless-default", "serverless-canary", "serverless-cpu")
+
+
+@pytest.mark.parametrize("variant", ISVC_VARIANTS)
+def test_every_inferenceservice_variant_passes_the_kserve_crd(upstream_schemas, variant):
+    from tests.fixtures.schemas import validate
+
+    manifest = isvc_mod.to_dict(isvc_mod.build_inference_service(**ISVC_VARIANTS[variant]))
+    validate(manifest)
+    kubernetes_validate.validate(_predictor_pod(manifest), K8S_VERSION, strict=True)
+
+
+def test_inferenceservice_schema_check_can_fail(upstream_schemas):
+    import jsonschema
+
+    from tests.fixtures.schemas import validate
+
+    good = isvc_mod.to_dict(isvc_mod.build_inference_service())
+    unknown = copy.deepcopy(good)
+    unknown["spec"]["predictor"]["containers"][0]["startupprobe"] = {}  # a typo the API server would drop
+    wrong_type = copy.deepcopy(good)
+    wrong_type["spec"]["predictor"]["maxReplicas"] = "three"
+    for bad in (unknown, wrong_type):
+        with pytest.raises(jsonschema.ValidationError):
+            validate(bad)
+
+
+def test_default_inferenceservice_respects_knatives_default_feature_flags(upstream_schemas):
+    """A stock Knative (config-features.yaml's defaults) accepts the Serverless predictors the builder makes,
+    and refuses the node selection unless the cluster takes infra's feature patch."""
+    from tests.fixtures.schemas import knative_features, knative_refusals, predictor_pod_spec
+
+    features = knative_features(upstream_schemas)
+    assert features["kubernetes.podspec-nodeselector"] == features["kubernetes.podspec-tolerations"] == "disabled"
+    for variant in SERVERLESS_VARIANTS:
+        manifest = isvc_mod.to_dict(isvc_mod.build_inference_service(**ISVC_VARIANTS[variant]))
+        assert knative_refusals(predictor_pod_spec(manifest), features) == [], variant
+    # the example manifest is the default one
+    (example,) = documents(K8S / "examples" / "inferenceservice.yaml")
+    assert knative_refusals(predictor_pod_spec(example), features) == []
+
+    selected = predictor_pod_spec(isvc_mod.to_dict(isvc_mod.build_inference_service(gpu_node_selection=True)))
+    refused = knative_refusals(selected, features)
+    assert any("'nodeSelector'" in r for r in refused) and any("'tolerations'" in r for r in refused), refused
+    (patch,) = documents(K8S / "knative" / "config-features-patch.yaml")
+    assert (patch["metadata"]["name"], patch["metadata"]["namespace"]) == ("config-features", "knative-serving")
+    assert knative_refusals(selected, {**features, **patch["data"]}) == []
+    # RawDeployment's two ports (HTTP and gRPC) would not pass Knative: that is why gRPC needs that mode
+    raw = predictor_pod_spec(isvc_mod.to_dict(isvc_mod.build_inference_service(deployment_mode="RawDeployment")))
+    assert any("2 container ports" in r for r in knative_refusals(raw, features))
+
+
+@pytest.mark.parametrize("change, expected", [
+    (lambda pod: pod.update(hostNetwork=True), "hostNetwork"),
+    (lambda pod: pod.update(affinity={"nodeAffinity": {}}), "kubernetes.podspec-affinity"),
+    (lambda pod: pod["containers"][0].update(lifecycle={"preStop": {"exec": {"command": ["true"]}}}), "lifecycle"),
+    (lambda pod: pod["containers"][0]["ports"][0].update(name="grpc"), "port name"),
+    (lambda pod: pod["containers"][0]["env"].append({"name": "PORT", "value": "1"}), "reserved"),
+    (lambda pod: pod["containers"][0]["securityContext"].update(procMount="Unmasked"), "procMount"),
+    (lambda pod: pod["containers"][0]["securityContext"]["capabilities"].update(add=["NET_ADMIN"]), "capabilities"),
+    (lambda pod: pod["containers"][0]["readinessProbe"]["httpGet"].update(port="metrics"), "readinessProbe"),
+])
+def test_knative_check_refuses_what_knative_refuses(upstream_schemas, change, expected):
+    from tests.fixtures.schemas import knative_features, knative_refusals, predictor_pod_spec
+
+    pod = predictor_pod_spec(isvc_mod.to_dict(isvc_mod.build_inference_service()))
+    change(pod)
+    refusals = knative_refusals(pod, knative_features(upstream_schemas))
+    assert any(expected in r for r in refusals), refusals
+
+
+RUNTIMES = [K8S / "base" / "serving-runtime.yaml", K8S / "base" / "serving-runtime-mlserver.yaml"]
+
+
+@pytest.mark.parametrize("path", RUNTIMES, ids=lambda p: p.name)
+def test_serving_runtimes_pass_the_crd_and_a_stock_knative(upstream_schemas, path):
+    """Each runtime: valid for KServe's CRD, usable by a Serverless predictor on a stock Knative (one
+    HTTP port), advertising no protocol it has no port for, metrics annotations where KServe reads them."""
+    import jsonschema
+
+    from tests.fixtures.schemas import knative_features, knative_refusals, validate
+
+    (runtime,) = documents(path)
+    validate(runtime)
+    spec = runtime["spec"]
+    assert knative_refusals({"containers": spec["containers"]}, knative_features(upstream_schemas)) == []
+    port_names = {p.get("name") for c in spec["containers"] for p in c.get("ports", [])}
+    assert "grpc-v2" not in spec["protocolVersions"] or "h2c" in port_names
+    assert spec["annotations"]["prometheus.kserve.io/port"] == "8080"  # spec.annotations: copied onto the pods
+    assert spec["containers"][0]["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+    bad = copy.deepcopy(runtime)
+    bad["spec"]["containers"][0]["port"] = 8080  # not a container field: the API server would drop it
+    with pytest.raises(jsonschema.ValidationError):
+        validate(bad)
 
 
 # --------------------------------------------------------------------------- KServe's MLflow runtime path

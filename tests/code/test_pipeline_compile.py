@@ -118,8 +118,6 @@ def test_training_runs_on_gpu_nodes_without_cache(train_yaml):
     assert accelerator["resourceType"] == "nvidia.com/gpu"
     assert accelerator["resourceCount"] == "{{$.inputs.parameters['pipelinechannel--gpus']}}"
     assert container["resources"]["resourceCpuRequest"] and container["resources"]["resourceMemoryRequest"]
-    assert kube["exec-train-op"]["nodeSelector"]["labels"] == {"nvidia.com/gpu.present": "true"}
-    assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in kube["exec-train-op"]["tolerations"]
     tasks = _all_tasks(spec)
     assert tasks["train-op"]["cachingOptions"].get("enableCache", False) is False
     assert tasks["ingest-op"]["cachingOptions"]["enableCache"] is True
@@ -128,6 +126,30 @@ def test_training_runs_on_gpu_nodes_without_cache(train_yaml):
         assert tasks[step]["cachingOptions"].get("enableCache", False) is False, step
     # CPU steps do not ask for GPUs
     assert "accelerator" not in spec["deploymentSpec"]["executors"]["exec-ingest-op"]["container"]["resources"]
+
+
+def test_training_placement_follows_gpus(train_yaml):
+    """GPU nodes (label and taint) only when training asks for GPUs: `gpus=0` runs on any node. Pod-spec
+    settings cannot read a parameter's value, so a step computes them and the train pod takes its outputs."""
+    from brainscan.pipelines import components as c
+
+    spec, kube = train_yaml
+    train = kube["exec-train-op"]
+    from_placement = {"taskOutputParameter": {"producerTask": "train-placement-op", "outputParameterKey": "node_selector"}}
+    assert train["nodeSelector"] == {"nodeSelectorJson": from_placement}
+    assert train["tolerations"] == [{"tolerationJson": {"taskOutputParameter": {
+        "producerTask": "train-placement-op", "outputParameterKey": "tolerations"}}}]
+    tasks = _all_tasks(spec)
+    assert tasks["train-placement-op"]["inputs"]["parameters"]["gpus"] == {"componentInputParameter": "gpus"}
+    assert "train-placement-op" in tasks["train-op"]["dependentTasks"]
+    outputs = spec["components"]["comp-train-placement-op"]["outputDefinitions"]["parameters"]
+    assert {k: v["parameterType"] for k, v in outputs.items()} == {"node_selector": "STRUCT", "tolerations": "LIST"}
+    # what the step returns (its own function, as the executor calls it)
+    gpu = c.train_placement_op.python_func(gpus=2)
+    assert gpu.node_selector == {"nvidia.com/gpu.present": "true"}
+    assert gpu.tolerations == [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
+    cpu = c.train_placement_op.python_func(gpus=0)
+    assert cpu.node_selector == {} and cpu.tolerations == []
 
 
 def test_retries_with_backoff_on_ingest_and_deploy(train_yaml):
@@ -150,29 +172,86 @@ def test_credentials_come_from_the_secret(train_yaml):
         assert "MLFLOW_TRACKING_URI" in envs, step
 
 
+def _image_placeholder(param: str) -> str:
+    return f"{{{{$.inputs.parameters['pipelinechannel--{param}']}}}}"
+
+
 def test_components_are_thin_wrappers_on_the_project_image(train_yaml):
+    """Every step runs the project image named by a pipeline parameter (KFP resolves it when the step
+    starts), training its GPU variant; the defaults are the project's images."""
     spec, _ = train_yaml
     executors = spec["deploymentSpec"]["executors"]
     for step in STEPS:
         container = executors[f"exec-{step}"]["container"]
-        assert container["image"].startswith("ghcr.io/brainscan/brainscan-pipeline:")
         source = container["command"][-1]
         module = step.removesuffix("-op")
         assert f"from brainscan.components.{module} import" in source, step
         assert "pip install" not in " ".join(container["command"]), "the image holds every dependency"
-    assert executors["exec-train-op"]["container"]["image"].endswith("-gpu")
+    images = {name: e["container"]["image"] for name, e in executors.items()}
+    assert images.pop("exec-train-op") == _image_placeholder("train_image")
+    assert set(images.values()) == {_image_placeholder("pipeline_image")}
+    params = spec["root"]["inputDefinitions"]["parameters"]
+    assert params["pipeline_image"]["defaultValue"] == "ghcr.io/brainscan/brainscan-pipeline:0.1.0"
+    assert params["train_image"]["defaultValue"] == "ghcr.io/brainscan/brainscan-pipeline:0.1.0-gpu"
+    assert params["serving_image"]["defaultValue"] == "ghcr.io/brainscan/brainscan-serving:0.1.0"
 
 
-def test_image_is_overridable_at_compile_time(tmp_path):
+def test_images_are_pipeline_parameters_defaulting_to_the_environment(tmp_path):
+    """$BRAINSCAN_*_IMAGE at compile time become the defaults; a run may name other images; the deploy step
+    rolls out the serving image parameter (with the deployment mode and predictor GPUs)."""
+    import os
+
     out = tmp_path / "custom.yaml"
     code = f"from brainscan.pipelines.pipeline import compile_pipeline; compile_pipeline({str(out)!r})"
-    env = {"BRAINSCAN_PIPELINE_IMAGE": "registry.example/bs:1", "BRAINSCAN_PIPELINE_GPU_IMAGE": "registry.example/bs:1-gpu"}
-    import os
+    env = {"BRAINSCAN_PIPELINE_IMAGE": "registry.example/bs:1", "BRAINSCAN_PIPELINE_GPU_IMAGE": "registry.example/bs:1-gpu",
+           "BRAINSCAN_SERVING_IMAGE": "registry.example/bs-serving:1"}
     subprocess.run([sys.executable, "-c", code], check=True, env={**os.environ, **env})
     spec, _ = _load(out)
-    images = {name: e["container"]["image"] for name, e in spec["deploymentSpec"]["executors"].items()}
-    assert images.pop("exec-train-op") == "registry.example/bs:1-gpu"
-    assert set(images.values()) == {"registry.example/bs:1"}
+    params = spec["root"]["inputDefinitions"]["parameters"]
+    assert params["pipeline_image"]["defaultValue"] == "registry.example/bs:1"
+    assert params["train_image"]["defaultValue"] == "registry.example/bs:1-gpu"
+    assert params["serving_image"]["defaultValue"] == "registry.example/bs-serving:1"
+    deploy = _all_tasks(spec)["deploy-op"]["inputs"]["parameters"]
+    assert deploy["image"] == {"componentInputParameter": "pipelinechannel--serving_image"}
+    assert deploy["deployment_mode"] == {"componentInputParameter": "pipelinechannel--deployment_mode"}
+    assert deploy["gpus"] == {"componentInputParameter": "pipelinechannel--serving_gpus"}
+    # only BRAINSCAN_PIPELINE_IMAGE set: training runs on it too (a user's registry, no -gpu twin assumed)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BRAINSCAN_")}
+    subprocess.run([sys.executable, "-c", code], check=True, env={**env, "BRAINSCAN_PIPELINE_IMAGE": "r.example/bs:2"})
+    params = _load(out)[0]["root"]["inputDefinitions"]["parameters"]
+    assert params["train_image"]["defaultValue"] == params["pipeline_image"]["defaultValue"] == "r.example/bs:2"
+
+
+def test_deploy_step_hands_image_mode_and_gpus_to_the_inference_service(monkeypatch):
+    """deploy_op's own function, as the executor runs it: the parameters reach the InferenceService builder."""
+    from brainscan.components import deploy as deploy_mod
+    from brainscan.pipelines import components as c
+
+    seen = {}
+
+    def fake_deploy(model_uri, **kwargs):
+        seen.update(kwargs, model_uri=model_uri)
+        return deploy_mod.DeployResult(model_uri=model_uri, target="cluster", name="brain-tumor", namespace="ns",
+                                       action="created", ready=True, url="http://brain-tumor.ns")
+
+    monkeypatch.setattr(deploy_mod, "deploy", fake_deploy)
+    monkeypatch.delenv("BRAINSCAN_LOCAL_DEPLOY_WORKDIR", raising=False)
+    url = c.deploy_op.python_func(model_uri="models:/brain-tumor/3", namespace="ns", canary_percent=0,
+                                  image="registry.example/bs-serving:1", deployment_mode="RawDeployment", gpus=0)
+    assert url == "http://brain-tumor.ns"
+    assert seen == {"model_uri": "models:/brain-tumor/3", "namespace": "ns", "canary_percent": None,
+                    "image": "registry.example/bs-serving:1", "gpus": 0, "deployment_mode": "RawDeployment",
+                    "local": False, "workdir": "."}
+
+
+def test_pipeline_parameters_reject_an_unknown_mode_or_a_raw_canary():
+    from brainscan.config import DEFAULTS
+
+    assert DEFAULTS.replace(deployment_mode="Standard").deployment_mode == "Standard"
+    with pytest.raises(ValueError, match="deployment mode 'Kubernetes'"):
+        DEFAULTS.replace(deployment_mode="Kubernetes")
+    with pytest.raises(ValueError, match="canary_percent needs deployment_mode Serverless"):
+        DEFAULTS.replace(deployment_mode="RawDeployment", canary_percent=10)
 
 
 def test_retrain_pipeline_skips_everything_when_data_unchanged(retrain_yaml):
