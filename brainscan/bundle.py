@@ -68,13 +68,14 @@ def load_model(bundle_dir: str | Path):
 
 
 def save_model(model, bundle_dir: str | Path) -> Path:
-    """model.keras without optimizer state: an uncompiled clone holding the same weights."""
-    import keras  # see load_model
-
+    """model.keras without optimizer state: an uncompiled copy, built from the model's config, holding
+    the same weights. (keras.models.clone_model is no way out: Keras 3 compiles the clone like the
+    original, and the new optimizer's variables are saved with it: 251 MB instead of 84 MB for a
+    71 px Xception trained with Adam.)"""
     if getattr(model, "optimizer", None) is not None:
-        clone = keras.models.clone_model(model)
-        clone.set_weights(model.get_weights())
-        model = clone
+        copy = type(model).from_config(model.get_config())
+        copy.set_weights(model.get_weights())
+        model = copy
     path = Path(bundle_dir) / MODEL_FILE
     model.save(path)
     return path

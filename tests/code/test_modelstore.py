@@ -55,3 +55,28 @@ def test_wrong_input_shape_is_rejected(tiny_bundle_dir):
     bundle = modelstore.load_bundle(str(tiny_bundle_dir))
     with pytest.raises(ValueError, match="expected preprocessed images"):
         bundle.predict(np.zeros((2, 8, 8, 3), dtype="float32"))
+
+
+def test_saved_model_carries_no_optimizer_state(tmp_path):
+    """What serving pulls is the weights only: a model trained with Adam saves without the optimizer's
+    variables (twice the weights' size), and predicts the same after loading."""
+    import zipfile
+
+    import h5py
+    import keras
+
+    from brainscan import bundle
+
+    model = make_tiny_model()
+    model.compile(optimizer=keras.optimizers.Adam(1e-3), loss="sparse_categorical_crossentropy")
+    x = np.random.default_rng(0).random((4, TINY_SIZE, TINY_SIZE, 3), dtype=np.float32)
+    model.fit(x, np.arange(4), epochs=1, verbose=0)
+    with_state = tmp_path / "with_optimizer.keras"
+    model.save(with_state)
+
+    path = bundle.save_model(model, tmp_path)
+    with zipfile.ZipFile(path) as archive, archive.open("model.weights.h5") as weights, h5py.File(weights) as h5:
+        assert "optimizer" not in h5, "optimizer variables were saved with the model"
+    assert path.stat().st_size < 0.6 * with_state.stat().st_size
+    assert model.optimizer is not None  # the trainer's model is left as it was
+    np.testing.assert_allclose(bundle.load_model(tmp_path)(x, training=False), model(x, training=False), atol=1e-6)
