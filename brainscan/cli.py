@@ -682,8 +682,15 @@ def retrain_watch(
     workdir: Path = typer.Option(Path(DEFAULT_WORKDIR), "--workdir", help="Local runs: the work dir."),
     preset: Optional[str] = PRESET_OPTION,
     max_checks: Optional[int] = typer.Option(None, "--max-checks", min=1, help="Stop after this many checks."),
+    settle_checks: int = typer.Option(2, "--settle-checks", min=1,
+                                      help="Start a run once the same data was seen on this many checks in a row "
+                                           "(an upload in progress changes it from check to check)."),
 ) -> None:
-    """Check on an interval; when the data changed, submit a run (--host) or run the pipeline locally."""
+    """Check on an interval; when the data changed, submit a run (--host) or run the pipeline locally.
+
+    With --host: one run per data version, named after its fingerprint and not submitted again when the
+    KFP API has it already (a restarted watcher does not double it); --namespace is also the Kubeflow
+    profile the run goes to. The pod's projected KFP token authenticates it (infra/k8s/retrain/)."""
     # lazy: loads MLflow and kfp
     from brainscan import stack
     from brainscan.pipelines import retrain
@@ -698,8 +705,11 @@ def retrain_watch(
         if host:
             from brainscan.pipelines import kfp_client  # lazy: only when submitting
 
-            result = kfp_client.submit(host, {**(PRESETS[preset] if preset else {}), **given}, which="retrain")
-            typer.echo(f"submitted run {result.run_id}", err=True)
+            result = kfp_client.submit_once(host, retrain.run_name(decision.fingerprint),
+                                            {**(PRESETS[preset] if preset else {}), **given}, which="retrain",
+                                            namespace=given.get("namespace"))
+            typer.echo(f"{'submitted' if result.action == 'submit' else 'already submitted:'} run {result.run_id} "
+                       f"({result.name})", err=True)
         else:
             from brainscan.pipelines.local import run_local  # lazy: only for local runs
 
@@ -709,7 +719,7 @@ def retrain_watch(
                 typer.echo(f"run failed: {str(err).splitlines()[0]}", err=True)
 
     started = retrain.watch(params.source, start_run, interval_s=interval, model_name=params.model_name,
-                            max_checks=max_checks)
+                            max_checks=max_checks, settle_checks=settle_checks)
     typer.echo(f"{started} run(s) started", err=True)
 
 

@@ -1,19 +1,24 @@
 """Talk to a Kubeflow Pipelines backend with `kfp.Client`: upload, run, schedule.
 
 The pipeline is compiled on the fly (same YAML as `brainscan pipeline compile`), so what is
-uploaded always matches the code. Authentication: `kfp.Client` picks up an existing token
-from $KF_PIPELINES_SA_TOKEN_PATH or the in-cluster service-account token; nothing here
-reads or prints credentials.
+uploaded always matches the code. Authentication, for a multi-user Kubeflow: where the pod has a
+projected service-account token for the KFP API (audience `pipelines.kubeflow.org`, at
+$KF_PIPELINES_SA_TOKEN_PATH or /var/run/secrets/kubeflow/pipelines/token), every request carries
+it, re-read as the kubelet rotates it. (`kfp.Client` itself attaches none once a host is given.)
+Nothing here prints credentials.
 """
 
 from __future__ import annotations
 
+import json
+import os
 import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import kfp
+from kfp.client import KF_PIPELINES_SA_TOKEN_ENV, KF_PIPELINES_SA_TOKEN_PATH, ServiceAccountTokenVolumeCredentials
 
 from brainscan.config import EXPERIMENT, PIPELINE_NAME, RETRAIN_PIPELINE_NAME
 from brainscan.pipelines.pipeline import compile_pipeline
@@ -36,8 +41,13 @@ class KfpResult:
         return asdict(self)
 
 
+def token_path() -> Path:
+    return Path(os.environ.get(KF_PIPELINES_SA_TOKEN_ENV) or KF_PIPELINES_SA_TOKEN_PATH)
+
+
 def _client(host: str, namespace: str | None = None):
-    return kfp.Client(host=host, namespace=namespace or "kubeflow")
+    credentials = ServiceAccountTokenVolumeCredentials(str(token_path())) if token_path().is_file() else None
+    return kfp.Client(host=host, namespace=namespace or "kubeflow", credentials=credentials)
 
 
 def _compiled(which: str, folder: str) -> str:
@@ -74,6 +84,32 @@ def submit(host: str, arguments: dict | None = None, which: str = "train", exper
                                                          run_name=run_name, experiment_name=experiment,
                                                          namespace=namespace)
     return KfpResult("submit", host, run_id=result.run_id, name=run_name)
+
+
+def find_run(host: str, name: str, namespace: str | None = None) -> dict | None:
+    """The newest run named `name` (its id and state), or None."""
+    client = _client(host, namespace)
+    predicate = {"operation": "EQUALS", "key": "display_name", "string_value": name}
+    response = client.list_runs(namespace=namespace, filter=json.dumps({"predicates": [predicate]}),
+                                sort_by="created_at desc", page_size=1)
+    runs = getattr(response, "runs", None) or []
+    if not runs:
+        return None
+    return {"run_id": runs[0].run_id, "state": str(runs[0].state or "")}
+
+
+def submit_once(host: str, run_name: str, arguments: dict | None = None, which: str = "retrain",
+                experiment: str = DEFAULT_EXPERIMENT, namespace: str | None = None) -> KfpResult:
+    """Start the run named `run_name` unless the KFP API already has one by that name (action "exists").
+
+    Whatever that run's state: one going on or done needs no second, and a failed one is not retried
+    on its own (a permanent error would start a run per check); `brainscan pipeline submit` does that
+    by hand. Run names come from the data's fingerprint (brainscan.pipelines.retrain.run_name).
+    """
+    found = find_run(host, run_name, namespace)
+    if found is not None:
+        return KfpResult("exists", host, run_id=found["run_id"], name=run_name)
+    return submit(host, arguments, which=which, experiment=experiment, run_name=run_name, namespace=namespace)
 
 
 def schedule(host: str, cron: str, arguments: dict | None = None, which: str = "retrain",

@@ -145,7 +145,7 @@ def test_kustomizations_list_existing_files_and_every_manifest_but_the_secret_te
     examples = {p for p in manifest_files() if "examples" in p.parts}
     assert set(manifest_files()) - listed == {template, knative_patch} | examples
     kinds = {doc["kind"] for path in listed for doc in documents(path)}
-    assert kinds >= {"ServingRuntime", "ServiceAccount", "Role", "RoleBinding", "EventSource", "Sensor"}
+    assert kinds >= {"ServingRuntime", "ServiceAccount", "Role", "RoleBinding", "Deployment"}
 
 
 def test_secret_template_holds_placeholders_only():
@@ -198,37 +198,89 @@ def test_serving_runtime_required_fields():
     kubernetes_validate.validate(_pod({"containers": [container]}), K8S_VERSION, strict=True)
 
 
-def test_argo_events_source_and_sensor():
-    (source,) = documents(K8S / "retrain" / "eventsource-minio.yaml")
-    (sensor,) = documents(K8S / "retrain" / "sensor-retrain.yaml")
-    assert source["apiVersion"] == sensor["apiVersion"] == "argoproj.io/v1alpha1"
-    assert (source["kind"], sensor["kind"]) == ("EventSource", "Sensor")
-    ((event_name, minio),) = source["spec"]["minio"].items()
-    assert minio["bucket"]["name"] and minio["endpoint"] and minio["events"]
-    assert all(e.startswith("s3:ObjectCreated:") for e in minio["events"])
-    assert minio["accessKey"]["name"] == minio["secretKey"]["name"] == isvc_mod.DEFAULT_S3_SECRET
+def _watcher() -> tuple[dict, dict]:
+    (deployment,) = documents(K8S / "retrain" / "watch-deployment.yaml")
+    rbac = {doc["kind"]: doc for doc in documents(K8S / "retrain" / "rbac-watch.yaml")}
+    return deployment, rbac
 
-    (dependency,) = sensor["spec"]["dependencies"]
-    assert (dependency["eventSourceName"], dependency["eventName"]) == (source["metadata"]["name"], event_name)
-    (trigger,) = sensor["spec"]["triggers"]
-    assert trigger["rateLimit"]["requestsPerUnit"] >= 1  # a bulk upload must not start hundreds of runs
-    workflow = trigger["template"]["argoWorkflow"]
-    assert workflow["operation"] == "submit"
-    resource = workflow["source"]["resource"]
-    assert resource["kind"] == "Workflow"
-    (template,) = resource["spec"]["templates"]
-    args = template["container"]["args"]
-    assert args[:2] == ["pipeline", "submit"] and "--host" in args
-    assert template["container"]["command"] == ["brainscan"]
-    # parameters from the event land on a parameter that exists
-    for param in workflow["parameters"]:
-        assert param["src"]["dependencyName"] == dependency["name"]
-        index = int(re.fullmatch(r"spec\.arguments\.parameters\.(\d+)\.value", param["dest"]).group(1))
-        assert index < len(resource["spec"]["arguments"]["parameters"])
-    # the sensor's account exists and may create workflows
-    rbac = {doc["kind"]: doc for doc in documents(K8S / "retrain" / "rbac-sensor.yaml")}
-    assert rbac["ServiceAccount"]["metadata"]["name"] == sensor["spec"]["template"]["serviceAccountName"]
-    assert "create" in rbac["Role"]["rules"][0]["verbs"] and "workflows" in rbac["Role"]["rules"][0]["resources"]
+
+def test_retrain_watcher_runs_the_cli_it_names():
+    """The in-cluster watcher's command line is one the real CLI accepts, with the source, the KFP host
+    and the profile namespace, and a settle window against upload floods."""
+    import typer.main
+
+    from brainscan.cli import app
+
+    deployment, _ = _watcher()
+    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    assert container["command"] == ["brainscan"] and container["args"][:2] == ["retrain", "watch"]
+    command = typer.main.get_command(app).commands["retrain"].commands["watch"]
+    context = command.make_context("watch", list(container["args"][2:]))  # a usage error if it were wrong
+    options = context.params
+    assert options["host"] and options["source"].startswith("s3://") and options["namespace"]
+    assert options["settle_checks"] >= 2 and options["interval"] >= 60
+    with pytest.raises(Exception, match="No such option: --sauce"):
+        command.make_context("watch", ["--sauce", "s3://x"])
+    assert deployment["spec"]["replicas"] == 1 and deployment["spec"]["strategy"]["type"] == "Recreate"
+
+
+def test_retrain_watcher_authenticates_to_the_kfp_api_with_a_projected_token():
+    from kfp.client import KF_PIPELINES_SA_TOKEN_PATH
+
+    deployment, rbac = _watcher()
+    pod = deployment["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    token_path = env["KF_PIPELINES_SA_TOKEN_PATH"]
+    assert token_path == KF_PIPELINES_SA_TOKEN_PATH
+    (mount,) = [m for m in container["volumeMounts"] if token_path.startswith(m["mountPath"] + "/")]
+    (volume,) = [v for v in pod["volumes"] if v["name"] == mount["name"]]
+    (source,) = volume["projected"]["sources"]
+    assert source["serviceAccountToken"]["audience"] == "pipelines.kubeflow.org"
+    assert mount["mountPath"] + "/" + source["serviceAccountToken"]["path"] == token_path
+    # no Kubernetes API token: it needs none
+    assert pod["automountServiceAccountToken"] is False and rbac["ServiceAccount"]["automountServiceAccountToken"] is False
+    assert pod["serviceAccountName"] == rbac["ServiceAccount"]["metadata"]["name"]
+    assert pod["securityContext"]["runAsNonRoot"] is True and container["securityContext"]["allowPrivilegeEscalation"] is False
+    # S3 and MLflow from the secret, the runs' images from the kustomization's ConfigMap
+    assert {"secretRef": {"name": isvc_mod.DEFAULT_S3_SECRET}} in container["envFrom"]
+    assert {"configMapRef": {"name": "brainscan-images"}} in container["envFrom"]
+
+
+def test_retrain_watcher_rbac_covers_the_kfp_calls_and_no_more():
+    """What the KFP API checks (SubjectAccessReview, pipelines.kubeflow.org) for submit_once: the experiment
+    (get/list by name, create the first time), runs (list by name, create)."""
+    _, rbac = _watcher()
+    rules = {resource: set(rule["verbs"]) for rule in rbac["Role"]["rules"] for resource in rule["resources"]
+             if rule["apiGroups"] == ["pipelines.kubeflow.org"]}
+    assert rules == {"experiments": {"get", "list", "create"}, "runs": {"get", "list", "create"}}
+    assert len(rbac["Role"]["rules"]) == 2
+    binding = rbac["RoleBinding"]
+    assert binding["roleRef"]["name"] == rbac["Role"]["metadata"]["name"]
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "brainscan-retrain", "namespace": "kubeflow-user"}]
+
+
+def test_retrain_kustomization_names_the_run_images_the_cli_reads():
+    from brainscan import config
+
+    spec = yaml.safe_load((K8S / "retrain" / "kustomization.yaml").read_text())
+    (generator,) = spec["configMapGenerator"]
+    literals = dict(item.split("=", 1) for item in generator["literals"])
+    assert set(literals) == {config.PIPELINE_IMAGE_ENV, config.TRAIN_IMAGE_ENV, config.SERVING_IMAGE_ENV}
+    assert literals[config.SERVING_IMAGE_ENV].startswith(config.SERVING_IMAGE.rsplit(":", 1)[0])
+    deployment, _ = _watcher()
+    image = deployment["spec"]["template"]["spec"]["containers"][0]["image"]
+    assert image.rsplit(":", 1)[0] in {entry["name"] for entry in spec["images"]}
+
+
+def test_retrain_objects_validate_strictly_and_the_check_can_fail():
+    deployment, rbac = _watcher()
+    for doc in (deployment, *rbac.values()):
+        kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+    typo = copy.deepcopy(deployment)
+    typo["spec"]["template"]["spec"]["containers"][0]["envFrom"][0]["secretref"] = {"name": "x"}
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(typo, K8S_VERSION, strict=True)
 
 
 def test_example_inferenceservice_is_what_the_builder_makes():

@@ -23,6 +23,7 @@ from brainscan.pipelines import kfp_client
 class FakeKfp(BaseHTTPRequestHandler):
     requests: list[dict] = []
     pipelines: dict[str, str] = {}
+    runs: list[dict] = []
 
     def log_message(self, *args):  # keep test output quiet
         pass
@@ -40,7 +41,8 @@ class FakeKfp(BaseHTTPRequestHandler):
         raw = self.rfile.read(length) if length else b""
         url = urlparse(self.path)
         entry = {"method": self.command, "path": url.path, "query": parse_qs(url.query), "raw": raw,
-                 "content_type": self.headers.get("Content-Type", "")}
+                 "content_type": self.headers.get("Content-Type", ""),
+                 "authorization": self.headers.get("Authorization")}
         if raw and entry["content_type"].startswith("application/json"):
             entry["json"] = json.loads(raw)
         type(self).requests.append(entry)
@@ -55,6 +57,11 @@ class FakeKfp(BaseHTTPRequestHandler):
             self._reply({"pipelines": found, "total_size": len(found)})
         elif entry["path"] == "/apis/v2beta1/experiments":
             self._reply({"experiments": [], "total_size": 0})
+        elif entry["path"] == "/apis/v2beta1/runs":
+            predicates = json.loads(entry["query"].get("filter", ['{"predicates": []}'])[0])["predicates"]
+            wanted = [p.get("string_value", p.get("stringValue")) for p in predicates if p["key"] == "display_name"]
+            found = [run for run in self.runs if not wanted or run["display_name"] in wanted]
+            self._reply({"runs": found[::-1], "total_size": len(found)})
         else:
             self._reply({})
 
@@ -71,7 +78,10 @@ class FakeKfp(BaseHTTPRequestHandler):
         elif path == "/apis/v2beta1/experiments":
             self._reply({"experiment_id": "eid-1", "display_name": entry["json"]["display_name"]})
         elif path == "/apis/v2beta1/runs":
-            self._reply({"run_id": "rid-1", "display_name": entry["json"]["display_name"]})
+            run = {"run_id": f"rid-{len(self.runs) + 1}", "display_name": entry["json"]["display_name"],
+                   "state": "RUNNING"}
+            self.runs.append(run)
+            self._reply(run)
         elif path == "/apis/v2beta1/recurringruns":
             self._reply({"recurring_run_id": "rrid-1", "display_name": entry["json"]["display_name"]})
         else:
@@ -82,6 +92,7 @@ class FakeKfp(BaseHTTPRequestHandler):
 def fake_kfp():
     FakeKfp.requests = []
     FakeKfp.pipelines = {}
+    FakeKfp.runs = []
     server = ThreadingHTTPServer(("127.0.0.1", 0), FakeKfp)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
@@ -194,3 +205,51 @@ def test_cli_retrain_watch_submits_one_retrain_run_per_data_change(fake_kfp, syn
     (run,) = _posts(fake, "/apis/v2beta1/runs")
     assert _pipeline_spec(run["json"])["pipelineInfo"]["name"] == "brainscan-retrain-if-new-data"
     assert run["json"]["runtime_config"]["parameters"] == {"source": source}
+
+
+def test_requests_carry_the_pods_projected_kfp_token(fake_kfp, tmp_path, monkeypatch):
+    """A multi-user Kubeflow answers only authenticated requests: where the pod has a projected token
+    (audience pipelines.kubeflow.org), every request carries it, read anew each time (the kubelet rotates it)."""
+    host, fake = fake_kfp
+    monkeypatch.setenv("KF_PIPELINES_SA_TOKEN_PATH", str(tmp_path / "absent"))
+    kfp_client.submit(host, {"source": "s3://scans/raw"})
+    assert {r["authorization"] for r in fake.requests} == {None}  # no token file: nothing is sent
+
+    token = tmp_path / "token"
+    token.write_text("first-token\n")
+    monkeypatch.setenv("KF_PIPELINES_SA_TOKEN_PATH", str(token))
+    fake.requests.clear()
+    kfp_client.submit(host, {"source": "s3://scans/raw"}, namespace="kubeflow-user")
+    assert fake.requests and {r["authorization"] for r in fake.requests} == {"Bearer first-token"}
+    assert _posts(fake, "/apis/v2beta1/experiments")[0]["json"]["namespace"] == "kubeflow-user"
+
+
+def test_submit_once_starts_one_run_per_name(fake_kfp):
+    host, fake = fake_kfp
+    first = kfp_client.submit_once(host, "brainscan-retrain-0123456789abcdef", {"source": "s3://scans/raw"})
+    again = kfp_client.submit_once(host, "brainscan-retrain-0123456789abcdef", {"source": "s3://scans/raw"})
+    other = kfp_client.submit_once(host, "brainscan-retrain-fedcba9876543210", {"source": "s3://scans/raw"})
+    assert (first.action, again.action, other.action) == ("submit", "exists", "submit")
+    assert again.run_id == first.run_id
+    assert [r["json"]["display_name"] for r in _posts(fake, "/apis/v2beta1/runs")] == [
+        "brainscan-retrain-0123456789abcdef", "brainscan-retrain-fedcba9876543210"]
+    lookup = [r for r in fake.requests if r["method"] == "GET" and r["path"] == "/apis/v2beta1/runs"][0]
+    assert json.loads(lookup["query"]["filter"][0])["predicates"] == [
+        {"operation": "EQUALS", "key": "display_name", "string_value": "brainscan-retrain-0123456789abcdef"}]
+
+
+def test_a_restarted_watcher_does_not_submit_the_same_data_again(fake_kfp, synthetic_archive, tmp_path, monkeypatch):
+    """The in-cluster watcher restarts (a new pod): the run for this data exists, so no second one."""
+    host, fake = fake_kfp
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    source = str(synthetic_archive.out_dir)
+    watch = ["retrain", "watch", "--source", source, "--host", host, "--namespace", "kubeflow-user",
+             "--interval", "1", "--max-checks", "2"]
+    first = CliRunner().invoke(app, watch)
+    assert first.exit_code == 0, first.output
+    second = CliRunner().invoke(app, watch)  # the same data, a fresh process state
+    assert second.exit_code == 0, second.output
+    assert "already submitted: run rid-1" in second.output
+    (run,) = _posts(fake, "/apis/v2beta1/runs")
+    assert run["json"]["display_name"].startswith("brainscan-retrain-")
+    assert run["json"]["runtime_config"]["parameters"] == {"source": source, "namespace": "kubeflow-user"}

@@ -154,3 +154,43 @@ def test_source_fingerprint_rejects_an_empty_source(tmp_path):
     (tmp_path / "empty" / "Dataset").mkdir(parents=True)
     with pytest.raises(ValueError, match="no images"):
         retrain.source_fingerprint(str(tmp_path / "empty"))
+
+
+def test_watch_waits_for_an_upload_to_settle(source, tracking, monkeypatch):
+    """Scans arriving over several checks start one run, on the data as it is once the upload stopped."""
+    monkeypatch.setattr(retrain.time, "sleep", lambda _s: None)
+    checks = []
+    real_check = retrain.check
+
+    def uploading_check(src, model_name=NAME):
+        checks.append(1)
+        if len(checks) in (2, 3):
+            _add_image(source, 9000 + len(checks))  # the upload goes on across checks 2 and 3
+        return real_check(src, model_name=model_name)
+
+    monkeypatch.setattr(retrain, "check", uploading_check)
+    runs = []
+    started = retrain.watch(str(source), runs.append, interval_s=0, model_name=NAME, max_checks=5, settle_checks=2)
+    assert started == 1 and len(checks) == 5  # checks 1-3 saw changing data; 4 saw it again: one run
+    assert runs[0].fingerprint == retrain.source_fingerprint(str(source))
+    with pytest.raises(ValueError, match="settle_checks"):
+        retrain.watch(str(source), runs.append, settle_checks=0, max_checks=1)
+
+
+def test_unchanged_listing_reads_no_image(source, s3_prefix, monkeypatch):
+    """A check lists the source; its images are read again only when the listing changed (S3 and folders)."""
+    reads = []
+    real_read = retrain._read_fingerprint
+    monkeypatch.setattr(retrain, "_read_fingerprint", lambda src: reads.append(src) or real_read(src))
+    result = ingest.ingest(str(source), s3_prefix, progress=False)
+    images = storage.join(s3_prefix, "images")
+    for where in (str(source), images):
+        first = retrain.source_fingerprint(where)
+        assert retrain.source_fingerprint(where) == first == result.fingerprint
+    assert reads == [str(source), images]  # once each, however many checks
+
+    storage.write_bytes(storage.join(images, "Dataset/Brain Tumor MRI images/Tumor/glioma (9100).jpg"),
+                        storage.read_bytes(storage.join(images, "Dataset/Brain Tumor MRI images/Tumor/glioma (1).jpg")))
+    _add_image(source, 9100)
+    assert retrain.source_fingerprint(images) != first and retrain.source_fingerprint(str(source)) != first
+    assert reads[2:] == [images, str(source)]
