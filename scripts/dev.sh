@@ -2,7 +2,10 @@
 # The project's two entry points on a fresh machine (only Python 3.11 needed):
 #   bash scripts/dev.sh demo   -> the main job: the whole pipeline on the local stack
 #   bash scripts/dev.sh test   -> the test suite
-# Both create .venv from the pinned lock file first (skipped when it is up to date).
+# Both create .venv from the pinned lock file first (skipped when it is up to date). And:
+#   bash scripts/dev.sh images -> build the pipeline and serving images with buildah and
+#                                 smoke-test them as UID 1000 (scripts/images.sh; root)
+#   bash scripts/dev.sh lock   -> recompile requirements.lock and requirements-serving.lock
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -43,7 +46,16 @@ case "$cmd" in
         if [[ "${BRAINSCAN_E2E:-1}" == "0" ]]; then extra+=(--ignore=tests/e2e); fi
         # pytest exits 5 when nothing was collected: that is a failure here, not a pass.
         exec "$VENV/bin/python" -m pytest -ra --durations=25 "${extra[@]}" "$@" ;;
+    images)
+        bootstrap
+        exec bash scripts/images.sh "$@" ;;
+    lock)
+        bootstrap
+        # the serving lock takes the main lock's versions (-c): one pin per package
+        "$VENV/bin/uv" pip compile --quiet requirements.in --python-version 3.11 -o requirements.lock
+        "$VENV/bin/uv" pip compile --quiet requirements-serving.in -c requirements.lock --python-version 3.11 \
+            -o requirements-serving.lock ;;
     *)
-        echo "usage: bash scripts/dev.sh {setup|demo|test} [args...]" >&2
+        echo "usage: bash scripts/dev.sh {setup|demo|test|images|lock} [args...]" >&2
         exit 2 ;;
 esac

@@ -9,4 +9,5 @@ pytest_plugins = [
     "tests.fixtures.model",
     "tests.fixtures.serving",
     "tests.fixtures.schemas",
+    "tests.fixtures.images",
 ]

