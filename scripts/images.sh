@@ -14,9 +14,10 @@
 # Debian 12's own python3.11 (same contract: `python`/`pip` of Python 3.11 on PATH, in a venv at
 # /usr/local so pip may install; PEP 668 leaves Debian's system Python alone). BRAINSCAN_BASE_IMAGE
 # names another base. Caches outside the repository, under $BRAINSCAN_IMAGE_CACHE (default
-# ~/.cache/brainscan-images): the base tarball and the weights file; buildah keeps its layer
-# cache (--layers) and the pip cache mounts in its own storage. A second run rebuilds only
-# what changed.
+# ~/.cache/brainscan-images): the base tarball, the weights file, build logs; buildah keeps its
+# layer cache (--layers) in its own storage, so a second run rebuilds only what changed. (The
+# Dockerfiles' pip cache mount stays empty on these machines: pip caches nothing behind their
+# egress proxy. Downloads are not the slow part here; installing is.)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

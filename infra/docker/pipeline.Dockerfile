@@ -36,7 +36,7 @@ WORKDIR /app
 # Never run as root: a fixed UID (PodSecurity "restricted", runAsNonRoot).
 RUN useradd --uid 1000 --create-home --shell /usr/sbin/nologin brainscan
 
-# The pip cache is a build cache mount: reused by the next build, never in the image.
+# The pip cache is a build cache mount: reused by the next build where pip can cache, never in the image.
 COPY requirements.lock /tmp/requirements.lock
 RUN --mount=type=cache,target=/root/.cache/pip \
     if [ "$TENSORFLOW_GPU" = "true" ]; then \

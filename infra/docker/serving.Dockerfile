@@ -28,7 +28,8 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 WORKDIR /app
 
 # Dependencies first (their own layer): the serving lock pins the whole tree at requirements.lock's
-# versions. The pip cache is a build cache mount: reused by the next build, never in the image.
+# versions. The pip cache is a build cache mount: reused by the next build where pip can cache,
+# never in the image.
 COPY requirements-serving.lock /tmp/requirements.lock
 RUN --mount=type=cache,target=/root/.cache/pip \
     if [ "$TENSORFLOW_GPU" = "true" ]; then \
