@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
@@ -20,6 +19,7 @@ import uuid
 import numpy as np
 import pytest
 
+from brainscan.stack import free_ports, log_tail
 from tests.fixtures.images import env_file, images_enabled, owned_dir
 
 pytestmark = pytest.mark.skipif(images_enabled() is not None, reason=images_enabled() or "")
@@ -52,12 +52,6 @@ CLIENT = textwrap.dedent("""
         answer[name] = [v.decode() if isinstance(v, bytes) else v for v in value.tolist()]
     print(json.dumps(answer))
 """).format(outputs=OUTPUTS, model=MODEL)
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def test_serving_image_is_lean(serving_container):
@@ -100,7 +94,7 @@ def served(serving_container, s3_stack, registered_champion, tmp_path_factory):
     """`brainscan serve` from the image, on free loopback ports, on MODEL_URI from the registry."""
     server, _ = registered_champion
     work = owned_dir(tmp_path_factory.mktemp("serving_pod"))
-    http_port, grpc_port = _free_port(), _free_port()
+    http_port, grpc_port = free_ports(2)
     secret = env_file(work, {**s3_stack.env(), "MLFLOW_TRACKING_URI": server.url,
                              "MODEL_URI": f"models:/{MODEL}@champion"})
     # the image's CMD, on loopback ports instead of 0.0.0.0:8080/8081 (this host's network is shared)
@@ -115,14 +109,14 @@ def served(serving_container, s3_stack, registered_champion, tmp_path_factory):
         deadline = time.monotonic() + 600  # TensorFlow and the model load on a shared 2-core machine
         while True:
             if process.poll() is not None:
-                pytest.fail("the server exited:\n" + log_path.read_text()[-4000:])
+                pytest.fail("the server exited:\n" + log_tail(log_path, 60))
             try:
                 if urllib.request.urlopen(f"{url}/v2/models/{MODEL}/ready", timeout=2).status == 200:
                     break
             except OSError:
                 pass
             if time.monotonic() > deadline:
-                pytest.fail("the server did not become ready:\n" + log_path.read_text()[-4000:])
+                pytest.fail("the server did not become ready:\n" + log_tail(log_path, 60))
             time.sleep(2)
         yield {"url": url, "grpc": f"127.0.0.1:{grpc_port}", "pgid": process.pid, "log": log_path}
     finally:
