@@ -21,7 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 
-from tests.fixtures.serving import SERVER_LIMITS, encode
+from tests.fixtures.serving import IMAGE_FORMATS, SERVER_LIMITS, declaring_size, encode
 
 MODEL = "brain-tumor"
 CLASSES = ["ct_healthy", "ct_tumor", "mri_glioma", "mri_healthy", "mri_meningioma", "mri_pituitary", "mri_tumor"]
@@ -354,6 +354,73 @@ def test_binary_extension_bad_bytes(model_server, serving_images):
                        headers={"Content-Type": "application/octet-stream",
                                 "Inference-Header-Content-Length": str(len(header))})
     assert got == 400 and "binary_data_size" in answer["error"]
+    assert_still_serving(model_server, serving_images)
+
+
+# --------------------------------------------------------------------------- images too large, judged from the header
+# A few hundred bytes each, claiming 30000 x 30000 (900 M pixels: Pillow's own DecompressionBombError)
+# or 1100 x 1000 (1.1 M: over the server's --max-pixels 1 M): refused with a 4xx before decoding.
+OVERSIZED = {"bomb": (30000, 30000), "over-max-pixels": (1100, 1000)}
+
+
+@pytest.mark.parametrize("fmt", IMAGE_FORMATS)
+def test_image_over_max_pixels_gets_400_before_decoding(model_server, serving_images, fmt):
+    import tritonclient.http as httpclient
+    from tritonclient.utils import InferenceServerException
+
+    honest = declaring_size(fmt, 8, 8)  # the same file with its true size header is served
+    status, answer = post(model_server, f"/v2/models/{MODEL}/infer", v2_json([b64_images([honest])]))
+    assert status == 200, answer
+    for case, (width, height) in OVERSIZED.items():
+        image = declaring_size(fmt, width, height)
+        assert len(image) < 1000, case
+        status, answer = post(model_server, f"/v2/models/{MODEL}/infer", v2_json([b64_images([image])]))
+        assert status == 400 and "pixels" in json.dumps(answer), (fmt, case, status, answer)
+        tensor = httpclient.InferInput("image", [1], "BYTES")
+        tensor.set_data_from_numpy(np.array([image], dtype=object), binary_data=True)
+        with pytest.raises(InferenceServerException) as err:
+            http_client(model_server).infer(MODEL, [tensor])
+        assert err.value.status() == "400" and "pixels" in err.value.message(), (fmt, case)
+        status, answer = post(model_server, f"/v1/models/{MODEL}:explain",
+                              json.dumps({"instances": [{"b64": base64.b64encode(image).decode()}]}).encode())
+        assert status == 400 and "pixels" in json.dumps(answer), (fmt, case, status, answer)
+    assert_still_serving(model_server, serving_images)
+
+
+GRPC_OVERSIZED_SCRIPT = textwrap.dedent("""
+    import json, sys
+    import numpy as np
+    import tritonclient.grpc as grpcclient
+
+    client = grpcclient.InferenceServerClient(sys.argv[1])
+    out = {}
+    for path in sys.argv[2:]:
+        tensor = grpcclient.InferInput("image", [1], "BYTES")
+        tensor.set_data_from_numpy(np.array([open(path, "rb").read()], dtype=object))
+        try:
+            client.infer("brain-tumor", [tensor])
+            out[path] = "accepted"
+        except grpcclient.InferenceServerException as err:
+            out[path] = [str(err.status()), err.message()]
+    print(json.dumps(out))
+""")
+
+
+def test_grpc_image_over_max_pixels_gets_invalid_argument(model_server, serving_images, tmp_path):
+    paths = {}
+    for fmt in IMAGE_FORMATS:
+        for case, (width, height) in OVERSIZED.items():
+            path = tmp_path / f"{case}.{fmt.lower()}"
+            path.write_bytes(declaring_size(fmt, width, height))
+            paths[str(path)] = (fmt, case)
+    run = subprocess.run([sys.executable, "-c", GRPC_OVERSIZED_SCRIPT, model_server.grpc_address, *paths],
+                         capture_output=True, text=True, timeout=180)
+    assert run.returncode == 0, run.stderr[-3000:]
+    out = json.loads(run.stdout.strip().splitlines()[-1])
+    for path, where in paths.items():
+        assert out[path] != "accepted", where
+        status, message = out[path]
+        assert "INVALID_ARGUMENT" in status and "pixels" in message, (where, out[path])
     assert_still_serving(model_server, serving_images)
 
 
