@@ -461,6 +461,9 @@ def test_metrics_endpoint(model_server, serving_images):
     for name in ("brainscan_batch_size_bucket", "brainscan_model_call_seconds_count",
                  "brainscan_batcher_requests_total", "request_predict_seconds_count"):
         assert name in text, name
+    # On a CPU the default runtime is ONNX Runtime, checked against Keras at load.
+    runtime = re.search(r'^brainscan_model_runtime_info\{(.*)\} 1\.0$', text, re.M)
+    assert runtime and 'runtime="onnx"' in runtime.group(1), runtime
 
 
 def test_local_status(model_server):
