@@ -18,7 +18,8 @@ calls per batch:
   - "keras": the plain per-call Keras model (brainscan.bundle.predict_probabilities), the
     reference the others are checked against;
   - "auto" (the default): "tf" when TensorFlow sees a GPU, else "onnx"; "tf" whenever ONNX
-    Runtime is missing, the conversion fails or disagrees with Keras.
+    Runtime is missing, the conversion fails or disagrees with Keras. The server converts in
+    the background on a first start (compiled TensorFlow serves meanwhile), see ServedModel.
   Every runtime but "keras" is checked at load on a fixed probe batch: its softmax must equal
   Keras's within `TOLERANCE` (1e-5), or it is not used.
 
@@ -31,6 +32,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +42,7 @@ import numpy as np
 
 from brainscan.bundle import MODEL_FILE
 from brainscan.config import MAX_IMAGE_PIXELS
+from brainscan.labels import CLASSES
 from brainscan.modelstore import ModelBundle, cache_dir
 from brainscan.preprocessing import InvalidImageError, check_image_bytes, preprocess_image
 
@@ -175,10 +178,7 @@ def load_runtime(bundle: ModelBundle, name: str = "auto") -> Runtime:
     reference = keras.call(probe)
     choices = [name]
     if name == "auto":
-        # TensorFlow's import costs seconds: loading a model imports it anyway
-        import tensorflow as tf
-
-        choices = ["tf"] if tf.config.list_physical_devices("GPU") else ["onnx", "tf"]
+        choices = ["tf"] if _gpu_present() else ["onnx", "tf"]
     errors = []
     for choice in choices:
         try:
@@ -222,18 +222,68 @@ class CompiledPreprocessing:
 
 
 # ----------------------------------------------------------------------------- together
-class ServedModel:
-    """A bundle ready to serve: compiled preprocessing and a checked runtime for its model."""
+def _converted(bundle: ModelBundle) -> bool:
+    """True when the bundle's ONNX conversion is in the cache (or cannot be made here at all)."""
+    try:
+        return onnx_path(bundle).is_file()
+    except Exception:  # noqa: BLE001 - no tf2onnx, no local file: load_runtime("auto") decides and says why
+        return True
 
-    def __init__(self, bundle: ModelBundle, runtime: str = "auto"):
+
+def _gpu_present() -> bool:
+    # TensorFlow's import costs seconds: loading a model imports it anyway
+    import tensorflow as tf
+
+    return bool(tf.config.list_physical_devices("GPU"))
+
+
+class ServedModel:
+    """A bundle ready to serve: compiled preprocessing and a checked runtime for its model.
+
+    `convert_in_background=True` (the server's choice) keeps a first start from waiting for
+    the ONNX conversion (about 6 s on 2 idle cores, 20-30 s on busy ones): with runtime "auto",
+    on a CPU, and no converted model in the cache yet, the model is served at once by compiled
+    TensorFlow while a low-priority thread converts and checks the ONNX model, then
+    `predict` switches to it (`on_runtime(runtime)` is called after each switch). Later starts
+    find the conversion in the cache and load it directly.
+    """
+
+    def __init__(self, bundle: ModelBundle, runtime: str = "auto", convert_in_background: bool = False,
+                 on_runtime: Callable[[Runtime], None] | None = None):
         self.bundle = bundle
         self.image_size = bundle.image_size
-        self.runtime = load_runtime(bundle, runtime)
+        self.on_runtime = on_runtime or (lambda runtime: None)
+        self.upgrade: threading.Thread | None = None
+        if convert_in_background and runtime == "auto" and not _gpu_present() and not _converted(bundle):
+            self.runtime = load_runtime(bundle, "tf")
+            self.upgrade = threading.Thread(target=self._switch_to_onnx, name="brainscan-onnx-convert", daemon=True)
+        else:
+            self.runtime = load_runtime(bundle, runtime)
         self._preprocess = CompiledPreprocessing(bundle.image_size)
         # Warm up both graphs before anyone calls: the first call of each builds it.
         self.predict(np.zeros((1, self.image_size, self.image_size, 3), np.float32))
-        log.info("model %s served by %s (ready in %.1f s)", bundle.uri, self.runtime.description,
-                 self.runtime.load_seconds)
+        log.info("model %s served by %s (ready in %.1f s)%s", bundle.uri, self.runtime.description,
+                 self.runtime.load_seconds, "; converting to ONNX in the background" if self.upgrade else "")
+        self.on_runtime(self.runtime)
+        if self.upgrade is not None:
+            self.upgrade.start()
+
+    def _switch_to_onnx(self) -> None:
+        try:  # below the threads that answer requests (Linux: a thread's own nice value)
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
+        except (AttributeError, OSError):
+            pass
+        try:
+            runtime = load_runtime(self.bundle, "onnx")
+            runtime.call(np.zeros((1, self.image_size, self.image_size, 3), np.float32))  # warm
+        except Exception as err:  # noqa: BLE001 - compiled TensorFlow keeps serving; the reason is logged
+            log.warning("staying on %s: ONNX runtime not usable (%s: %s)", self.runtime.description,
+                        type(err).__name__, str(err).splitlines()[0] if str(err) else "")
+            return
+        self.runtime = runtime  # one attribute: the next batch uses it
+        log.info("model %s now served by %s (converted in the background in %.1f s)", self.bundle.uri,
+                 runtime.description, runtime.load_seconds)
+        self.on_runtime(runtime)
 
     def preprocess(self, files: Sequence[bytes], max_pixels: int = MAX_IMAGE_PIXELS) -> np.ndarray:
         return self._preprocess(files, max_pixels)
@@ -242,5 +292,5 @@ class ServedModel:
         """Softmax float32 [N, 7] of preprocessed images float32 [N, S, S, 3]."""
         images = np.asarray(images, dtype=np.float32)
         if len(images) == 0:
-            return np.zeros((0, len(self.bundle.classes)), dtype=np.float32)
+            return np.zeros((0, len(CLASSES)), dtype=np.float32)
         return self.runtime.call(images)

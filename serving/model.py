@@ -97,14 +97,17 @@ class BrainTumorModel(kserve.Model):
         self.bundle = bundle
         # The compiled preprocessing and a runtime checked against Keras (brainscan.inference);
         # it warms both up before the server reports ready.
-        self.served = ServedModel(bundle, self.runtime)
+        self.served = ServedModel(bundle, self.runtime, convert_in_background=True, on_runtime=self._runtime_changed)
         self.batcher = DynamicBatcher(self.served.predict, **self.batcher_options)
-        RUNTIME.info({"runtime": self.served.runtime.name, "description": self.served.runtime.description})
         self.ready = True
         log.info("loaded %s (image size %d, threshold %s, per modality %s; model run by %s)", self.model_uri,
                  bundle.image_size, self.policy.threshold, dict(self.policy.thresholds),
                  self.served.runtime.description)
         return self.ready
+
+    @staticmethod
+    def _runtime_changed(runtime) -> None:
+        RUNTIME.info({"runtime": runtime.name, "description": runtime.description})
 
     # ------------------------------------------------------------------ metadata (v2 model metadata)
     def get_input_types(self) -> list[dict]:

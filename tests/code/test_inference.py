@@ -57,6 +57,21 @@ def test_auto_runs_onnx_on_a_cpu_and_reuses_the_conversion(bundle):
     assert path.stat().st_mtime_ns == stamp  # loaded from the cache, not converted again
 
 
+def test_first_start_serves_compiled_tensorflow_then_switches_to_onnx(bundle, serving_images):
+    from brainscan.inference import ServedModel, onnx_path
+
+    x_ref, p_ref = _reference(bundle, serving_images)
+    seen = []
+    served = ServedModel(bundle, "auto", convert_in_background=True, on_runtime=lambda r: seen.append(r.name))
+    assert served.upgrade is not None and seen[0] == "tf"  # ready before any conversion
+    np.testing.assert_allclose(served.predict(x_ref), p_ref, atol=TOLERANCE, rtol=0)
+    served.upgrade.join(300)
+    assert seen == ["tf", "onnx"] and served.runtime.name == "onnx" and onnx_path(bundle).is_file()
+    np.testing.assert_allclose(served.predict(x_ref), p_ref, atol=TOLERANCE, rtol=0)
+    again = ServedModel(bundle, "auto", convert_in_background=True)  # the next start finds the conversion
+    assert again.upgrade is None and again.runtime.name == "onnx"
+
+
 def test_a_runtime_that_disagrees_with_keras_is_refused(bundle, monkeypatch):
     from brainscan import inference
 
