@@ -94,6 +94,19 @@ def test_a_runtime_that_disagrees_with_keras_is_refused(bundle, monkeypatch):
         inference.load_runtime(bundle, "tensorrt")
 
 
+def test_a_failed_conversion_says_why(bundle, tmp_path):
+    """The conversion runs in a child process (its memory leaves with it); its failure is an error
+    with the child's last words (load_runtime("auto") then serves compiled TensorFlow)."""
+    import dataclasses
+
+    from brainscan import inference
+
+    broken = dataclasses.replace(bundle, local_dir=tmp_path / "no-bundle-here")
+    with pytest.raises(RuntimeError, match="ONNX conversion exited with code 1: .*no model.keras"):
+        inference.convert_in_child(broken, tmp_path / "out.onnx")
+    assert not (tmp_path / "out.onnx").exists()
+
+
 def test_compiled_preprocessing_refuses_what_preprocess_batch_refuses(bundle, serving_images):
     from brainscan.inference import CompiledPreprocessing
     from brainscan.preprocessing import InvalidImageError, preprocess_batch
