@@ -209,6 +209,8 @@ class ServeSettings:
     max_image_bytes: int = _param(20 * 1024 * 1024, "Bytes of one encoded image file.", min=1)
     max_pixels: int = _param(MAX_IMAGE_PIXELS, "Width x height of one image, read from its header before decoding.", min=1)
     max_request_bytes: int = _param(64 * 1024 * 1024, "Largest REST body or gRPC message.", min=1)
+    runtime: str = _param("auto", "What runs the model: auto (ONNX Runtime on a CPU, TensorFlow on a GPU), "
+                                  "onnx, tf (compiled) or keras (eager); each checked against Keras at load.")
 
 
 def param_names(cls=PipelineParams) -> list[str]:

@@ -36,6 +36,28 @@ class _Pending:
     queued_at: float = field(default_factory=time.perf_counter)
 
 
+class Ticket:
+    """A request on its way to the batcher (being decoded): worth waiting for when forming a batch.
+
+    `DynamicBatcher.expect()` hands one out; `submit(images, ticket)` or `ticket.close()`
+    (the request failed before reaching the model) takes it back, and so does garbage
+    collection of a ticket nobody closed, so a lost request cannot make the batcher wait for ever.
+    """
+
+    def __init__(self, batcher: "DynamicBatcher"):
+        self._batcher = batcher
+        self._open = True
+        batcher._expected += 1
+
+    def close(self) -> None:
+        if self._open:
+            self._open = False
+            self._batcher._expected -= 1
+
+    def __del__(self):
+        self.close()
+
+
 class DynamicBatcher:
     """Batch concurrent requests into single model calls on one worker thread.
 
@@ -43,6 +65,10 @@ class DynamicBatcher:
     The worker takes the first waiting request, then keeps taking more until the batch holds
     `max_batch_size` images or `max_latency_ms` passed; while the model runs, new requests
     queue up and form the next batch. More than `max_queue` images waiting -> ServerOverloaded.
+
+    It waits for more only while requests are known to be on their way (a `Ticket` from
+    `expect()`, taken when a request starts decoding): a lone request goes to the model at
+    once instead of idling for `max_latency_ms`, and concurrent ones still share a call.
     """
 
     def __init__(self, predict_fn: Callable[[np.ndarray], np.ndarray], max_batch_size: int = 32,
@@ -58,13 +84,20 @@ class DynamicBatcher:
         self._queue: asyncio.Queue | None = None
         self._worker: asyncio.Task | None = None
         self._queued_images = 0
+        self._expected = 0  # open tickets: requests being decoded that will submit soon
+
+    def expect(self) -> Ticket:
+        """Announce a request that will `submit` soon (call before decoding it)."""
+        return Ticket(self)
 
     def _ensure_worker(self) -> None:
         if self._worker is None or self._worker.done():
             self._queue = asyncio.Queue()
             self._worker = asyncio.get_running_loop().create_task(self._run(), name="brainscan-batcher")
 
-    async def submit(self, images: np.ndarray) -> np.ndarray:
+    async def submit(self, images: np.ndarray, ticket: Ticket | None = None) -> np.ndarray:
+        if ticket is not None:
+            ticket.close()
         self._ensure_worker()
         if self._queued_images + len(images) > self.max_queue:
             REQUESTS.labels("overloaded").inc()
@@ -89,7 +122,7 @@ class DynamicBatcher:
                 item = self._queue.get_nowait()
             else:
                 remaining = deadline - loop.time()
-                if remaining <= 0:
+                if remaining <= 0 or self._expected <= 0:  # nothing on its way: no reason to wait
                     break
                 try:
                     item = await asyncio.wait_for(self._queue.get(), remaining)

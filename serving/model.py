@@ -24,25 +24,29 @@ import asyncio
 import base64
 import binascii
 import logging
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import kserve
 import numpy as np
 from kserve.errors import InvalidInput
 from kserve.protocol.infer_type import InferOutput, InferRequest, InferResponse
+from prometheus_client import Info
 
 from brainscan.config import MODEL_NAME, ServeSettings
 from brainscan.decision import check_modality
 from brainscan.explain import gradcam_overlay
+from brainscan.inference import ServedModel, cpu_count
 from brainscan.labels import CLASSES
 from brainscan.modelstore import load_bundle
-from brainscan.preprocessing import InvalidImageError, preprocess_batch
-from brainscan.serving.batching import DynamicBatcher
+from brainscan.preprocessing import InvalidImageError
+from brainscan.serving.batching import DynamicBatcher, Ticket
 
 log = logging.getLogger("brainscan.serving")
 
 IMAGE_INPUT = "image"
 TENSOR_INPUT = "input"
+RUNTIME = Info("brainscan_model_runtime", "What runs the served model's forward pass")
 
 
 @dataclass
@@ -62,19 +66,25 @@ class PreparedBatch:
     request: InferRequest | None = None  # None for v1 (dict) requests
     raw_images: list[bytes] = field(default_factory=list)  # encoded files (explain needs them)
     modality: str | None = None  # "ct" / "mri" when the client said so
+    ticket: Ticket | None = None  # tells the batcher this request is coming
 
 
 class BrainTumorModel(kserve.Model):
     def __init__(self, model_uri: str, name: str = MODEL_NAME, threshold: float | None = None,
-                 limits: Limits | None = None, batcher_options: dict | None = None):
+                 limits: Limits | None = None, batcher_options: dict | None = None, runtime: str = "auto"):
         super().__init__(name)
         self.model_uri = model_uri
         self.threshold_override = threshold
         self.limits = limits or Limits()
         self.batcher_options = batcher_options or {}
+        self.runtime = runtime
         self.bundle = None
+        self.served = None
         self.policy = None
         self.batcher = None
+        # Decoding and preprocessing: CPU work off the event loop, one thread per core; it
+        # overlaps the model call of the previous batch (both release the GIL in native code).
+        self.decoders = ThreadPoolExecutor(max_workers=cpu_count(), thread_name_prefix="brainscan-decode")
 
     # ------------------------------------------------------------------ load
     def load(self) -> bool:
@@ -85,14 +95,19 @@ class BrainTumorModel(kserve.Model):
         except ValueError as err:
             raise ValueError(f"{self.model_uri}: {err} (brainscan serve --threshold)") from None
         self.bundle = bundle
-        max_batch = int(self.batcher_options.get("max_batch_size", ServeSettings.max_batch_size))
-        self.batcher = DynamicBatcher(lambda x: bundle.predict(x, batch_size=max_batch), **self.batcher_options)
-        # Warm up: the first call traces the graph; do it before reporting ready.
-        bundle.predict(np.zeros((1, bundle.image_size, bundle.image_size, 3), np.float32))
+        # The compiled preprocessing and a runtime checked against Keras (brainscan.inference);
+        # it warms both up before the server reports ready.
+        self.served = ServedModel(bundle, self.runtime, convert_in_background=True, on_runtime=self._runtime_changed)
+        self.batcher = DynamicBatcher(self.served.predict, **self.batcher_options)
         self.ready = True
-        log.info("loaded %s (image size %d, threshold %s, per modality %s)", self.model_uri,
-                 bundle.image_size, self.policy.threshold, dict(self.policy.thresholds))
+        log.info("loaded %s (image size %d, threshold %s, per modality %s; model run by %s)", self.model_uri,
+                 bundle.image_size, self.policy.threshold, dict(self.policy.thresholds),
+                 self.served.runtime.description)
         return self.ready
+
+    @staticmethod
+    def _runtime_changed(runtime) -> None:
+        RUNTIME.info({"runtime": runtime.name, "description": runtime.description})
 
     # ------------------------------------------------------------------ metadata (v2 model metadata)
     def get_input_types(self) -> list[dict]:
@@ -132,8 +147,9 @@ class BrainTumorModel(kserve.Model):
             if len(tensor.shape) != 1:
                 raise InvalidInput(f"input '{IMAGE_INPUT}' must have shape [N], got {list(tensor.shape)}")
             raw = self._image_bytes(tensor)
-            images = await self._decode(raw)
-            return PreparedBatch(images=images, request=request, raw_images=raw, modality=modality)
+            ticket = self.batcher.expect()
+            images = await self._decode(raw, ticket)
+            return PreparedBatch(images=images, request=request, raw_images=raw, modality=modality, ticket=ticket)
         if tensor.name == TENSOR_INPUT:
             images = self._tensor(tensor)
             return PreparedBatch(images=images, request=request, modality=modality)
@@ -186,15 +202,18 @@ class BrainTumorModel(kserve.Model):
         if len(data) > self.limits.max_image_bytes:
             raise InvalidInput(f"image {index}: {len(data)} bytes; at most {self.limits.max_image_bytes}")
 
-    async def _decode(self, raw: list[bytes]) -> np.ndarray:
+    async def _decode(self, raw: list[bytes], ticket: Ticket | None = None) -> np.ndarray:
         # Decoding is CPU work: off the event loop, so other requests keep flowing. Preprocessing
         # refuses an image whose header names more than max_pixels before decoding it.
         loop = asyncio.get_running_loop()
         try:
-            return await loop.run_in_executor(None, preprocess_batch, raw, self.bundle.image_size,
-                                              self.limits.max_pixels)
-        except InvalidImageError as err:
-            raise InvalidInput(str(err)) from None
+            return await loop.run_in_executor(self.decoders, self.served.preprocess, raw, self.limits.max_pixels)
+        except BaseException as err:
+            if ticket is not None:
+                ticket.close()  # this request will not reach the batcher
+            if isinstance(err, InvalidImageError):
+                raise InvalidInput(str(err)) from None
+            raise
 
     def _tensor(self, tensor) -> np.ndarray:
         size = self.bundle.image_size
@@ -228,12 +247,14 @@ class BrainTumorModel(kserve.Model):
                                         if isinstance(instance.get(IMAGE_INPUT), dict) else instance.get(IMAGE_INPUT))
             raw.append(self._from_text(instance, index))
             self._check_size(raw[-1], index)
-        return PreparedBatch(images=await self._decode(raw), raw_images=raw,
-                             modality=self._modality_parameter(body.get("modality")))
+        modality = self._modality_parameter(body.get("modality"))
+        ticket = self.batcher.expect()
+        return PreparedBatch(images=await self._decode(raw, ticket), raw_images=raw, modality=modality,
+                             ticket=ticket)
 
     # ------------------------------------------------------------------ predict / postprocess
     async def predict(self, payload: PreparedBatch, headers=None):
-        probabilities = await self.batcher.submit(payload.images)
+        probabilities = await self.batcher.submit(payload.images, payload.ticket)
         return payload, probabilities
 
     def postprocess(self, result, headers=None):

@@ -169,7 +169,8 @@ def build_model(options: ServeOptions) -> BrainTumorModel:
         limits=Limits(max_images=options.max_images, max_image_bytes=options.max_image_bytes,
                       max_pixels=options.max_pixels),
         batcher_options={"max_batch_size": options.max_batch_size, "max_latency_ms": options.max_latency_ms,
-                         "max_queue": options.max_queue})
+                         "max_queue": options.max_queue},
+        runtime=options.runtime)
     model.load()
     return model
 

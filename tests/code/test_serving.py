@@ -21,7 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 
-from tests.fixtures.serving import SERVER_LIMITS, encode
+from tests.fixtures.serving import IMAGE_FORMATS, SERVER_LIMITS, declaring_size, encode
 
 MODEL = "brain-tumor"
 CLASSES = ["ct_healthy", "ct_tumor", "mri_glioma", "mri_healthy", "mri_meningioma", "mri_pituitary", "mri_tumor"]
@@ -357,6 +357,73 @@ def test_binary_extension_bad_bytes(model_server, serving_images):
     assert_still_serving(model_server, serving_images)
 
 
+# --------------------------------------------------------------------------- images too large, judged from the header
+# A few hundred bytes each, claiming 30000 x 30000 (900 M pixels: Pillow's own DecompressionBombError)
+# or 1100 x 1000 (1.1 M: over the server's --max-pixels 1 M): refused with a 4xx before decoding.
+OVERSIZED = {"bomb": (30000, 30000), "over-max-pixels": (1100, 1000)}
+
+
+@pytest.mark.parametrize("fmt", IMAGE_FORMATS)
+def test_image_over_max_pixels_gets_400_before_decoding(model_server, serving_images, fmt):
+    import tritonclient.http as httpclient
+    from tritonclient.utils import InferenceServerException
+
+    honest = declaring_size(fmt, 8, 8)  # the same file with its true size header is served
+    status, answer = post(model_server, f"/v2/models/{MODEL}/infer", v2_json([b64_images([honest])]))
+    assert status == 200, answer
+    for case, (width, height) in OVERSIZED.items():
+        image = declaring_size(fmt, width, height)
+        assert len(image) < 1000, case
+        status, answer = post(model_server, f"/v2/models/{MODEL}/infer", v2_json([b64_images([image])]))
+        assert status == 400 and "pixels" in json.dumps(answer), (fmt, case, status, answer)
+        tensor = httpclient.InferInput("image", [1], "BYTES")
+        tensor.set_data_from_numpy(np.array([image], dtype=object), binary_data=True)
+        with pytest.raises(InferenceServerException) as err:
+            http_client(model_server).infer(MODEL, [tensor])
+        assert err.value.status() == "400" and "pixels" in err.value.message(), (fmt, case)
+        status, answer = post(model_server, f"/v1/models/{MODEL}:explain",
+                              json.dumps({"instances": [{"b64": base64.b64encode(image).decode()}]}).encode())
+        assert status == 400 and "pixels" in json.dumps(answer), (fmt, case, status, answer)
+    assert_still_serving(model_server, serving_images)
+
+
+GRPC_OVERSIZED_SCRIPT = textwrap.dedent("""
+    import json, sys
+    import numpy as np
+    import tritonclient.grpc as grpcclient
+
+    client = grpcclient.InferenceServerClient(sys.argv[1])
+    out = {}
+    for path in sys.argv[2:]:
+        tensor = grpcclient.InferInput("image", [1], "BYTES")
+        tensor.set_data_from_numpy(np.array([open(path, "rb").read()], dtype=object))
+        try:
+            client.infer("brain-tumor", [tensor])
+            out[path] = "accepted"
+        except grpcclient.InferenceServerException as err:
+            out[path] = [str(err.status()), err.message()]
+    print(json.dumps(out))
+""")
+
+
+def test_grpc_image_over_max_pixels_gets_invalid_argument(model_server, serving_images, tmp_path):
+    paths = {}
+    for fmt in IMAGE_FORMATS:
+        for case, (width, height) in OVERSIZED.items():
+            path = tmp_path / f"{case}.{fmt.lower()}"
+            path.write_bytes(declaring_size(fmt, width, height))
+            paths[str(path)] = (fmt, case)
+    run = subprocess.run([sys.executable, "-c", GRPC_OVERSIZED_SCRIPT, model_server.grpc_address, *paths],
+                         capture_output=True, text=True, timeout=180)
+    assert run.returncode == 0, run.stderr[-3000:]
+    out = json.loads(run.stdout.strip().splitlines()[-1])
+    for path, where in paths.items():
+        assert out[path] != "accepted", where
+        status, message = out[path]
+        assert "INVALID_ARGUMENT" in status and "pixels" in message, (where, out[path])
+    assert_still_serving(model_server, serving_images)
+
+
 def test_unknown_model_is_404(model_server, serving_images):
     got, _ = post(model_server, "/v2/models/no-such-model/infer", v2_json([b64_images(serving_images[:1])]))
     assert got == 404
@@ -394,6 +461,25 @@ def test_metrics_endpoint(model_server, serving_images):
     for name in ("brainscan_batch_size_bucket", "brainscan_model_call_seconds_count",
                  "brainscan_batcher_requests_total", "request_predict_seconds_count"):
         assert name in text, name
+
+
+def test_model_runs_on_onnx_runtime_once_converted(model_server, serving_bundle, serving_images):
+    """On a CPU the default runtime is ONNX Runtime, converted in the background on a first start
+    and checked against Keras; the answers stay Keras's within 1e-5 before and after the switch."""
+    import time
+
+    deadline = time.monotonic() + 300  # a liveness bound for the conversion, not a speed check
+    while True:
+        text = get(model_server, "/metrics")[1].decode()
+        runtime = re.search(r'^brainscan_model_runtime_info\{(.*)\} 1\.0$', text, re.M)
+        assert runtime, "no brainscan_model_runtime_info"
+        if 'runtime="onnx"' in runtime.group(1) or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert 'runtime="onnx"' in runtime.group(1) and "max |diff| from Keras" in runtime.group(1), runtime.group(1)
+    bundle, _, probabilities, tumor = expected_from_bundle(serving_bundle, serving_images)
+    check_contract(infer_http(model_server, serving_images, binary=True), len(serving_images),
+                   bundle, probabilities, tumor)
 
 
 def test_local_status(model_server):

@@ -92,6 +92,48 @@ def test_batcher_bounded_queue_refuses_when_full():
     assert len(asyncio.run(main())) == 4
 
 
+def test_batcher_waits_for_announced_requests_only():
+    """A request on its way (ticket) is waited for and shares the call; a lone one is not kept
+    waiting for max_latency_ms (ten minutes here: waiting would hang the test, not slow it)."""
+    from brainscan.serving.batching import DynamicBatcher
+
+    calls: list[int] = []
+    batcher = DynamicBatcher(_identity_model(calls), max_batch_size=8, max_latency_ms=600_000)
+
+    async def main():
+        lone = await asyncio.wait_for(batcher.submit(np.zeros((1, 2, 2, 3), np.float32)), 60)
+        assert lone.shape == (1, 7) and calls == [1]
+        ticket = batcher.expect()  # announced, still decoding
+
+        async def later():
+            await asyncio.sleep(0.05)
+            return await batcher.submit(np.ones((2, 2, 2, 3), np.float32), ticket)
+
+        first, second = await asyncio.wait_for(
+            asyncio.gather(batcher.submit(np.zeros((1, 2, 2, 3), np.float32)), later()), 60)
+        return first, second
+
+    first, second = asyncio.run(main())
+    assert calls == [1, 3]  # the announced request joined the batch of the one already waiting
+    assert np.all(first == 0) and np.all(second == 1)
+    assert batcher._expected == 0
+
+
+def test_batcher_tickets_are_taken_back_when_a_request_never_arrives():
+    import gc
+
+    from brainscan.serving.batching import DynamicBatcher
+
+    batcher = DynamicBatcher(lambda x: np.zeros((len(x), 7), np.float32))
+    closed, dropped = batcher.expect(), batcher.expect()
+    assert batcher._expected == 2
+    closed.close()
+    closed.close()  # twice is harmless
+    del dropped  # lost without a word (the request failed somewhere in between)
+    gc.collect()
+    assert batcher._expected == 0
+
+
 def test_batcher_rejects_bad_settings():
     from brainscan.serving.batching import DynamicBatcher
 

@@ -1,0 +1,149 @@
+"""brainscan.inference: the served model call and preprocessing give Keras-on-preprocess_batch's
+answers (within 1e-5) whichever runtime runs the model, refuse the same bad images with the
+same messages, and a runtime that disagrees with Keras is never used.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from tests.fixtures.serving import IMAGE_FORMATS, declaring_size
+
+TOLERANCE = 1e-5
+
+
+@pytest.fixture
+def bundle(serving_bundle, tmp_path, monkeypatch):
+    from brainscan.modelstore import load_bundle
+
+    monkeypatch.setenv("BRAINSCAN_CACHE", str(tmp_path / "cache"))  # converted models land here
+    return load_bundle(str(serving_bundle))
+
+
+def _reference(bundle, images):
+    from brainscan.preprocessing import preprocess_batch
+
+    x = preprocess_batch(images, bundle.image_size)
+    return x, bundle.predict(x)
+
+
+@pytest.mark.parametrize("runtime", ["onnx", "tf", "keras"])
+def test_served_outputs_equal_keras_on_preprocess_batch(bundle, serving_images, runtime):
+    from brainscan.inference import ServedModel
+
+    x_ref, p_ref = _reference(bundle, serving_images)
+    assert p_ref.std(axis=1).min() > 1e-3  # a model whose classes differ, or the comparison says little
+    served = ServedModel(bundle, runtime)
+    assert served.runtime.name == runtime
+    x = served.preprocess(serving_images)
+    np.testing.assert_allclose(x, x_ref, atol=TOLERANCE, rtol=0)
+    np.testing.assert_allclose(served.predict(x), p_ref, atol=TOLERANCE, rtol=0)
+    np.testing.assert_allclose(served.predict(x_ref), p_ref, atol=TOLERANCE, rtol=0)
+    for n in (1, 3):  # every batch size goes through the same graph
+        np.testing.assert_allclose(served.predict(x_ref[:n]), p_ref[:n], atol=TOLERANCE, rtol=0)
+    assert served.predict(x_ref[:0]).shape == (0, 7)
+
+
+def test_auto_runs_onnx_on_a_cpu_and_reuses_the_conversion(bundle):
+    from brainscan.inference import load_runtime, onnx_path
+
+    first = load_runtime(bundle, "auto")
+    assert first.name == "onnx" and "onnxruntime" in first.description
+    assert first.max_abs_diff <= TOLERANCE
+    path = onnx_path(bundle)
+    stamp = path.stat().st_mtime_ns
+    assert load_runtime(bundle, "auto").name == "onnx"
+    assert path.stat().st_mtime_ns == stamp  # loaded from the cache, not converted again
+
+
+def test_first_start_serves_compiled_tensorflow_then_switches_to_onnx(bundle, serving_images):
+    from brainscan.inference import ServedModel, onnx_path
+
+    x_ref, p_ref = _reference(bundle, serving_images)
+    seen = []
+    served = ServedModel(bundle, "auto", convert_in_background=True, on_runtime=lambda r: seen.append(r.name))
+    assert served.upgrade is not None and seen[0] == "tf"  # ready before any conversion
+    np.testing.assert_allclose(served.predict(x_ref), p_ref, atol=TOLERANCE, rtol=0)
+    served.upgrade.join(300)
+    assert seen == ["tf", "onnx"] and served.runtime.name == "onnx" and onnx_path(bundle).is_file()
+    np.testing.assert_allclose(served.predict(x_ref), p_ref, atol=TOLERANCE, rtol=0)
+    again = ServedModel(bundle, "auto", convert_in_background=True)  # the next start finds the conversion
+    assert again.upgrade is None and again.runtime.name == "onnx"
+
+
+def test_a_runtime_that_disagrees_with_keras_is_refused(bundle, monkeypatch):
+    from brainscan import inference
+
+    probe = inference._probe(bundle.image_size)
+    reference = bundle.predict(probe)
+    off = inference.Runtime("off", lambda x: bundle.predict(x) + 1e-4, "off by 1e-4")
+    with pytest.raises(ValueError, match="differs from Keras"):
+        inference.verified(off, reference, probe)
+    nan = inference.Runtime("nan", lambda x: np.full((len(x), 7), np.nan, np.float32), "NaN")
+    with pytest.raises(ValueError, match="differs from Keras"):
+        inference.verified(nan, reference, probe)
+
+    # "auto" moves on to compiled TensorFlow when the ONNX runtime cannot be had or is wrong ...
+    monkeypatch.setattr(inference, "onnx_runtime", lambda b: off)
+    assert inference.load_runtime(bundle, "auto").name == "tf"
+    # ... and an explicit choice fails loudly instead.
+    with pytest.raises(ValueError, match="differs from Keras"):
+        inference.load_runtime(bundle, "onnx")
+    with pytest.raises(ValueError, match="unknown runtime"):
+        inference.load_runtime(bundle, "tensorrt")
+
+
+def test_a_failed_conversion_says_why(bundle, tmp_path):
+    """The conversion runs in a child process (its memory leaves with it); its failure is an error
+    with the child's last words (load_runtime("auto") then serves compiled TensorFlow)."""
+    import dataclasses
+
+    from brainscan import inference
+
+    broken = dataclasses.replace(bundle, local_dir=tmp_path / "no-bundle-here")
+    with pytest.raises(RuntimeError, match="ONNX conversion exited with code 1: .*no model.keras"):
+        inference.convert_in_child(broken, tmp_path / "out.onnx")
+    assert not (tmp_path / "out.onnx").exists()
+
+
+def test_compiled_preprocessing_refuses_what_preprocess_batch_refuses(bundle, serving_images):
+    from brainscan.inference import CompiledPreprocessing
+    from brainscan.preprocessing import InvalidImageError, preprocess_batch
+
+    compiled = CompiledPreprocessing(bundle.image_size)
+    bad = {"text": b"hello, I am text", "truncated png": serving_images[0][: len(serving_images[0]) // 2],
+           **{f"{fmt} claiming 30000x30000": declaring_size(fmt, 30000, 30000) for fmt in IMAGE_FORMATS},
+           **{f"{fmt} over max_pixels": declaring_size(fmt, 1100, 1000) for fmt in IMAGE_FORMATS}}
+    for name, data in bad.items():
+        files = [serving_images[1], data]
+        with pytest.raises(InvalidImageError) as ours:
+            compiled(files, max_pixels=1_000_000)
+        with pytest.raises(InvalidImageError) as theirs:
+            preprocess_batch(files, bundle.image_size, max_pixels=1_000_000)
+        assert ours.value.index == 1 and str(ours.value) == str(theirs.value), name
+    for fmt in IMAGE_FORMATS:  # every accepted format, decoded alike
+        honest = declaring_size(fmt, 8, 8)
+        np.testing.assert_allclose(compiled([honest]), preprocess_batch([honest], bundle.image_size),
+                                   atol=TOLERANCE, rtol=0)
+
+
+@pytest.mark.slow
+def test_xception_through_onnx_runtime_equals_keras(tmp_path, monkeypatch, serving_images):
+    """The served architecture itself (the demo's 71 px Xception), weights moved off their
+    initial values so the seven probabilities differ."""
+    from brainscan.components.train import build_model
+    from brainscan.inference import ServedModel
+    from brainscan.modelstore import load_bundle, save_bundle
+
+    monkeypatch.setenv("BRAINSCAN_CACHE", str(tmp_path / "cache"))
+    model, _ = build_model(71, base_weights="none")
+    rng = np.random.default_rng(0)
+    model.set_weights([w + rng.normal(0, 0.05, w.shape).astype(w.dtype) if w.ndim > 1 else w
+                       for w in model.get_weights()])
+    save_bundle(model, str(tmp_path / "bundle"), 71, {})
+    bundle = load_bundle(str(tmp_path / "bundle"))
+    x_ref, p_ref = _reference(bundle, serving_images)
+    assert p_ref.std(axis=1).min() > 1e-3
+    served = ServedModel(bundle, "onnx")
+    np.testing.assert_allclose(served.predict(served.preprocess(serving_images)), p_ref, atol=TOLERANCE, rtol=0)
