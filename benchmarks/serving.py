@@ -144,11 +144,11 @@ def in_process(model_uri: str, images: list[bytes], seconds: float) -> list[Poin
     points = []
     for concurrency in CONCURRENCY:
         batch = [images[i % len(images)] for i in range(concurrency)]
-        predict_probabilities(bundle, preprocess_batch(batch, bundle.image_size), batch_size=concurrency)  # warm
+        predict_probabilities(bundle, preprocess_batch(batch, bundle.image_size, **bundle.preprocessing), batch_size=concurrency)  # warm
         latencies, started = [], time.perf_counter()
         while time.perf_counter() - started < seconds:
             t0 = time.perf_counter()
-            predict_probabilities(bundle, preprocess_batch(batch, bundle.image_size), batch_size=concurrency)
+            predict_probabilities(bundle, preprocess_batch(batch, bundle.image_size, **bundle.preprocessing), batch_size=concurrency)
             latencies.append(time.perf_counter() - t0)
         wall = time.perf_counter() - started
         ms = np.array(latencies) * 1000

@@ -45,6 +45,19 @@ class ModelBundle:
     def decision_threshold(self, default: float = 0.5) -> float:
         return float(self.threshold) if self.threshold is not None else default
 
+    @property
+    def preprocessing(self) -> dict:
+        """The preprocess_batch / preprocess_image options this model was trained with (old bundles: none)."""
+        from brainscan.preprocessing import preprocessing_options
+
+        return preprocessing_options(self.metadata)
+
+    def preprocess(self, images) -> np.ndarray:
+        """Encoded image files -> this model's input, float32 [N, S, S, 3]: what training applied."""
+        from brainscan.preprocessing import preprocess_batch
+
+        return preprocess_batch(images, self.image_size, **self.preprocessing)
+
 
 def cache_dir() -> Path:
     """Where S3 / MLflow bundles are downloaded (BRAINSCAN_CACHE or ~/.cache/brainscan)."""

@@ -199,7 +199,7 @@ def predict_files(bundle, files: list[bytes], batch_size: int = 32) -> np.ndarra
 
     parts = []
     for start in range(0, len(files), batch_size):
-        x = preprocess_batch(files[start:start + batch_size], bundle.image_size)
+        x = preprocess_batch(files[start:start + batch_size], bundle.image_size, **bundle.preprocessing)
         parts.append(predict_probabilities(bundle, x, batch_size))
     return np.concatenate(parts, axis=0) if parts else np.zeros((0, len(CLASSES)), np.float32)
 
@@ -282,7 +282,7 @@ def _explanations(folder: Path, bundle, frame, files, probabilities, lime_images
     written = []
     if not chosen:
         return written
-    x = preprocess_batch([files[r] for r, _ in chosen], bundle.image_size)
+    x = preprocess_batch([files[r] for r, _ in chosen], bundle.image_size, **bundle.preprocessing)
     heat, probs = explain.gradcam(bundle.model, x)
     for k, (row, tag) in enumerate(chosen):
         p = int(np.argmax(probs[k]))

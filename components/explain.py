@@ -160,7 +160,7 @@ def gradcam_overlay(bundle, image_bytes: bytes, class_index: int | None = None) 
     """One encoded image in, a Grad-CAM overlay PNG out (the class explained: predicted or given)."""
     from brainscan.preprocessing import preprocess_batch
 
-    x = preprocess_batch([image_bytes], bundle.image_size)
+    x = preprocess_batch([image_bytes], bundle.image_size, **bundle.preprocessing)
     heat, probs = gradcam(bundle.model, x, None if class_index is None else [class_index])
     shown = int(np.argmax(probs[0])) if class_index is None else int(class_index)
     return overlay_png(image_bytes, heat[0], title=f"{CLASSES[shown]} {probs[0, shown]:.2f}")

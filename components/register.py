@@ -160,7 +160,7 @@ class BrainscanPyfunc(_PythonModel):
         else:
             values = list(model_input)
         files = [_decode_image_field(v) for v in values]
-        probs = modelstore.predict_probabilities(self.bundle, preprocess_batch(files, self.bundle.image_size))
+        probs = modelstore.predict_probabilities(self.bundle, preprocess_batch(files, self.bundle.image_size, **self.bundle.preprocessing))
         tumor_p = tumor_probability(probs)
         return pd.DataFrame({
             "probabilities": [row.astype(float).tolist() for row in probs],

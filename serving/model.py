@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import functools
 import io
 import logging
 from dataclasses import dataclass, field
@@ -203,7 +204,9 @@ class BrainTumorModel(kserve.Model):
         # Decoding is CPU work: off the event loop, so other requests keep flowing.
         loop = asyncio.get_running_loop()
         try:
-            return await loop.run_in_executor(None, preprocess_batch, raw, self.bundle.image_size)
+            # the bundle's own preprocessing options (the head crop) travel with it
+            return await loop.run_in_executor(
+                None, functools.partial(preprocess_batch, raw, self.bundle.image_size, **self.bundle.preprocessing))
         except InvalidImageError as err:
             raise InvalidInput(str(err)) from None
 
