@@ -1,12 +1,21 @@
 """Train: Xception transfer learning on the split manifests, written out as a model bundle.
 
     {splits}/train.csv, {splits}/val.csv  (columns `path` = image URI, `class7`)
-      -> tf.data (bytes read in parallel from S3 or disk, brainscan.preprocessing, cache, prefetch,
-         augmentation on train only)
+      -> tf.data (bytes read in parallel from S3 or disk, brainscan.preprocessing [optionally
+         cropped to the head], cache, prefetch, augmentation [and mixup] on train only)
       -> Xception base + global average pooling + dropout + softmax(7)
-         stage 1: head only, base frozen (pretrained weights) / whole network (from scratch)
+         stage 1: head only, base frozen (pretrained weights) / whole network (from scratch),
+                  at a constant learning rate or on a cosine schedule (one stage)
          stage 2: fine-tune the top of the base at a low learning rate
       -> {out}/model.keras, brainscan_model.json, history.json, training_curves.png
+
+Options a recipe can switch on (all off by default, which is the original recipe): the head crop
+(recorded in the bundle so serving applies it too), a cosine schedule, AdamW weight decay,
+horizontal flips and mixup, label smoothing, an auxiliary tumor loss (a binary head used in
+training only, or a binary cross-entropy on the softmax's own P(tumor)), early stopping on the
+validation ROC-AUC of P(tumor), and test-time flip averaging baked into the saved model. The
+saved model.keras always has one input (float32 [N, S, S, 3], preprocessed) and one output
+(softmax [N, 7]).
 
 The test split is never read here. Early stopping and the best checkpoint use validation only.
 TensorFlow is imported inside functions (the CLI imports this module lazily anyway).
@@ -28,8 +37,8 @@ import pandas as pd
 
 from brainscan import modelstore, storage
 from brainscan.components.split import read_split
-from brainscan.labels import CLASS_INDEX, CLASSES
-from brainscan.preprocessing import InvalidImageError, check_image_bytes
+from brainscan.labels import CLASS_INDEX, CLASSES, HEALTHY_INDICES
+from brainscan.preprocessing import METADATA_CROP_KEY, InvalidImageError, check_image_bytes
 
 MIN_IMAGE_SIZE = 71  # the smallest input Xception accepts
 # Fine-tuning unfreezes the base from this block on (the exit flow and the last middle block).
@@ -39,6 +48,9 @@ FINE_TUNE_FROM = "block13"
 SCRATCH_BN_MOMENTUM = 0.9
 # Above this the preprocessed images are cached in a temporary file instead of in memory.
 MEMORY_CACHE_LIMIT = 4 * 1024**3
+LR_SCHEDULES = ("constant", "cosine")
+TUMOR_AUX = ("none", "head", "softmax")
+MONITORS = ("val_loss", "val_tumor_auc")
 
 
 class TrainingError(RuntimeError):
@@ -95,11 +107,12 @@ def read_images(paths: list[str], workers: int = 16, desc: str = "read") -> list
                          file=sys.stderr, disable=len(paths) < 50, mininterval=2))
 
 
-def augmenter(seed: int):
-    """Random rotation (~10 degrees), brightness, small zoom and shift; training data only."""
+def augmenter(seed: int, flip: bool = False):
+    """Random rotation (~10 degrees), brightness, small zoom and shift [, horizontal flip]; training data only."""
     import keras
 
-    return keras.Sequential([
+    flips = [keras.layers.RandomFlip("horizontal", seed=seed + 4)] if flip else []
+    return keras.Sequential(flips + [
         keras.layers.RandomRotation(10 / 360, fill_mode="nearest", seed=seed),
         keras.layers.RandomZoom(0.1, fill_mode="nearest", seed=seed + 1),
         keras.layers.RandomTranslation(0.05, 0.05, fill_mode="nearest", seed=seed + 2),
@@ -109,18 +122,28 @@ def augmenter(seed: int):
 
 
 def make_dataset(images: list[bytes], labels: np.ndarray, image_size: int, batch_size: int,
-                 training: bool, seed: int = 42, cache_dir: str | None = None):
-    """A batched tf.data pipeline of (preprocessed image, label).
+                 training: bool, seed: int = 42, cache_dir: str | None = None, crop_to_head: bool = False,
+                 flip: bool = False, mixup: float = 0.0, sample_weights: dict[int, float] | None = None,
+                 targets: str = "sparse"):
+    """A batched tf.data pipeline of (preprocessed image, label[, sample weight]).
 
     Decoding happens once (cache); shuffling and augmentation per epoch for training only.
+    targets: "sparse" (class index), "onehot" (float [7]; mixup mixes it) or "head" (a dict:
+    "probabilities" one-hot and "tumor" its P(tumor), for the auxiliary binary head).
+    sample_weights (per class) are yielded as a third element (mixed along with the images).
+    Mixup (Beta(mixup, mixup) per image, partner from the same batch) on training data only.
     """
     import tensorflow as tf
 
     from brainscan.preprocessing import preprocess_image
 
+    if targets not in ("sparse", "onehot", "head"):
+        raise ValueError(f"targets must be sparse, onehot or head, got {targets!r}")
+    if (mixup or sample_weights) and targets == "sparse":
+        raise ValueError("mixup and per-sample weights need one-hot targets")
     data = tf.data.Dataset.from_tensor_slices((tf.constant(images, dtype=tf.string),
                                                tf.constant(labels, dtype=tf.int32)))
-    data = data.map(lambda raw, label: (preprocess_image(raw, image_size), label),
+    data = data.map(lambda raw, label: (preprocess_image(raw, image_size, crop_to_head), label),
                     num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     cache_bytes = len(images) * image_size * image_size * 3 * 4
     if cache_dir and cache_bytes > MEMORY_CACHE_LIMIT:
@@ -131,9 +154,35 @@ def make_dataset(images: list[bytes], labels: np.ndarray, image_size: int, batch
         data = data.shuffle(len(images), seed=seed, reshuffle_each_iteration=True)
     data = data.batch(batch_size)
     if training:
-        augment = augmenter(seed)
+        augment = augmenter(seed, flip)
         data = data.map(lambda x, y: (augment(x, training=True), y), num_parallel_calls=tf.data.AUTOTUNE,
                         deterministic=True)
+    if targets == "sparse":
+        return data.prefetch(tf.data.AUTOTUNE)
+
+    class_weight = tf.constant([(sample_weights or {}).get(i, 1.0) for i in range(len(CLASSES))], tf.float32)
+    healthy = tf.constant([1.0 if i in HEALTHY_INDICES else 0.0 for i in range(len(CLASSES))], tf.float32)
+    generator = tf.random.Generator.from_seed(seed + 5)
+
+    def to_targets(x, label):
+        y = tf.one_hot(label, len(CLASSES), dtype=tf.float32)
+        w = tf.gather(class_weight, label)
+        if training and mixup:
+            n = tf.shape(x)[0]
+            # lam ~ Beta(mixup, mixup), as the ratio of two gamma draws
+            g1 = tf.random.stateless_gamma([n], seed=generator.uniform_full_int([2], dtype=tf.int32), alpha=mixup)
+            g2 = tf.random.stateless_gamma([n], seed=generator.uniform_full_int([2], dtype=tf.int32), alpha=mixup)
+            lam = g1 / (g1 + g2 + 1e-12)
+            partner = tf.argsort(generator.uniform([n]))
+            x = lam[:, None, None, None] * x + (1 - lam[:, None, None, None]) * tf.gather(x, partner)
+            y = lam[:, None] * y + (1 - lam[:, None]) * tf.gather(y, partner)
+            w = lam * w + (1 - lam) * tf.gather(w, partner)
+        if targets == "head":
+            y = {"probabilities": y, "tumor": 1.0 - tf.reduce_sum(y * healthy, axis=-1, keepdims=True)}
+        return (x, y, w) if sample_weights is not None else (x, y)
+
+    # One call at a time: the mixup generator's draws then follow the batch order (reproducible).
+    data = data.map(to_targets, num_parallel_calls=None)
     return data.prefetch(tf.data.AUTOTUNE)
 
 
@@ -209,6 +258,62 @@ def set_fine_tuning(base, from_block: str = FINE_TUNE_FROM) -> int:
     return unfrozen
 
 
+def tumor_auc_metric(name: str = "tumor_auc"):
+    """ROC-AUC of P(tumor) = 1 - P(healthy classes), for sparse or one-hot 7-class targets."""
+    import keras
+    from keras import ops
+
+    healthy = list(HEALTHY_INDICES)
+
+    class TumorAUC(keras.metrics.AUC):
+        def update_state(self, y_true, y_pred, sample_weight=None):
+            score = 1.0 - ops.sum(ops.take(ops.convert_to_tensor(y_pred), healthy, axis=-1), axis=-1)
+            y_true = ops.convert_to_tensor(y_true)
+            if len(y_true.shape) == 2 and y_true.shape[-1] == len(CLASSES):  # one-hot (mixup: soft)
+                truth = ops.cast(ops.sum(ops.take(y_true, healthy, axis=-1), axis=-1) < 0.5, "float32")
+            else:
+                label = ops.reshape(ops.cast(y_true, "int32"), [-1])
+                truth = ops.cast(ops.logical_and(label != healthy[0], label != healthy[1]), "float32")
+            return super().update_state(truth, score)
+
+    return TumorAUC(name=name, num_thresholds=1000)
+
+
+def tumor_aux_softmax_loss(weight: float, label_smoothing: float = 0.0):
+    """7-class cross-entropy + weight x binary cross-entropy of the softmax's own P(tumor)."""
+    import keras
+    from keras import ops
+
+    healthy = list(HEALTHY_INDICES)
+    cross_entropy = keras.losses.CategoricalCrossentropy(label_smoothing=label_smoothing, reduction=None)
+
+    def loss(y_true, y_pred):
+        truth = 1.0 - ops.sum(ops.take(y_true, healthy, axis=-1), axis=-1)
+        score = ops.clip(1.0 - ops.sum(ops.take(y_pred, healthy, axis=-1), axis=-1), 1e-7, 1 - 1e-7)
+        binary = -(truth * ops.log(score) + (1.0 - truth) * ops.log(1.0 - score))
+        return cross_entropy(y_true, y_pred) + weight * binary
+
+    return loss
+
+
+def with_flip_averaging(model, image_size: int):
+    """A model whose softmax is the mean of `model` on x and on x flipped left-right.
+
+    Built from stock Keras layers only (the flip is a fixed permutation matrix on the width axis),
+    so model.keras loads anywhere without custom objects; one input, one output as before.
+    """
+    import keras
+
+    inputs = keras.Input((image_size, image_size, 3), name="image")
+    width_last = keras.layers.Permute((1, 3, 2), name="tta_width_last", dtype="float32")(inputs)
+    reverse = keras.layers.Dense(image_size, use_bias=False, trainable=False, name="tta_reverse_width",
+                                 dtype="float32")
+    flipped = keras.layers.Permute((1, 3, 2), name="tta_flipped", dtype="float32")(reverse(width_last))
+    reverse.set_weights([np.eye(image_size, dtype=np.float32)[::-1]])
+    outputs = keras.layers.Average(name="probabilities", dtype="float32")([model(inputs), model(flipped)])
+    return keras.Model(inputs, outputs, name="brainscan_xception_tta")
+
+
 # --------------------------------------------------------------------------- outputs
 
 def plot_curves(history: dict, stage2_start: int | None, best_epoch: int) -> bytes:
@@ -238,6 +343,16 @@ def plot_curves(history: dict, stage2_start: int | None, best_epoch: int) -> byt
     return buffer.getvalue()
 
 
+def _with_short_names(logs: dict) -> dict:
+    """With the auxiliary head Keras names the softmax's metrics probabilities_*: add the plain names."""
+    out = dict(logs)
+    for key, value in logs.items():
+        for prefix, short in (("probabilities_", ""), ("val_probabilities_", "val_")):
+            if key.startswith(prefix) and not key.endswith("_loss"):
+                out.setdefault(short + key[len(prefix):], value)
+    return out
+
+
 class _EpochLog:
     """Keras callback factory: one progress line per epoch on stderr."""
 
@@ -250,12 +365,14 @@ class _EpochLog:
                 self.started = time.monotonic()
 
             def on_epoch_end(self, epoch, logs=None):
-                logs = logs or {}
+                logs = _with_short_names(logs or {})
+                auc = logs.get("val_tumor_auc")
                 _log(f"{stage} epoch {epoch + 1}/{epochs} (overall {offset + epoch + 1}): "
                      f"loss {logs.get('loss', float('nan')):.4f} acc {logs.get('accuracy', float('nan')):.3f} "
                      f"val_loss {logs.get('val_loss', float('nan')):.4f} "
                      f"val_acc {logs.get('val_accuracy', float('nan')):.3f} "
-                     f"({time.monotonic() - self.started:.1f}s)")
+                     + (f"val_tumor_auc {auc:.4f} " if auc is not None else "")
+                     + f"({time.monotonic() - self.started:.1f}s)")
 
         return EpochLog()
 
@@ -274,9 +391,24 @@ def train(splits: str, out: str, image_size: int = 299, epochs: int = 10, fine_t
           batch_size: int = 32, base_weights: str = "imagenet", seed: int = 42,
           learning_rate: float = 1e-3, fine_tune_learning_rate: float | None = None,
           patience: int = 4, dropout: float = 0.3, bn_momentum: float = SCRATCH_BN_MOMENTUM,
+          crop_to_head: bool = False, lr_schedule: str = "constant", warmup_epochs: int = 0,
+          weight_decay: float = 0.0, augment_flip: bool = False, mixup: float = 0.0,
+          label_smoothing: float = 0.0, tumor_aux: str = "none", tumor_aux_weight: float = 0.5,
+          monitor: str = "val_loss", tta_flip: bool = False,
           deterministic: bool = True,
           workers: int = 16) -> TrainResult:
-    """Train on {splits}/train.csv with {splits}/val.csv for early stopping; write the bundle to out."""
+    """Train on {splits}/train.csv with {splits}/val.csv for early stopping; write the bundle to out.
+
+    Defaults are the original recipe. crop_to_head: preprocessing crops to the head (recorded in
+    the bundle). lr_schedule "cosine": stage 1 decays from learning_rate to 0 over `epochs` epochs
+    after `warmup_epochs` of linear warm-up (one stage: fine_tune_epochs must be 0). weight_decay
+    > 0: AdamW (biases and BatchNorm excluded). augment_flip: random left-right flips. mixup:
+    Beta alpha (0 = off). tumor_aux "head": a sigmoid tumor head beside the softmax, trained with
+    weight tumor_aux_weight and dropped from the saved model; "softmax": that weight times the
+    binary cross-entropy of the softmax's P(tumor). monitor: what early stopping and the best
+    checkpoint follow ("val_loss", or "val_tumor_auc", the validation ROC-AUC of P(tumor)).
+    tta_flip: the saved model averages its softmax over the image and its mirror image.
+    """
     import keras
     import tensorflow as tf
 
@@ -285,12 +417,26 @@ def train(splits: str, out: str, image_size: int = 299, epochs: int = 10, fine_t
         raise ValueError("epochs must be >= 1, fine-tune epochs >= 0 and batch size >= 1")
     if image_size < MIN_IMAGE_SIZE:
         raise ValueError(f"image size {image_size} is too small: Xception needs at least {MIN_IMAGE_SIZE}")
+    if lr_schedule not in LR_SCHEDULES:
+        raise ValueError(f"lr_schedule must be one of {', '.join(LR_SCHEDULES)}, got {lr_schedule!r}")
+    if lr_schedule == "cosine" and fine_tune_epochs:
+        raise ValueError("the cosine schedule is one stage: set fine-tune epochs to 0")
+    if tumor_aux not in TUMOR_AUX:
+        raise ValueError(f"tumor_aux must be one of {', '.join(TUMOR_AUX)}, got {tumor_aux!r}")
+    if monitor not in MONITORS:
+        raise ValueError(f"monitor must be one of {', '.join(MONITORS)}, got {monitor!r}")
+    if not 0 <= warmup_epochs < epochs or weight_decay < 0 or mixup < 0 or not 0 <= label_smoothing < 1:
+        raise ValueError("need 0 <= warmup epochs < epochs, weight decay >= 0, mixup >= 0, 0 <= label smoothing < 1")
     base_weights = str(base_weights or "none")
     from_scratch = base_weights == "none"
     # Pretrained: the head learns first, then the top of the base at 1/100 the rate.
     # From scratch: all of it learns from the start, then the whole network again at 1/10.
     if fine_tune_learning_rate is None:
         fine_tune_learning_rate = learning_rate / (10 if from_scratch else 100)
+    # The original recipe keeps sparse labels and Keras class weights; anything that mixes labels
+    # or adds a second target uses one-hot targets with the class weights as sample weights.
+    targets = "head" if tumor_aux == "head" else (
+        "onehot" if (mixup or label_smoothing or tumor_aux == "softmax") else "sparse")
 
     keras.utils.set_random_seed(seed)
     if deterministic:
@@ -319,55 +465,103 @@ def train(splits: str, out: str, image_size: int = 299, epochs: int = 10, fine_t
 
     history: dict[str, list[float]] = {}
     stage2_start = None
+    steps_per_epoch = -(-len(train_frame) // batch_size)
     try:
         with tempfile.TemporaryDirectory() as tmp:
-            train_data = make_dataset(train_bytes, train_labels, image_size, batch_size, True, seed, tmp)
-            val_data = make_dataset(val_bytes, val_labels, image_size, batch_size, False, seed, tmp)
+            train_data = make_dataset(train_bytes, train_labels, image_size, batch_size, True, seed, tmp,
+                                      crop_to_head=crop_to_head, flip=augment_flip, mixup=mixup,
+                                      sample_weights=None if targets == "sparse" else weights, targets=targets)
+            val_data = make_dataset(val_bytes, val_labels, image_size, batch_size, False, seed, tmp,
+                                    crop_to_head=crop_to_head, targets=targets)
             with strategy.scope():
                 model, base = build_model(image_size, base_weights, dropout, bn_momentum)
                 base.trainable = from_scratch  # a frozen random base learns nothing
-                model.compile(optimizer=keras.optimizers.Adam(learning_rate),
-                              loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+                if lr_schedule == "cosine":
+                    peak = learning_rate
+                    rate = keras.optimizers.schedules.CosineDecay(
+                        peak / 10 if warmup_epochs else peak, decay_steps=(epochs - warmup_epochs) * steps_per_epoch,
+                        warmup_target=peak if warmup_epochs else None, warmup_steps=warmup_epochs * steps_per_epoch)
+                else:
+                    rate = learning_rate
+                if weight_decay:
+                    optimizer = keras.optimizers.AdamW(rate, weight_decay=weight_decay)
+                    optimizer.exclude_from_weight_decay(var_names=["bias", "gamma", "beta"])
+                else:
+                    optimizer = keras.optimizers.Adam(rate)
+                if targets == "head":
+                    tumor = keras.layers.Dense(1, activation="sigmoid", dtype="float32", name="tumor")(
+                        model.get_layer("dropout").output)
+                    fit_model = keras.Model(model.inputs, {"probabilities": model.outputs[0], "tumor": tumor},
+                                            name="brainscan_xception_aux")
+                else:
+                    fit_model = model
+
+                def compile_fit_model(optimizer):
+                    if targets == "head":
+                        fit_model.compile(
+                            optimizer=optimizer,
+                            loss={"probabilities": keras.losses.CategoricalCrossentropy(label_smoothing=label_smoothing),
+                                  "tumor": keras.losses.BinaryCrossentropy()},
+                            loss_weights={"probabilities": 1.0, "tumor": tumor_aux_weight},
+                            metrics={"probabilities": ["accuracy", tumor_auc_metric()]})
+                        return
+                    if targets == "sparse":
+                        loss = "sparse_categorical_crossentropy"
+                    elif tumor_aux == "softmax":
+                        loss = tumor_aux_softmax_loss(tumor_aux_weight, label_smoothing)
+                    else:
+                        loss = keras.losses.CategoricalCrossentropy(label_smoothing=label_smoothing)
+                    fit_model.compile(optimizer=optimizer, loss=loss, metrics=["accuracy", tumor_auc_metric()])
+
+                compile_fit_model(optimizer)
             best_path = str(Path(tmp) / "best.weights.h5")
+            mode = "min" if monitor == "val_loss" else "max"
+            monitored = monitor if not (targets == "head" and monitor != "val_loss") else \
+                "val_probabilities_" + monitor[len("val_"):]
             # One checkpoint callback for both stages: its `best` carries over between fit calls.
-            checkpoint = keras.callbacks.ModelCheckpoint(best_path, monitor="val_loss", save_best_only=True,
-                                                         save_weights_only=True, verbose=0)
+            checkpoint = keras.callbacks.ModelCheckpoint(best_path, monitor=monitored, mode=mode,
+                                                         save_best_only=True, save_weights_only=True, verbose=0)
 
             def run_stage(stage: str, stage_epochs: int):
                 offset = len(history.get("loss", []))
-                stopper = keras.callbacks.EarlyStopping(monitor="val_loss", patience=patience)
-                fitted = model.fit(train_data, validation_data=val_data, epochs=stage_epochs,
-                                   class_weight=weights, verbose=0, shuffle=False,
-                                   callbacks=[checkpoint, stopper, _EpochLog.make(stage, stage_epochs, offset)])
-                for key, values in fitted.history.items():
+                stopper = keras.callbacks.EarlyStopping(monitor=monitored, mode=mode, patience=patience)
+                fitted = fit_model.fit(train_data, validation_data=val_data, epochs=stage_epochs,
+                                       class_weight=weights if targets == "sparse" else None, verbose=0,
+                                       shuffle=False,
+                                       callbacks=[checkpoint, stopper, _EpochLog.make(stage, stage_epochs, offset)])
+                for key, values in _with_short_names(fitted.history).items():
                     history.setdefault(key, []).extend(float(v) for v in values)
 
             _log(f"stage 1: {'whole network from scratch' if from_scratch else 'head, base frozen'}, "
-                 f"lr {learning_rate}, up to {epochs} epochs")
+                 f"lr {learning_rate} ({lr_schedule}), up to {epochs} epochs")
             run_stage("stage 1", epochs)
             if fine_tune_epochs:
                 stage2_start = len(history["loss"]) + 1
-                model.load_weights(best_path)  # fine-tune from the best point, not the last
+                fit_model.load_weights(best_path)  # fine-tune from the best point, not the last
                 if from_scratch:
                     # Same trainable set: only the rate drops, so the traced train step is reused
                     # (a recompile costs minutes of retracing on CPU).
-                    model.optimizer.learning_rate.assign(fine_tune_learning_rate)
+                    fit_model.optimizer.learning_rate.assign(fine_tune_learning_rate)
                 else:
                     with strategy.scope():
                         unfrozen = set_fine_tuning(base)
                         _log(f"stage 2: fine-tuning {unfrozen} base layers from {FINE_TUNE_FROM} on")
-                        model.compile(optimizer=keras.optimizers.Adam(fine_tune_learning_rate),
-                                      loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+                        compile_fit_model(keras.optimizers.Adam(fine_tune_learning_rate))
                 _log(f"stage 2: lr {fine_tune_learning_rate}, up to {fine_tune_epochs} epochs")
                 run_stage("stage 2", fine_tune_epochs)
-            model.load_weights(best_path)
+            fit_model.load_weights(best_path)
+            # The saved model: the softmax alone, uncompiled (no training-only loss or head in it).
+            export = keras.Model(model.input, model.output, name="brainscan_xception")
+            if tta_flip:
+                export = with_flip_averaging(export, image_size)
     finally:
         keras.mixed_precision.set_global_policy(previous_policy)
 
-    best_index = int(np.argmin(history["val_loss"]))
+    scores = np.asarray(history[monitor], dtype=np.float64)
+    best_index = int(np.argmin(scores) if mode == "min" else np.argmax(scores))
     seconds = time.monotonic() - started
     history_doc = {"history": history, "stage2_start_epoch": stage2_start, "best_epoch": best_index + 1,
-                   "monitor": "val_loss"}
+                   "monitor": monitor}
     metadata = {
         "base_weights": base_weights, "seed": seed, "epochs": epochs, "fine_tune_epochs": fine_tune_epochs,
         "batch_size": batch_size, "learning_rate": learning_rate, "patience": patience,
@@ -376,10 +570,18 @@ def train(splits: str, out: str, image_size: int = 299, epochs: int = 10, fine_t
         "dataset_fingerprint": _split_fingerprint(splits), "train_images": len(train_frame),
         "val_images": len(val_frame), "best_epoch": best_index + 1,
         "best_val_loss": history["val_loss"][best_index], "best_val_accuracy": history["val_accuracy"][best_index],
-        "preprocessing": "brainscan.preprocessing.preprocess_image (RGB, bilinear resize, xception preprocess_input)",
+        "best_val_tumor_auc": (history.get("val_tumor_auc") or [None] * (best_index + 1))[best_index],
+        "dropout": dropout, "lr_schedule": lr_schedule, "warmup_epochs": warmup_epochs,
+        "weight_decay": weight_decay, "augment_flip": augment_flip, "mixup": mixup,
+        "label_smoothing": label_smoothing, "tumor_aux": tumor_aux,
+        "tumor_aux_weight": tumor_aux_weight if tumor_aux != "none" else None, "monitor": monitor,
+        "tta_flip": tta_flip, METADATA_CROP_KEY: bool(crop_to_head),
+        "preprocessing": "brainscan.preprocessing.preprocess_image (RGB, "
+                         + ("crop to the head, aspect-preserving " if crop_to_head else "")
+                         + "bilinear resize, xception preprocess_input)",
         "trained_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
     }
-    modelstore.save_bundle(model, out, image_size, extra_metadata=metadata)
+    modelstore.save_bundle(export, out, image_size, extra_metadata=metadata)
     history_uri = storage.write_json(storage.join(out, "history.json"), history_doc)
     curves_uri = storage.write_bytes(storage.join(out, "training_curves.png"),
                                      plot_curves(history, stage2_start, best_index + 1), "image/png")
@@ -391,6 +593,6 @@ def train(splits: str, out: str, image_size: int = 299, epochs: int = 10, fine_t
         class_weights={CLASSES[i]: round(w, 4) for i, w in weights.items()}, seconds=round(seconds, 1),
         history_uri=history_uri, curves_uri=curves_uri, history=history,
     )
-    _log(f"best epoch {result.best_epoch}: val_loss {result.best_val_loss:.4f}, "
+    _log(f"best epoch {result.best_epoch} (by {monitor}): val_loss {result.best_val_loss:.4f}, "
          f"val_acc {result.best_val_accuracy:.3f}; bundle at {out} ({seconds:.0f}s)")
     return result
