@@ -286,7 +286,7 @@ def _explanations(folder: Path, bundle, frame, files, probabilities, lime_images
     heat, probs = explain.gradcam(bundle.model, x)
     for k, (row, tag) in enumerate(chosen):
         p = int(np.argmax(probs[k]))
-        png = explain.overlay_png(files[row], heat[k], title=f"true {CLASSES[truth[row]]} / pred {CLASSES[p]} {probs[k, p]:.2f}")
+        png = explain.overlay_png(explain.shown_image(bundle, files[row], x[k]), heat[k], title=f"true {CLASSES[truth[row]]} / pred {CLASSES[p]} {probs[k, p]:.2f}")
         name = f"explanations/gradcam_{tag}.png"
         (folder / name).write_bytes(png)
         written.append(name)
