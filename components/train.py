@@ -394,7 +394,7 @@ def train(splits: str, out: str, image_size: int = 299, epochs: int = 10, fine_t
           crop_to_head: bool = False, lr_schedule: str = "constant", warmup_epochs: int = 0,
           weight_decay: float = 0.0, augment_flip: bool = False, mixup: float = 0.0,
           label_smoothing: float = 0.0, tumor_aux: str = "none", tumor_aux_weight: float = 0.5,
-          monitor: str = "val_loss", tta_flip: bool = False,
+          monitor: str = "val_loss", tta_flip: bool = False, ema: float = 0.0,
           deterministic: bool = True,
           workers: int = 16) -> TrainResult:
     """Train on {splits}/train.csv with {splits}/val.csv for early stopping; write the bundle to out.
@@ -408,6 +408,8 @@ def train(splits: str, out: str, image_size: int = 299, epochs: int = 10, fine_t
     binary cross-entropy of the softmax's P(tumor). monitor: what early stopping and the best
     checkpoint follow ("val_loss", or "val_tumor_auc", the validation ROC-AUC of P(tumor)).
     tta_flip: the saved model averages its softmax over the image and its mirror image.
+    ema: keep an exponential moving average of the weights with this momentum (0 = off); validation,
+    checkpoints and the saved model use the averaged weights.
     """
     import keras
     import tensorflow as tf
@@ -425,8 +427,10 @@ def train(splits: str, out: str, image_size: int = 299, epochs: int = 10, fine_t
         raise ValueError(f"tumor_aux must be one of {', '.join(TUMOR_AUX)}, got {tumor_aux!r}")
     if monitor not in MONITORS:
         raise ValueError(f"monitor must be one of {', '.join(MONITORS)}, got {monitor!r}")
-    if not 0 <= warmup_epochs < epochs or weight_decay < 0 or mixup < 0 or not 0 <= label_smoothing < 1:
-        raise ValueError("need 0 <= warmup epochs < epochs, weight decay >= 0, mixup >= 0, 0 <= label smoothing < 1")
+    if not 0 <= warmup_epochs < epochs or weight_decay < 0 or mixup < 0 or not 0 <= label_smoothing < 1 \
+            or not 0 <= ema < 1:
+        raise ValueError("need 0 <= warmup epochs < epochs, weight decay >= 0, mixup >= 0, 0 <= label smoothing < 1, "
+                         "0 <= ema < 1")
     base_weights = str(base_weights or "none")
     from_scratch = base_weights == "none"
     # Pretrained: the head learns first, then the top of the base at 1/100 the rate.
@@ -483,11 +487,12 @@ def train(splits: str, out: str, image_size: int = 299, epochs: int = 10, fine_t
                         warmup_target=peak if warmup_epochs else None, warmup_steps=warmup_epochs * steps_per_epoch)
                 else:
                     rate = learning_rate
+                averaging = dict(use_ema=True, ema_momentum=ema) if ema else {}
                 if weight_decay:
-                    optimizer = keras.optimizers.AdamW(rate, weight_decay=weight_decay)
+                    optimizer = keras.optimizers.AdamW(rate, weight_decay=weight_decay, **averaging)
                     optimizer.exclude_from_weight_decay(var_names=["bias", "gamma", "beta"])
                 else:
-                    optimizer = keras.optimizers.Adam(rate)
+                    optimizer = keras.optimizers.Adam(rate, **averaging)
                 if targets == "head":
                     tumor = keras.layers.Dense(1, activation="sigmoid", dtype="float32", name="tumor")(
                         model.get_layer("dropout").output)
@@ -525,10 +530,13 @@ def train(splits: str, out: str, image_size: int = 299, epochs: int = 10, fine_t
             def run_stage(stage: str, stage_epochs: int):
                 offset = len(history.get("loss", []))
                 stopper = keras.callbacks.EarlyStopping(monitor=monitored, mode=mode, patience=patience)
+                # With EMA the averaged weights are swapped in before validation and the checkpoint.
+                swap = [keras.callbacks.SwapEMAWeights(swap_on_epoch=True)] if ema else []
                 fitted = fit_model.fit(train_data, validation_data=val_data, epochs=stage_epochs,
                                        class_weight=weights if targets == "sparse" else None, verbose=0,
                                        shuffle=False,
-                                       callbacks=[checkpoint, stopper, _EpochLog.make(stage, stage_epochs, offset)])
+                                       callbacks=swap + [checkpoint, stopper,
+                                                         _EpochLog.make(stage, stage_epochs, offset)])
                 for key, values in _with_short_names(fitted.history).items():
                     history.setdefault(key, []).extend(float(v) for v in values)
 
@@ -575,7 +583,7 @@ def train(splits: str, out: str, image_size: int = 299, epochs: int = 10, fine_t
         "weight_decay": weight_decay, "augment_flip": augment_flip, "mixup": mixup,
         "label_smoothing": label_smoothing, "tumor_aux": tumor_aux,
         "tumor_aux_weight": tumor_aux_weight if tumor_aux != "none" else None, "monitor": monitor,
-        "tta_flip": tta_flip, METADATA_CROP_KEY: bool(crop_to_head),
+        "tta_flip": tta_flip, "ema": ema, METADATA_CROP_KEY: bool(crop_to_head),
         "preprocessing": "brainscan.preprocessing.preprocess_image (RGB, "
                          + ("crop to the head, aspect-preserving " if crop_to_head else "")
                          + "bilinear resize, xception preprocess_input)",
