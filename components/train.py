@@ -395,7 +395,7 @@ def train(splits: str, out: str, image_size: int = 299, epochs: int = 10, fine_t
           weight_decay: float = 0.0, augment_flip: bool = False, mixup: float = 0.0,
           label_smoothing: float = 0.0, tumor_aux: str = "none", tumor_aux_weight: float = 0.5,
           monitor: str = "val_loss", tta_flip: bool = False, ema: float = 0.0,
-          deterministic: bool = True,
+          callbacks: list | None = None, deterministic: bool = True,
           workers: int = 16) -> TrainResult:
     """Train on {splits}/train.csv with {splits}/val.csv for early stopping; write the bundle to out.
 
@@ -410,6 +410,7 @@ def train(splits: str, out: str, image_size: int = 299, epochs: int = 10, fine_t
     tta_flip: the saved model averages its softmax over the image and its mirror image.
     ema: keep an exponential moving average of the weights with this momentum (0 = off); validation,
     checkpoints and the saved model use the averaged weights.
+    callbacks: extra Keras callbacks for every fit (e.g. a study's per-epoch measurements).
     """
     import keras
     import tensorflow as tf
@@ -536,7 +537,8 @@ def train(splits: str, out: str, image_size: int = 299, epochs: int = 10, fine_t
                                        class_weight=weights if targets == "sparse" else None, verbose=0,
                                        shuffle=False,
                                        callbacks=swap + [checkpoint, stopper,
-                                                         _EpochLog.make(stage, stage_epochs, offset)])
+                                                         _EpochLog.make(stage, stage_epochs, offset)]
+                                       + list(callbacks or []))
                 for key, values in _with_short_names(fitted.history).items():
                     history.setdefault(key, []).extend(float(v) for v in values)
 
