@@ -142,6 +142,53 @@ def score_frame(frame: pd.DataFrame, probabilities: np.ndarray, **columns) -> pd
     return out
 
 
+# ----------------------------------------------------------------------------- per-epoch tracking
+def held_out_tracker(frame: pd.DataFrame, image_size: int, crop_to_head: bool):
+    """A Keras callback scoring the held-out images after every epoch (plain and flip-averaged).
+
+    For the analysis of checkpoint rules only (which epoch would val_loss / val AUC / the last
+    epoch pick, and how good is it on held-out images): the reported figures come from the bundle.
+    """
+    import keras
+    from sklearn.metrics import roc_auc_score
+
+    from brainscan.labels import tumor_probability
+    from brainscan.preprocessing import preprocess_batch
+
+    x = preprocess_batch([Path(p).read_bytes() for p in frame["path"]], image_size, crop_to_head=crop_to_head)
+    y = frame["tumor"].to_numpy()
+    ct = (frame["modality"] == "ct").to_numpy()
+
+    class Tracker(keras.callbacks.Callback):
+        epochs: list[dict] = []
+
+        seconds = 0.0
+
+        def on_epoch_end(self, epoch, logs=None):
+            started = time.monotonic()
+
+            def predict(images):
+                parts = []
+                for i in range(0, len(images), 64):
+                    out = self.model(images[i:i + 64], training=False)
+                    parts.append(np.asarray(out["probabilities"] if isinstance(out, dict) else out))
+                return np.concatenate(parts)
+
+            plain = predict(x)
+            averaged = (plain + predict(np.ascontiguousarray(x[:, :, ::-1]))) / 2
+            row = {"epoch": len(self.epochs) + 1, **{k: float(v) for k, v in (logs or {}).items()}}
+            for tag, probs in (("", plain), ("_tta", averaged)):
+                p = tumor_probability(probs)
+                row[f"held_out_auc{tag}"] = float(roc_auc_score(y, p))
+                row[f"held_out_auc_ct{tag}"] = float(roc_auc_score(y[ct], p[ct]))
+                row[f"held_out_auc_mri{tag}"] = float(roc_auc_score(y[~ct], p[~ct]))
+            self.epochs.append(row)
+            Tracker.seconds += time.monotonic() - started
+
+    Tracker.epochs, Tracker.seconds = [], 0.0
+    return Tracker()
+
+
 # ----------------------------------------------------------------------------- runs
 def parse_value(text: str):
     for cast in (int, float):
@@ -161,7 +208,7 @@ def recipe(config: str, overrides: list[str]) -> dict:
 
 
 def run_one(design: str, config: str, name: str, params: dict, seed: int, fold: int | None,
-            splits: str, work: Path, keep: bool) -> dict:
+            splits: str, work: Path, keep: bool, track: bool = False) -> dict:
     from brainscan.components.train import train
 
     run_id = f"{design}-{name}-seed{seed}" + (f"-fold{fold}" if fold is not None else "")
@@ -178,20 +225,23 @@ def run_one(design: str, config: str, name: str, params: dict, seed: int, fold: 
     bundle_dir = run_dir / "bundle"
     if bundle_dir.exists():
         shutil.rmtree(bundle_dir)
+    tracker = held_out_tracker(held_out, params["image_size"], bool(params.get("crop_to_head"))) if track else None
     load_before = load_average()
     wall = time.monotonic()
-    result = train(train_splits, str(bundle_dir), seed=seed, **params)
+    result = train(train_splits, str(bundle_dir), seed=seed, callbacks=[tracker] if tracker else None, **params)
     wall = time.monotonic() - wall
     load_after = load_average()
     plain, mirrored = score_bundle(str(bundle_dir), held_out)
     averaged = (plain + mirrored) / 2
     record = {
         "run_id": run_id, "design": design, "config": config, "name": name, "seed": seed, "fold": fold,
-        "params": params, "train_seconds": result.seconds, "wall_seconds": round(wall, 1),
+        "params": params, "train_seconds": round(result.seconds - (tracker.seconds if tracker else 0.0), 1),
+        "tracking_seconds": round(tracker.seconds, 1) if tracker else 0.0, "wall_seconds": round(wall, 1),
         "load_before": load_before, "load_after": load_after, "epochs_run": result.epochs_run,
         "best_epoch": result.best_epoch, "best_val_loss": result.best_val_loss,
         "train_images": result.train_images, "val_images": result.val_images,
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "tracked_epochs": tracker.epochs if tracker is not None else None,
     }
     parts = {"held_out": np.ones(len(held_out), bool)}
     if design == "split":
@@ -213,7 +263,7 @@ def run_one(design: str, config: str, name: str, params: dict, seed: int, fold: 
     with open(RUNS, "a") as handle:
         handle.write(json.dumps(record) + "\n")
     main = record.get("test", record["held_out"])
-    log(f"{run_id}: {result.seconds:.0f}s, load {load_before:.2f}->{load_after:.2f}, {result.epochs_run} epochs "
+    log(f"{run_id}: {record['train_seconds']:.0f}s (+{record['tracking_seconds']:.0f}s tracking), load {load_before:.2f}->{load_after:.2f}, {result.epochs_run} epochs "
         f"(best {result.best_epoch}); held-out AUC {main['roc_auc']:.4f} (CT {main['roc_auc_ct']:.3f}, "
         f"MRI {main['roc_auc_mri']:.3f}), acc7 {main['accuracy7']:.3f}, recall@P80 {main['recall_at_p80']:.3f}; "
         f"with flip TTA AUC {record.get('test_tta', record['held_out_tta'])['roc_auc']:.4f}")
@@ -355,6 +405,8 @@ def main() -> None:
     run.add_argument("--folds", nargs="*", type=int, default=[0], help="cv folds to run (seed = fold unless --seeds)")
     run.add_argument("--seeds", nargs="*", type=int, help="training seeds (split: one run each; cv: one per fold)")
     run.add_argument("--keep", action="store_true", help="keep the bundles")
+    run.add_argument("--track", action="store_true",
+                     help="score the held-out images after every epoch (checkpoint-rule analysis; slower)")
     rep = sub.add_parser("report", help="tables and chart from runs.jsonl")
     for p in (run, rep):
         p.add_argument("--splits", default=DEFAULT_SPLITS)
@@ -369,10 +421,10 @@ def main() -> None:
     if args.design == "cv":
         seeds = args.seeds or args.folds
         for fold, seed in zip(args.folds, seeds):
-            run_one("cv", args.config, name, params, seed, fold, args.splits, work, args.keep)
+            run_one("cv", args.config, name, params, seed, fold, args.splits, work, args.keep, args.track)
     else:
         for seed in args.seeds or [0]:
-            run_one("split", args.config, name, params, seed, None, args.splits, work, args.keep)
+            run_one("split", args.config, name, params, seed, None, args.splits, work, args.keep, args.track)
 
 
 if __name__ == "__main__":
