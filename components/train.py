@@ -124,7 +124,7 @@ def augmenter(seed: int, flip: bool = False):
 def make_dataset(images: list[bytes], labels: np.ndarray, image_size: int, batch_size: int,
                  training: bool, seed: int = 42, cache_dir: str | None = None, crop_to_head: bool = False,
                  flip: bool = False, mixup: float = 0.0, sample_weights: dict[int, float] | None = None,
-                 targets: str = "sparse"):
+                 targets: str = "sparse", cache_name: str | None = None):
     """A batched tf.data pipeline of (preprocessed image, label[, sample weight]).
 
     Decoding happens once (cache); shuffling and augmentation per epoch for training only.
@@ -147,7 +147,7 @@ def make_dataset(images: list[bytes], labels: np.ndarray, image_size: int, batch
                     num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     cache_bytes = len(images) * image_size * image_size * 3 * 4
     if cache_dir and cache_bytes > MEMORY_CACHE_LIMIT:
-        data = data.cache(str(Path(cache_dir) / ("train" if training else "val")))
+        data = data.cache(str(Path(cache_dir) / (cache_name or ("train" if training else "val"))))
     else:
         data = data.cache()
     if training:
@@ -314,6 +314,44 @@ def with_flip_averaging(model, image_size: int):
     return keras.Model(inputs, outputs, name="brainscan_xception_tta")
 
 
+def batchnorm_layers(model) -> list:
+    """Every BatchNormalization layer of a model, nested models included."""
+    import keras
+
+    found = []
+    for layer in model.layers:
+        if isinstance(layer, keras.layers.BatchNormalization):
+            found.append(layer)
+        elif isinstance(layer, keras.Model):
+            found.extend(batchnorm_layers(layer))
+    return found
+
+
+def recalibrate_batchnorm(model, images) -> int:
+    """Precise BatchNorm: every trainable BN layer's moving mean and variance become the average of
+    its batch statistics over `images` (a dataset of (x, ...) batches: the un-augmented training
+    images), instead of the momentum average of the last few augmented batches. Returns the batches used.
+
+    From scratch with ~30 steps an epoch and momentum 0.9 the moving statistics follow the last
+    ~10 batches; the validation and test scores then jump from epoch to epoch even at a learning
+    rate near zero. Runs eagerly (the momentum is changed batch by batch: a cumulative mean).
+    """
+    layers = [layer for layer in batchnorm_layers(model) if layer.trainable]
+    momenta = [layer.momentum for layer in layers]
+    batches = 0
+    try:
+        for batch in images:
+            x = batch[0] if isinstance(batch, (tuple, list)) else batch
+            batches += 1
+            for layer in layers:
+                layer.momentum = (batches - 1) / batches  # the first batch replaces, later ones average in
+            model(x, training=True)
+    finally:
+        for layer, momentum in zip(layers, momenta):
+            layer.momentum = momentum
+    return batches
+
+
 # --------------------------------------------------------------------------- outputs
 
 def plot_curves(history: dict, stage2_start: int | None, best_epoch: int) -> bytes:
@@ -351,6 +389,20 @@ def _with_short_names(logs: dict) -> dict:
             if key.startswith(prefix) and not key.endswith("_loss"):
                 out.setdefault(short + key[len(prefix):], value)
     return out
+
+
+class _PreciseBatchNorm:
+    """Keras callback factory: recalibrate_batchnorm at the start of every validation."""
+
+    @staticmethod
+    def make(model, data):
+        import keras
+
+        class PreciseBatchNorm(keras.callbacks.Callback):
+            def on_test_begin(self, logs=None):
+                recalibrate_batchnorm(model, data)
+
+        return PreciseBatchNorm()
 
 
 class _EpochLog:
@@ -395,7 +447,7 @@ def train(splits: str, out: str, image_size: int = 299, epochs: int = 10, fine_t
           weight_decay: float = 0.0, augment_flip: bool = False, mixup: float = 0.0,
           label_smoothing: float = 0.0, tumor_aux: str = "none", tumor_aux_weight: float = 0.5,
           monitor: str = "val_loss", tta_flip: bool = False, ema: float = 0.0,
-          callbacks: list | None = None, deterministic: bool = True,
+          precise_bn: bool = False, callbacks: list | None = None, deterministic: bool = True,
           workers: int = 16) -> TrainResult:
     """Train on {splits}/train.csv with {splits}/val.csv for early stopping; write the bundle to out.
 
@@ -410,6 +462,9 @@ def train(splits: str, out: str, image_size: int = 299, epochs: int = 10, fine_t
     tta_flip: the saved model averages its softmax over the image and its mirror image.
     ema: keep an exponential moving average of the weights with this momentum (0 = off); validation,
     checkpoints and the saved model use the averaged weights.
+    precise_bn: before every validation (so early stopping, the checkpoint and the saved model see
+    it) the BatchNorm statistics are recomputed over the un-augmented training images
+    (recalibrate_batchnorm); from scratch only.
     callbacks: extra Keras callbacks for every fit (e.g. a study's per-epoch measurements).
     """
     import keras
@@ -478,6 +533,10 @@ def train(splits: str, out: str, image_size: int = 299, epochs: int = 10, fine_t
                                       sample_weights=None if targets == "sparse" else weights, targets=targets)
             val_data = make_dataset(val_bytes, val_labels, image_size, batch_size, False, seed, tmp,
                                     crop_to_head=crop_to_head, targets=targets)
+            # the training images as validation sees them (no augmentation), in larger batches
+            calibration_data = make_dataset(train_bytes, train_labels, image_size, max(batch_size, 64), False, seed,
+                                            tmp, crop_to_head=crop_to_head, cache_name="calibration") \
+                if precise_bn and from_scratch else None
             with strategy.scope():
                 model, base = build_model(image_size, base_weights, dropout, bn_momentum)
                 base.trainable = from_scratch  # a frozen random base learns nothing
@@ -533,6 +592,8 @@ def train(splits: str, out: str, image_size: int = 299, epochs: int = 10, fine_t
                 stopper = keras.callbacks.EarlyStopping(monitor=monitored, mode=mode, patience=patience)
                 # With EMA the averaged weights are swapped in before validation and the checkpoint.
                 swap = [keras.callbacks.SwapEMAWeights(swap_on_epoch=True)] if ema else []
+                if calibration_data is not None:
+                    swap.append(_PreciseBatchNorm.make(model, calibration_data))
                 fitted = fit_model.fit(train_data, validation_data=val_data, epochs=stage_epochs,
                                        class_weight=weights if targets == "sparse" else None, verbose=0,
                                        shuffle=False,
@@ -585,7 +646,7 @@ def train(splits: str, out: str, image_size: int = 299, epochs: int = 10, fine_t
         "weight_decay": weight_decay, "augment_flip": augment_flip, "mixup": mixup,
         "label_smoothing": label_smoothing, "tumor_aux": tumor_aux,
         "tumor_aux_weight": tumor_aux_weight if tumor_aux != "none" else None, "monitor": monitor,
-        "tta_flip": tta_flip, "ema": ema, METADATA_CROP_KEY: bool(crop_to_head),
+        "tta_flip": tta_flip, "ema": ema, "precise_bn": bool(precise_bn and from_scratch), METADATA_CROP_KEY: bool(crop_to_head),
         "preprocessing": "brainscan.preprocessing.preprocess_image (RGB, "
                          + ("crop to the head, aspect-preserving " if crop_to_head else "")
                          + "bilinear resize, xception preprocess_input)",

@@ -286,20 +286,26 @@ def _spread(values) -> str:
     return f"{values.mean():.3f} ({values.min():.3f}-{values.max():.3f})"
 
 
-def pooled_oof(runs: list[dict], work: Path, tta: bool = False) -> dict | None:
-    """Metrics over the pooled out-of-fold scores of a complete 5-fold CV (one seed per fold)."""
-    from sklearn.metrics import average_precision_score, roc_auc_score
-
-    folds = {r["fold"] for r in runs}
-    if folds != set(range(N_FOLDS)):
+def oof_scores(runs: list[dict], work: Path, tta: bool = False) -> pd.DataFrame | None:
+    """The out-of-fold scores of a complete 5-fold CV (one run per fold), or None."""
+    if sorted(r["fold"] for r in runs) != list(range(N_FOLDS)):
         return None
     frames = []
-    for r in runs:
+    for r in sorted(runs, key=lambda r: r["fold"]):
         path = work / "runs" / r["run_id"] / ("scores_tta.csv" if tta else "scores.csv")
         if not path.exists():
             return None
         frames.append(pd.read_csv(path))
-    scores = pd.concat(frames, ignore_index=True)
+    return pd.concat(frames, ignore_index=True)
+
+
+def pooled_oof(runs: list[dict], work: Path, tta: bool = False) -> dict | None:
+    """Metrics over the pooled out-of-fold scores of a complete 5-fold CV (one seed per fold)."""
+    from sklearn.metrics import average_precision_score, roc_auc_score
+
+    scores = oof_scores(runs, work, tta)
+    if scores is None:
+        return None
     y, p = scores["tumor"].to_numpy(), scores["p_tumor"].to_numpy()
     out = {"n": int(len(y)), "roc_auc": float(roc_auc_score(y, p)), "pr_auc": float(average_precision_score(y, p)),
            "recall_at_p80": recall_at_precision(y, p)}
@@ -337,6 +343,10 @@ def report(work: Path) -> None:
         if design == "cv":
             row["pooled_oof"] = pooled_oof(rs, work)
             row["pooled_oof_tta"] = pooled_oof(rs, work, tta=True)
+            for tta in (False, True):
+                scores = oof_scores(rs, work, tta)
+                if scores is not None:
+                    scores.to_csv(RESULTS / f"oof_scores_{name}{'_tta' if tta else ''}.csv", index=False)
         summary.append(row)
         lines.append(f"| {design} | {name} | {len(rs)} | {_spread(row['train_seconds'])} | {_spread(row['epochs_run'])} | "
                      f"{_spread(row['metrics']['roc_auc'])} | {_spread(row['metrics']['roc_auc_ct'])} | "
@@ -352,6 +362,26 @@ def report(work: Path) -> None:
             o, ot = row["pooled_oof"], row["pooled_oof_tta"]
             lines.append(f"| {row['name']} | {o['roc_auc']:.3f} | {o['roc_auc_ct']:.3f} | {o['roc_auc_mri']:.3f} | "
                          f"{o['pr_auc']:.3f} | {o['recall_at_p80']:.3f} | {ot['roc_auc']:.3f} | {ot['recall_at_p80']:.3f} |")
+    tracked = [r for r in runs if r.get("tracked_epochs")]
+    if tracked:
+        lines += ["", "## Checkpoint rules (runs with per-epoch held-out tracking)", "",
+                  "Held-out ROC-AUC of P(tumor) (plain / flip-averaged) at the epoch each rule picks: the lowest",
+                  "validation loss (what train() does), the highest validation P(tumor) ROC-AUC, the last epoch.", "",
+                  "| run | epochs | best val_loss: epoch, AUC | best val AUC: epoch, AUC | last epoch AUC | best possible |",
+                  "|---|---|---|---|---|---|"]
+        for r in tracked:
+            ep = r["tracked_epochs"]
+            loss_key = "val_loss"
+            auc_key = "val_tumor_auc" if "val_tumor_auc" in ep[0] else "val_probabilities_tumor_auc"
+            by_loss = min(range(len(ep)), key=lambda i: ep[i][loss_key])
+            by_auc = max(range(len(ep)), key=lambda i: (ep[i][auc_key], i))
+
+            def at(i):
+                return f"{ep[i]['held_out_auc']:.3f} / {ep[i]['held_out_auc_tta']:.3f}"
+
+            best = max(e["held_out_auc"] for e in ep)
+            lines.append(f"| {r['run_id']} | {len(ep)} | {by_loss + 1}: {at(by_loss)} | {by_auc + 1}: {at(by_auc)} | "
+                         f"{at(len(ep) - 1)} | {best:.3f} |")
     lines += ["", "## Every run", "",
               "| run | train s | load before/after | epochs (best) | ROC-AUC | CT | MRI | PR-AUC | acc7 | recall@P80 | TTA AUC |",
               "|---|---|---|---|---|---|---|---|---|---|---|"]

@@ -232,3 +232,24 @@ def test_inconsistent_recipe_options_are_refused(tmp_path, eval_splits):
               fine_tune_epochs=2)
     with pytest.raises(ValueError, match="tumor_aux"):
         train(eval_splits, str(tmp_path / "o"), image_size=SIZE, base_weights="none", tumor_aux="both")
+
+
+def test_precise_batchnorm_sets_the_average_of_the_batch_statistics():
+    import keras
+    import tensorflow as tf
+
+    from brainscan.components.train import recalibrate_batchnorm
+
+    inputs = keras.Input((4, 4, 2))
+    inner = keras.Sequential([keras.Input((4, 4, 2)), keras.layers.BatchNormalization(momentum=0.9, name="bn")])
+    model = keras.Model(inputs, keras.layers.GlobalAveragePooling2D()(inner(inputs)))
+    rng = np.random.default_rng(0)
+    batches = [rng.normal(loc=3.0 * i, size=(5, 4, 4, 2)).astype(np.float32) for i in range(3)]
+    data = tf.data.Dataset.from_tensor_slices((np.concatenate(batches), np.zeros(15))).batch(5)
+    assert recalibrate_batchnorm(model, data) == 3
+    bn = inner.get_layer("bn")
+    expected_mean = np.mean([b.mean(axis=(0, 1, 2)) for b in batches], axis=0)
+    expected_var = np.mean([b.var(axis=(0, 1, 2)) for b in batches], axis=0)
+    np.testing.assert_allclose(np.asarray(bn.moving_mean), expected_mean, rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(bn.moving_variance), expected_var, rtol=1e-4)
+    assert bn.momentum == 0.9  # restored
