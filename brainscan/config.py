@@ -96,6 +96,12 @@ MAX_IMAGE_PIXELS = 40_000_000
 
 IO_WORKERS = 16  # parallel reads / uploads: S3 latency, not bandwidth, is the limit
 
+# ----------------------------------------------------------------------------- model
+# A model trained with flip test-time augmentation (`tta_flip`) is saved as one network that
+# averages its inner classifier over the image and its mirror image; this layer (the mirrored
+# input) marks such a model, and Grad-CAM (brainscan.explain) looks into the inner classifier.
+TTA_FLIPPED_LAYER = "tta_flipped"
+
 
 @dataclass(frozen=True)
 class ValidationLimits:

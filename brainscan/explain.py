@@ -15,6 +15,7 @@ from typing import Sequence
 
 import numpy as np
 
+from brainscan.config import TTA_FLIPPED_LAYER
 from brainscan.labels import CLASSES
 from brainscan.preprocessing import preprocess_batch
 
@@ -81,12 +82,28 @@ class _GradCam:
 _CAMS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
+def _explained_model(model):
+    """The model Grad-CAM looks into: a flip-averaging (test-time augmentation) model is explained
+    through its inner network on the image as given (the mirrored pass is left out)."""
+    import keras  # see _last_conv_path
+
+    if any(layer.name == TTA_FLIPPED_LAYER for layer in model.layers):
+        return next(layer for layer in model.layers if isinstance(layer, keras.Model))
+    return model
+
+
 def _gradcam_for(model) -> _GradCam:
     """Built once per model and cached: building the grad model costs more than one image."""
     cam = _CAMS.get(model)
     if cam is None:
-        cam = _CAMS[model] = _GradCam(model)
+        cam = _CAMS[model] = _GradCam(_explained_model(model))
     return cam
+
+
+def shown_image(bundle, image_bytes: bytes, preprocessed: np.ndarray):
+    """What a heat map is drawn over: the scan itself, or for a bundle that crops to the head the
+    model's own (cropped) input, which is the frame the heat map was computed on."""
+    return preprocessed if bundle.preprocessing.get("crop_to_head") else image_bytes
 
 
 def gradcam(model, images: np.ndarray, class_indices: Sequence[int] | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -161,10 +178,10 @@ def overlay_png(image, heatmap: np.ndarray, alpha: float = 0.45, max_side: int =
 
 def gradcam_overlay(bundle, image_bytes: bytes, class_index: int | None = None) -> bytes:
     """One encoded image in, a Grad-CAM overlay PNG out (the class explained: predicted or given)."""
-    x = preprocess_batch([image_bytes], bundle.image_size)
+    x = preprocess_batch([image_bytes], bundle.image_size, **bundle.preprocessing)
     heat, probs = gradcam(bundle.model, x, None if class_index is None else [class_index])
     shown = int(np.argmax(probs[0])) if class_index is None else int(class_index)
-    return overlay_png(image_bytes, heat[0], title=f"{CLASSES[shown]} {probs[0, shown]:.2f}")
+    return overlay_png(shown_image(bundle, image_bytes, x[0]), heat[0], title=f"{CLASSES[shown]} {probs[0, shown]:.2f}")
 
 
 # ----------------------------------------------------------------------------- LIME

@@ -6,8 +6,9 @@ calls per batch:
 - `preprocess(files, max_pixels)`: brainscan.preprocessing's own checks (`check_image_bytes`:
   format, pixels from the header before decoding, a whole decode) and its one definition of
   the preprocessing, `preprocess_image`, traced once into a graph (`tf.function` with a fixed
-  signature) instead of run as about ten eager TensorFlow ops per image. Same ops, same
-  kernels: the same floats as `preprocess_batch` (tests compare them).
+  signature) instead of run as about ten eager TensorFlow ops per image, with the bundle's own
+  options (`bundle.preprocessing`: the head crop a model was trained with). Same ops, same
+  kernels: the same floats as `preprocess_batch` with those options (tests compare them).
 - `predict(images)`: softmax [N, 7] from the bundle's model through a runtime:
   - "onnx": the Keras model converted with tf2onnx and run by ONNX Runtime on the CPU
     (measured on 2 cores at 71 px: 1.3-2x faster per image than the compiled TensorFlow
@@ -224,15 +225,17 @@ def load_runtime(bundle: ModelBundle, name: str = "auto") -> Runtime:
 
 # ----------------------------------------------------------------------------- preprocessing
 class CompiledPreprocessing:
-    """preprocess_image for one image size, traced once: encoded file (tf.string scalar) -> [S, S, 3]."""
+    """preprocess_image for one image size and one set of a bundle's options (`crop_to_head`: see
+    brainscan.preprocessing.preprocessing_options), traced once: encoded file (tf.string scalar) -> [S, S, 3]."""
 
-    def __init__(self, image_size: int):
+    def __init__(self, image_size: int, crop_to_head: bool = False):
         # TensorFlow's import costs seconds: only where images are preprocessed
         import tensorflow as tf
 
         self.image_size = int(image_size)
+        self.crop_to_head = bool(crop_to_head)
         self._errors = tf.errors.OpError
-        self._fn = tf.function(lambda data: preprocess_image(data, self.image_size),
+        self._fn = tf.function(lambda data: preprocess_image(data, self.image_size, self.crop_to_head),
                                input_signature=[tf.TensorSpec([], tf.string)])
         self._fn(tf.io.encode_png(tf.zeros([8, 8, 3], tf.uint8)))  # trace it now, not at the first request
 
@@ -288,7 +291,8 @@ class ServedModel:
             self.upgrade = threading.Thread(target=self._switch_to_onnx, name="brainscan-onnx-convert", daemon=True)
         else:
             self.runtime = load_runtime(bundle, runtime)
-        self._preprocess = CompiledPreprocessing(bundle.image_size)
+        # the bundle's own preprocessing options (the head crop it was trained with) travel with it
+        self._preprocess = CompiledPreprocessing(bundle.image_size, **bundle.preprocessing)
         # Warm up both graphs before anyone calls: the first call of each builds it.
         self.predict(np.zeros((1, self.image_size, self.image_size, 3), np.float32))
         log.info("model %s served by %s (ready in %.1f s)%s", bundle.uri, self.runtime.description,

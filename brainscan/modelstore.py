@@ -20,7 +20,9 @@ import numpy as np
 from brainscan import bundle as bundle_format
 from brainscan import registry, storage
 from brainscan.bundle import METADATA_FILE, BundleError, read_metadata
+from brainscan.config import MAX_IMAGE_PIXELS
 from brainscan.decision import DecisionPolicy
+from brainscan.preprocessing import preprocess_batch, preprocessing_options
 
 
 @dataclass
@@ -41,6 +43,15 @@ class ModelBundle:
     def predict(self, images: np.ndarray, batch_size: int = 32) -> np.ndarray:
         """Softmax [N, 7] of preprocessed images [N, S, S, 3]."""
         return bundle_format.predict_probabilities(self.model, images, self.image_size, batch_size)
+
+    @property
+    def preprocessing(self) -> dict:
+        """The preprocess_batch / preprocess_image options this model was trained with (old bundles: none)."""
+        return preprocessing_options(self.metadata)
+
+    def preprocess(self, images, max_pixels: int = MAX_IMAGE_PIXELS) -> np.ndarray:
+        """Encoded image files -> this model's input, float32 [N, S, S, 3]: what training applied."""
+        return preprocess_batch(images, self.image_size, max_pixels, **self.preprocessing)
 
 
 def cache_dir() -> Path:

@@ -31,7 +31,7 @@ from mlflow.types.schema import ColSpec, ParamSchema, ParamSpec, Schema, TensorS
 from brainscan import bundle
 from brainscan.decision import DecisionPolicy
 from brainscan.labels import CLASSES
-from brainscan.preprocessing import preprocess_batch
+from brainscan.preprocessing import preprocess_batch, preprocessing_options
 
 IMAGE_COLUMN = "image"
 # What a registered model carries of brainscan: this module and what it imports, all of them
@@ -97,6 +97,7 @@ class BrainscanPyfunc(mlflow.pyfunc.PythonModel):
         folder = bundle.find_bundle_dir(context.artifacts["bundle"])
         meta = bundle.read_metadata(folder)
         self.image_size = int(meta["image_size"])
+        self.preprocessing = preprocessing_options(meta)  # what training applied (the head crop)
         self.policy = DecisionPolicy.from_metadata(meta)
         self.model = bundle.load_model(folder)
 
@@ -108,7 +109,7 @@ class BrainscanPyfunc(mlflow.pyfunc.PythonModel):
         else:
             values = list(np.asarray(model_input, dtype=object).reshape(-1))
         files = [decode_image(value, i) for i, value in enumerate(values)]
-        x = preprocess_batch(files, self.image_size)
+        x = preprocess_batch(files, self.image_size, **self.preprocessing)
         probabilities = bundle.predict_probabilities(self.model, x, self.image_size)
         decision = self.policy.decide(probabilities, (params or {}).get("modality") or None)
         return {"probabilities": decision.probabilities,

@@ -32,7 +32,6 @@ from brainscan.config import DEFAULTS
 from brainscan.dataset import read_split, splits_fingerprint
 from brainscan.labels import CLASSES, MODALITIES, is_tumor
 from brainscan.modelstore import BundleError, ModelBundle, load_bundle
-from brainscan.preprocessing import preprocess_batch
 
 log = logging.getLogger(__name__)
 
@@ -189,8 +188,9 @@ def read_images(paths) -> list[bytes]:
 
 
 def predict_files(bundle: ModelBundle, files: list[bytes], batch_size: int = 32) -> np.ndarray:
-    """[N, 7] probabilities of encoded image files, preprocessed by the shared function."""
-    parts = [bundle.predict(preprocess_batch(files[start:start + batch_size], bundle.image_size), batch_size)
+    """[N, 7] probabilities of encoded image files, preprocessed by the shared function with the
+    bundle's own options (ModelBundle.preprocess)."""
+    parts = [bundle.predict(bundle.preprocess(files[start:start + batch_size]), batch_size)
              for start in range(0, len(files), batch_size)]
     return np.concatenate(parts, axis=0) if parts else np.zeros((0, len(CLASSES)), np.float32)
 
@@ -266,11 +266,12 @@ def _explanations(folder: Path, bundle, frame, files, probabilities, lime_images
     written = []
     if not chosen:
         return written
-    x = preprocess_batch([files[r] for r, _ in chosen], bundle.image_size)
+    x = bundle.preprocess([files[r] for r, _ in chosen])  # the model's own input (its crop, if any)
     heat, probs = explanations_of.gradcam(bundle.model, x)
     for k, (row, tag) in enumerate(chosen):
         p = int(np.argmax(probs[k]))
-        png = explanations_of.overlay_png(files[row], heat[k], title=f"true {CLASSES[truth[row]]} / pred {CLASSES[p]} {probs[k, p]:.2f}")
+        png = explanations_of.overlay_png(explanations_of.shown_image(bundle, files[row], x[k]), heat[k],
+                                          title=f"true {CLASSES[truth[row]]} / pred {CLASSES[p]} {probs[k, p]:.2f}")
         name = f"explanations/gradcam_{tag}.png"
         (folder / name).write_bytes(png)
         written.append(name)

@@ -1,12 +1,21 @@
 """Train: Xception transfer learning on the split manifests, written out as a model bundle.
 
     {splits}/train.csv, {splits}/val.csv  (columns `path` = image URI, `class7`)
-      -> tf.data (bytes read in parallel from S3 or disk, brainscan.preprocessing, cache, prefetch,
-         augmentation on train only)
+      -> tf.data (bytes read in parallel from S3 or disk, brainscan.preprocessing [optionally
+         cropped to the head], cache, prefetch, augmentation [and mixup] on train only)
       -> Xception base + global average pooling + dropout + softmax(7)
-         stage 1: head only, base frozen (pretrained weights) / whole network (from scratch)
+         stage 1: head only, base frozen (pretrained weights) / whole network (from scratch),
+                  at a constant learning rate or on a cosine schedule (one stage)
          stage 2: fine-tune the top of the base at a low learning rate
       -> {out}/model.keras, brainscan_model.json, history.json, training_curves.png
+
+Options a recipe can switch on (all off by default, which is the original recipe): the head crop
+(recorded in the bundle so serving applies it too), a cosine schedule, AdamW weight decay,
+horizontal flips and mixup, label smoothing, an auxiliary tumor loss (a binary head used in
+training only, or a binary cross-entropy on the softmax's own P(tumor)), early stopping on the
+validation ROC-AUC of P(tumor), and test-time flip averaging baked into the saved model. The
+saved model.keras always has one input (float32 [N, S, S, 3], preprocessed) and one output
+(softmax [N, 7]).
 
 The test split is never read here. Early stopping and the best checkpoint use validation only.
 """
@@ -25,25 +34,34 @@ from pathlib import Path
 import keras
 import numpy as np
 import tensorflow as tf
+from keras import ops
 from tqdm import tqdm
 
 from brainscan import modelstore, storage
-from brainscan.config import DEFAULTS, IO_WORKERS, MIN_IMAGE_SIZE
+from brainscan.config import DEFAULTS, IO_WORKERS, MIN_IMAGE_SIZE, TTA_FLIPPED_LAYER
 from brainscan.dataset import read_split, splits_fingerprint
-from brainscan.labels import CLASS_INDEX, CLASSES
-from brainscan.preprocessing import InvalidImageError, check_image_bytes, preprocess_image
+from brainscan.labels import CLASS_INDEX, CLASSES, HEALTHY_INDICES
+from brainscan.preprocessing import METADATA_CROP_KEY, InvalidImageError, check_image_bytes, preprocess_image
 
+# Above this the preprocessed images are cached in a temporary file instead of in memory.
+MEMORY_CACHE_LIMIT = 4 * 1024**3
 # Fine-tuning unfreezes the base from this block on (the exit flow and the last middle block).
 FINE_TUNE_FROM = "block13"
 # From scratch on a few hundred images an epoch is only ~20 steps: BatchNorm's default
 # momentum (0.99) leaves the moving statistics far behind and validation scores at chance.
 SCRATCH_BN_MOMENTUM = 0.9
-# Above this the preprocessed images are cached in a temporary file instead of in memory.
-MEMORY_CACHE_LIMIT = 4 * 1024**3
+DROPOUT = 0.3
+TARGETS = ("sparse", "onehot", "head")
+LR_SCHEDULES = ("constant", "cosine")
+TUMOR_AUX = ("none", "head", "softmax")  # auxiliary tumor loss: none, a training-only head, the softmax's P(tumor)
+MONITORS = ("val_loss", "val_tumor_auc")  # what early stopping and the best checkpoint follow
+# Excluded from AdamW's weight decay: biases and BatchNorm's scale and offset.
+NO_DECAY = ("bias", "gamma", "beta")
 
 
 class TrainingError(RuntimeError):
     """A training run that cannot start or finish; the message says why and what to do."""
+
 
 
 @dataclass
@@ -94,40 +112,79 @@ def read_images(paths: list[str], workers: int = IO_WORKERS, desc: str = "read")
                          file=sys.stderr, disable=len(paths) < 50, mininterval=2))
 
 
-def augmenter(seed: int):
-    """Random rotation (~10 degrees), brightness, small zoom and shift; training data only."""
-    return keras.Sequential([
-        keras.layers.RandomRotation(10 / 360, fill_mode="nearest", seed=seed),
-        keras.layers.RandomZoom(0.1, fill_mode="nearest", seed=seed + 1),
-        keras.layers.RandomTranslation(0.05, 0.05, fill_mode="nearest", seed=seed + 2),
-        # images are already in Xception's [-1, 1]
-        keras.layers.RandomBrightness(0.1, value_range=(-1.0, 1.0), seed=seed + 3),
-    ], name="augmentation")
-
-
 def make_dataset(images: list[bytes], labels: np.ndarray, image_size: int, batch_size: int,
-                 training: bool, seed: int = DEFAULTS.seed, cache_dir: str | None = None):
-    """A batched tf.data pipeline of (preprocessed image, label).
+                 training: bool, seed: int = DEFAULTS.seed, cache_dir: str | None = None,
+                 crop_to_head: bool = False, flip: bool = False, mixup: float = 0.0,
+                 sample_weights: dict[int, float] | None = None, targets: str = "sparse",
+                 cache_name: str | None = None):
+    """A batched tf.data pipeline of (preprocessed image, label[, sample weight]).
 
     Decoding happens once (cache); shuffling and augmentation per epoch for training only.
+    targets: "sparse" (class index), "onehot" (float [7]; mixup mixes it) or "head" (a dict:
+    "probabilities" one-hot and "tumor" its P(tumor), for the auxiliary binary head).
+    sample_weights (per class) are yielded as a third element (mixed along with the images).
+    Mixup (Beta(mixup, mixup) per image, partner from the same batch) on training data only.
     """
+    if targets not in TARGETS:
+        raise ValueError(f"targets must be one of {', '.join(TARGETS)}, got {targets!r}")
+    if (mixup or sample_weights) and targets == "sparse":
+        raise ValueError("mixup and per-sample weights need one-hot targets")
     data = tf.data.Dataset.from_tensor_slices((tf.constant(images, dtype=tf.string),
                                                tf.constant(labels, dtype=tf.int32)))
-    data = data.map(lambda raw, label: (preprocess_image(raw, image_size), label),
+    data = data.map(lambda raw, label: (preprocess_image(raw, image_size, crop_to_head), label),
                     num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     cache_bytes = len(images) * image_size * image_size * 3 * 4
     if cache_dir and cache_bytes > MEMORY_CACHE_LIMIT:
-        data = data.cache(str(Path(cache_dir) / ("train" if training else "val")))
+        data = data.cache(str(Path(cache_dir) / (cache_name or ("train" if training else "val"))))
     else:
         data = data.cache()
     if training:
         data = data.shuffle(len(images), seed=seed, reshuffle_each_iteration=True)
     data = data.batch(batch_size)
     if training:
-        augment = augmenter(seed)
+        augment = augmenter(seed, flip)
         data = data.map(lambda x, y: (augment(x, training=True), y), num_parallel_calls=tf.data.AUTOTUNE,
                         deterministic=True)
+    if targets == "sparse":
+        return data.prefetch(tf.data.AUTOTUNE)
+
+    class_weight = tf.constant([(sample_weights or {}).get(i, 1.0) for i in range(len(CLASSES))], tf.float32)
+    healthy = tf.constant([1.0 if i in HEALTHY_INDICES else 0.0 for i in range(len(CLASSES))], tf.float32)
+    generator = tf.random.Generator.from_seed(seed + 5)
+
+    def to_targets(x, label):
+        y = tf.one_hot(label, len(CLASSES), dtype=tf.float32)
+        w = tf.gather(class_weight, label)
+        if training and mixup:
+            n = tf.shape(x)[0]
+            # lam ~ Beta(mixup, mixup), as the ratio of two gamma draws
+            g1 = tf.random.stateless_gamma([n], seed=generator.uniform_full_int([2], dtype=tf.int32), alpha=mixup)
+            g2 = tf.random.stateless_gamma([n], seed=generator.uniform_full_int([2], dtype=tf.int32), alpha=mixup)
+            lam = g1 / (g1 + g2 + 1e-12)
+            partner = tf.argsort(generator.uniform([n]))
+            x = lam[:, None, None, None] * x + (1 - lam[:, None, None, None]) * tf.gather(x, partner)
+            y = lam[:, None] * y + (1 - lam[:, None]) * tf.gather(y, partner)
+            w = lam * w + (1 - lam) * tf.gather(w, partner)
+        if targets == "head":
+            y = {"probabilities": y, "tumor": 1.0 - tf.reduce_sum(y * healthy, axis=-1, keepdims=True)}
+        return (x, y, w) if sample_weights is not None else (x, y)
+
+    # One call at a time: the mixup generator's draws then follow the batch order (reproducible).
+    data = data.map(to_targets, num_parallel_calls=None)
     return data.prefetch(tf.data.AUTOTUNE)
+
+
+# --------------------------------------------------------------------------- model
+
+def fetch_base_weights(base_weights: str, tmp: str) -> str:
+    """An s3:// weights file copied to tmp (build_model reads local files); anything else as given."""
+    if not storage.is_s3(base_weights):
+        return base_weights
+    if not storage.exists(base_weights):
+        raise TrainingError(f"base weights {base_weights}: no such object")
+    local = Path(tmp) / Path(storage.parse_s3(base_weights)[1]).name  # keep the .h5 suffix Keras needs
+    local.write_bytes(storage.read_bytes(base_weights))
+    return str(local)
 
 
 def class_weights(labels: np.ndarray) -> dict[int, float]:
@@ -137,43 +194,54 @@ def class_weights(labels: np.ndarray) -> dict[int, float]:
     return {i: (len(labels) / (present * c) if c else 1.0) for i, c in enumerate(counts.tolist())}
 
 
-# --------------------------------------------------------------------------- model
-
-def _local_weights_file(base_weights: str, tmp: str) -> str:
-    if storage.is_s3(base_weights):
-        if not storage.exists(base_weights):
-            raise TrainingError(f"base weights {base_weights}: no such object")
-        local = Path(tmp) / Path(storage.parse_s3(base_weights)[1]).name  # keep the .h5 suffix Keras needs
-        local.write_bytes(storage.read_bytes(base_weights))
-        return str(local)
-    if not Path(base_weights).is_file():
-        raise TrainingError(f"base weights {base_weights!r}: no such file (use 'imagenet', 'none' "
-                            "or a path / s3:// URI of an Xception .h5 weights file)")
-    return base_weights
+def augmenter(seed: int, flip: bool = False):
+    """Random rotation (~10 degrees), brightness, small zoom and shift [, horizontal flip]; training data only."""
+    flips = [keras.layers.RandomFlip("horizontal", seed=seed + 4)] if flip else []
+    return keras.Sequential(flips + [
+        keras.layers.RandomRotation(10 / 360, fill_mode="nearest", seed=seed),
+        keras.layers.RandomZoom(0.1, fill_mode="nearest", seed=seed + 1),
+        keras.layers.RandomTranslation(0.05, 0.05, fill_mode="nearest", seed=seed + 2),
+        # images are already in Xception's [-1, 1]
+        keras.layers.RandomBrightness(0.1, value_range=(-1.0, 1.0), seed=seed + 3),
+    ], name="augmentation")
 
 
-def build_model(image_size: int, base_weights: str = "imagenet", dropout: float = 0.3,
+def target_kind(mixup: float = 0.0, label_smoothing: float = 0.0, tumor_aux: str = "none") -> str:
+    """The targets a recipe trains on: the original recipe keeps sparse labels and Keras class weights;
+    anything that mixes labels or adds a second target uses one-hot targets with sample weights."""
+    if tumor_aux == "head":
+        return "head"
+    return "onehot" if (mixup or label_smoothing or tumor_aux == "softmax") else "sparse"
+
+
+# ----------------------------------------------------------------------------- the network
+def build_model(image_size: int, base_weights: str = "imagenet", dropout: float = DROPOUT,
                 bn_momentum: float = SCRATCH_BN_MOMENTUM):
-    """Xception base + GAP + dropout + dense softmax(7); returns (model, base)."""
+    """Xception base + GAP + dropout + dense softmax(7); returns (model, base).
+
+    base_weights: "imagenet", "none" (from scratch) or a local .h5 weights file (train() fetches
+    an s3:// one first).
+    """
     if image_size < MIN_IMAGE_SIZE:
         raise ValueError(f"image size {image_size} is too small: Xception needs at least {MIN_IMAGE_SIZE}")
     from_scratch = base_weights in ("none", None, "")
-    with tempfile.TemporaryDirectory() as tmp:
-        if from_scratch:
-            weights = None
-        elif base_weights == "imagenet":
-            weights = "imagenet"
-        else:
-            weights = _local_weights_file(str(base_weights), tmp)
-        try:
-            base = keras.applications.Xception(include_top=False, weights=weights,
-                                               input_shape=(image_size, image_size, 3))
-        except Exception as err:  # download failures surface as many exception types
-            first = str(err).splitlines()[0] if str(err) else type(err).__name__
-            if weights == "imagenet":
-                raise TrainingError(f"cannot get the ImageNet weights for Xception ({first}); without network "
-                                    "use --base-weights none or a weights file (path or s3:// URI)") from None
-            raise TrainingError(f"cannot load base weights {base_weights}: {first}") from None
+    if from_scratch:
+        weights = None
+    elif base_weights == "imagenet":
+        weights = "imagenet"
+    elif Path(base_weights).is_file():
+        weights = str(base_weights)
+    else:
+        raise TrainingError(f"base weights {base_weights!r}: no such file (use 'imagenet', 'none' "
+                            "or a path / s3:// URI of an Xception .h5 weights file)")
+    try:
+        base = keras.applications.Xception(include_top=False, weights=weights, input_shape=(image_size, image_size, 3))
+    except Exception as err:  # download failures surface as many exception types
+        first = str(err).splitlines()[0] if str(err) else type(err).__name__
+        if weights == "imagenet":
+            raise TrainingError(f"cannot get the ImageNet weights for Xception ({first}); without network "
+                                "use --base-weights none or a weights file (path or s3:// URI)") from None
+        raise TrainingError(f"cannot load base weights {base_weights}: {first}") from None
     if from_scratch:
         for layer in base.layers:
             if isinstance(layer, keras.layers.BatchNormalization):
@@ -196,6 +264,197 @@ def set_fine_tuning(base, from_block: str = FINE_TUNE_FROM) -> int:
         layer.trainable = reached and not isinstance(layer, keras.layers.BatchNormalization)
         unfrozen += int(layer.trainable)
     return unfrozen
+
+
+def with_tumor_head(model):
+    """The training model of tumor_aux "head": the softmax plus a sigmoid tumor head on the pooled
+    features (outputs {"probabilities", "tumor"}); export_model drops the head again."""
+    tumor = keras.layers.Dense(1, activation="sigmoid", dtype="float32", name="tumor")(
+        model.get_layer("dropout").output)
+    return keras.Model(model.inputs, {"probabilities": model.outputs[0], "tumor": tumor}, name="brainscan_xception_aux")
+
+
+# ----------------------------------------------------------------------------- optimisation
+def learning_rate_schedule(learning_rate: float, lr_schedule: str = "constant", epochs: int = 1,
+                           warmup_epochs: int = 0, steps_per_epoch: int = 1):
+    """Stage 1's rate: the constant, or a cosine decay to 0 over the epochs after a linear warm-up
+    from a tenth of the peak (warmup_epochs > 0)."""
+    if lr_schedule == "constant":
+        return learning_rate
+    if lr_schedule != "cosine":
+        raise ValueError(f"unknown lr_schedule {lr_schedule!r}")
+    return keras.optimizers.schedules.CosineDecay(
+        learning_rate / 10 if warmup_epochs else learning_rate,
+        decay_steps=(epochs - warmup_epochs) * steps_per_epoch,
+        warmup_target=learning_rate if warmup_epochs else None, warmup_steps=warmup_epochs * steps_per_epoch)
+
+
+def make_optimizer(learning_rate, weight_decay: float = 0.0, ema: float = 0.0):
+    """Adam, or AdamW with decoupled weight decay (biases and BatchNorm excluded); with ema > 0 the
+    optimizer keeps an exponential moving average of the weights (recipe_callbacks swaps it in)."""
+    averaging = dict(use_ema=True, ema_momentum=ema) if ema else {}
+    if weight_decay:
+        optimizer = keras.optimizers.AdamW(learning_rate, weight_decay=weight_decay, **averaging)
+        optimizer.exclude_from_weight_decay(var_names=list(NO_DECAY))
+        return optimizer
+    return keras.optimizers.Adam(learning_rate, **averaging)
+
+
+def tumor_auc_metric(name: str = "tumor_auc"):
+    """ROC-AUC of P(tumor) = 1 - P(healthy classes), for sparse or one-hot 7-class targets."""
+    healthy = list(HEALTHY_INDICES)
+
+    class TumorAUC(keras.metrics.AUC):
+        def update_state(self, y_true, y_pred, sample_weight=None):
+            score = 1.0 - ops.sum(ops.take(ops.convert_to_tensor(y_pred), healthy, axis=-1), axis=-1)
+            y_true = ops.convert_to_tensor(y_true)
+            if len(y_true.shape) == 2 and y_true.shape[-1] == len(CLASSES):  # one-hot (mixup: soft)
+                truth = ops.cast(ops.sum(ops.take(y_true, healthy, axis=-1), axis=-1) < 0.5, "float32")
+            else:
+                label = ops.reshape(ops.cast(y_true, "int32"), [-1])
+                truth = ops.cast(ops.logical_and(label != healthy[0], label != healthy[1]), "float32")
+            return super().update_state(truth, score)
+
+    return TumorAUC(name=name, num_thresholds=1000)
+
+
+def tumor_aux_softmax_loss(weight: float, label_smoothing: float = 0.0):
+    """7-class cross-entropy + weight x binary cross-entropy of the softmax's own P(tumor)."""
+    healthy = list(HEALTHY_INDICES)
+    cross_entropy = keras.losses.CategoricalCrossentropy(label_smoothing=label_smoothing, reduction=None)
+
+    def loss(y_true, y_pred):
+        truth = 1.0 - ops.sum(ops.take(y_true, healthy, axis=-1), axis=-1)
+        score = ops.clip(1.0 - ops.sum(ops.take(y_pred, healthy, axis=-1), axis=-1), 1e-7, 1 - 1e-7)
+        binary = -(truth * ops.log(score) + (1.0 - truth) * ops.log(1.0 - score))
+        return cross_entropy(y_true, y_pred) + weight * binary
+
+    return loss
+
+
+def compile_for_training(fit_model, optimizer, targets: str = "sparse", tumor_aux: str = "none",
+                         tumor_aux_weight: float = 0.5, label_smoothing: float = 0.0) -> None:
+    """Compile with the recipe's loss and metrics (accuracy and tumor_auc, the P(tumor) ROC-AUC)."""
+    if targets not in TARGETS:
+        raise ValueError(f"targets must be one of {', '.join(TARGETS)}, got {targets!r}")
+    if targets == "head":
+        fit_model.compile(
+            optimizer=optimizer,
+            loss={"probabilities": keras.losses.CategoricalCrossentropy(label_smoothing=label_smoothing),
+                  "tumor": keras.losses.BinaryCrossentropy()},
+            loss_weights={"probabilities": 1.0, "tumor": tumor_aux_weight},
+            metrics={"probabilities": ["accuracy", tumor_auc_metric()]})
+        return
+    if targets == "sparse":
+        loss = "sparse_categorical_crossentropy"
+    elif tumor_aux == "softmax":
+        loss = tumor_aux_softmax_loss(tumor_aux_weight, label_smoothing)
+    else:
+        loss = keras.losses.CategoricalCrossentropy(label_smoothing=label_smoothing)
+    fit_model.compile(optimizer=optimizer, loss=loss, metrics=["accuracy", tumor_auc_metric()])
+
+
+def monitored_metric(monitor: str = "val_loss", targets: str = "sparse") -> tuple[str, str]:
+    """(the Keras log key early stopping and the checkpoint watch, "min" or "max")."""
+    if monitor not in MONITORS:
+        raise ValueError(f"monitor must be one of {', '.join(MONITORS)}, got {monitor!r}")
+    mode = "min" if monitor == "val_loss" else "max"
+    if targets == "head" and monitor != "val_loss":  # Keras prefixes the softmax's metrics with its output name
+        return "val_probabilities_" + monitor[len("val_"):], mode
+    return monitor, mode
+
+
+def with_short_names(logs: dict) -> dict:
+    """With the auxiliary head Keras names the softmax's metrics probabilities_*: add the plain names."""
+    out = dict(logs)
+    for key, value in logs.items():
+        for prefix, short in (("probabilities_", ""), ("val_probabilities_", "val_")):
+            if key.startswith(prefix) and not key.endswith("_loss"):
+                out.setdefault(short + key[len(prefix):], value)
+    return out
+
+
+# ----------------------------------------------------------------------------- BatchNorm, EMA
+def batchnorm_layers(model) -> list:
+    """Every BatchNormalization layer of a model, nested models included."""
+    found = []
+    for layer in model.layers:
+        if isinstance(layer, keras.layers.BatchNormalization):
+            found.append(layer)
+        elif isinstance(layer, keras.Model):
+            found.extend(batchnorm_layers(layer))
+    return found
+
+
+def recalibrate_batchnorm(model, images) -> int:
+    """Precise BatchNorm: every trainable BN layer's moving mean and variance become the average of
+    its batch statistics over `images` (an iterable of batches x or (x, ...): the un-augmented
+    training images), instead of the momentum average of the last few augmented batches. Returns
+    the batches used.
+
+    From scratch with ~30 steps an epoch and momentum 0.9 the moving statistics follow the last
+    ~10 batches; the validation and test scores then jump from epoch to epoch even at a learning
+    rate near zero. Runs eagerly (the momentum is changed batch by batch: a cumulative mean).
+    """
+    layers = [layer for layer in batchnorm_layers(model) if layer.trainable]
+    momenta = [layer.momentum for layer in layers]
+    batches = 0
+    try:
+        for batch in images:
+            x = batch[0] if isinstance(batch, (tuple, list)) else batch
+            batches += 1
+            for layer in layers:
+                layer.momentum = (batches - 1) / batches  # the first batch replaces, later ones average in
+            model(x, training=True)
+    finally:
+        for layer, momentum in zip(layers, momenta):
+            layer.momentum = momentum
+    return batches
+
+
+class PreciseBatchNorm(keras.callbacks.Callback):
+    """recalibrate_batchnorm(model, data) at the start of every validation."""
+
+    def __init__(self, model, data):
+        super().__init__()
+        self.target, self.data = model, data
+
+    def on_test_begin(self, logs=None):
+        recalibrate_batchnorm(self.target, self.data)
+
+
+def recipe_callbacks(model, ema: float = 0.0, calibration_data=None) -> list:
+    """The recipe's callbacks, to go before the checkpoint and early stopping: with EMA the averaged
+    weights are swapped in for every validation and checkpoint; with calibration_data (precise_bn)
+    the BatchNorm statistics are recomputed over it before every validation."""
+    callbacks = [keras.callbacks.SwapEMAWeights(swap_on_epoch=True)] if ema else []
+    if calibration_data is not None:
+        callbacks.append(PreciseBatchNorm(model, calibration_data))
+    return callbacks
+
+
+# ----------------------------------------------------------------------------- the saved model
+def with_flip_averaging(model, image_size: int):
+    """A model whose softmax is the mean of `model` on x and on x flipped left-right.
+
+    Built from stock Keras layers only (the flip is a fixed permutation matrix on the width axis),
+    so model.keras loads anywhere without custom objects; one input, one output as before. The
+    mirrored input is the layer named brainscan.config.TTA_FLIPPED_LAYER (Grad-CAM looks for it).
+    """
+    inputs = keras.Input((image_size, image_size, 3), name="image")
+    width_last = keras.layers.Permute((1, 3, 2), name="tta_width_last", dtype="float32")(inputs)
+    reverse = keras.layers.Dense(image_size, use_bias=False, trainable=False, name="tta_reverse_width",
+                                 dtype="float32")
+    flipped = keras.layers.Permute((1, 3, 2), name=TTA_FLIPPED_LAYER, dtype="float32")(reverse(width_last))
+    reverse.set_weights([np.eye(image_size, dtype=np.float32)[::-1]])
+    outputs = keras.layers.Average(name="probabilities", dtype="float32")([model(inputs), model(flipped)])
+    return keras.Model(inputs, outputs, name="brainscan_xception_tta")
+
+
+def export_model(model, image_size: int, tta_flip: bool = False):
+    """The model to save: the softmax alone (no training-only head or loss), optionally flip-averaged."""
+    export = keras.Model(model.input, model.output, name="brainscan_xception")
+    return with_flip_averaging(export, image_size) if tta_flip else export
 
 
 # --------------------------------------------------------------------------- outputs
@@ -238,12 +497,14 @@ class _EpochLog:
                 self.started = time.monotonic()
 
             def on_epoch_end(self, epoch, logs=None):
-                logs = logs or {}
+                logs = with_short_names(logs or {})
+                auc = logs.get("val_tumor_auc")
                 _log(f"{stage} epoch {epoch + 1}/{epochs} (overall {offset + epoch + 1}): "
                      f"loss {logs.get('loss', float('nan')):.4f} acc {logs.get('accuracy', float('nan')):.3f} "
                      f"val_loss {logs.get('val_loss', float('nan')):.4f} "
                      f"val_acc {logs.get('val_accuracy', float('nan')):.3f} "
-                     f"({time.monotonic() - self.started:.1f}s)")
+                     + (f"val_tumor_auc {auc:.4f} " if auc is not None else "")
+                     + f"({time.monotonic() - self.started:.1f}s)")
 
         return EpochLog()
 
@@ -254,21 +515,53 @@ def train(splits: str, out: str, image_size: int = DEFAULTS.image_size, epochs: 
           fine_tune_epochs: int = DEFAULTS.fine_tune_epochs, batch_size: int = DEFAULTS.batch_size,
           base_weights: str = DEFAULTS.base_weights, seed: int = DEFAULTS.seed,
           learning_rate: float = DEFAULTS.learning_rate, fine_tune_learning_rate: float | None = None,
-          patience: int = DEFAULTS.patience, dropout: float = 0.3, bn_momentum: float = SCRATCH_BN_MOMENTUM,
-          deterministic: bool = True,
-          workers: int = IO_WORKERS) -> TrainResult:
-    """Train on {splits}/train.csv with {splits}/val.csv for early stopping; write the bundle to out."""
+          patience: int = DEFAULTS.patience, dropout: float = DROPOUT, bn_momentum: float = SCRATCH_BN_MOMENTUM,
+          crop_to_head: bool = False, lr_schedule: str = "constant", warmup_epochs: int = 0,
+          weight_decay: float = 0.0, augment_flip: bool = False, mixup: float = 0.0,
+          label_smoothing: float = 0.0, tumor_aux: str = "none", tumor_aux_weight: float = 0.5,
+          monitor: str = "val_loss", tta_flip: bool = False, ema: float = 0.0, precise_bn: bool = False,
+          callbacks: list | None = None, deterministic: bool = True, workers: int = IO_WORKERS) -> TrainResult:
+    """Train on {splits}/train.csv with {splits}/val.csv for early stopping; write the bundle to out.
+
+    The defaults are the original recipe. crop_to_head: preprocessing crops
+    to the head (recorded in the bundle). lr_schedule "cosine": stage 1 decays from learning_rate
+    to 0 over `epochs` epochs after `warmup_epochs` of linear warm-up (one stage: fine_tune_epochs
+    must be 0). weight_decay > 0: AdamW. augment_flip: random left-right flips. mixup: Beta alpha
+    (0 = off). tumor_aux "head": a sigmoid tumor head beside the softmax, trained with weight
+    tumor_aux_weight and dropped from the saved model; "softmax": that weight times the binary
+    cross-entropy of the softmax's P(tumor). monitor: what early stopping and the best checkpoint
+    follow ("val_loss", or "val_tumor_auc", the validation ROC-AUC of P(tumor)). tta_flip: the
+    saved model averages its softmax over the image and its mirror image. ema: an exponential
+    moving average of the weights with this momentum (0 = off) for validation, checkpoints and
+    the saved model. precise_bn: before every validation the BatchNorm statistics are recomputed
+    over the un-augmented training images (from scratch only).
+    callbacks: extra Keras callbacks for every fit (e.g. a study's per-epoch measurements).
+    """
     started = time.monotonic()
     if epochs < 1 or fine_tune_epochs < 0 or batch_size < 1:
         raise ValueError("epochs must be >= 1, fine-tune epochs >= 0 and batch size >= 1")
     if image_size < MIN_IMAGE_SIZE:
         raise ValueError(f"image size {image_size} is too small: Xception needs at least {MIN_IMAGE_SIZE}")
+    if lr_schedule not in LR_SCHEDULES:
+        raise ValueError(f"lr_schedule must be one of {', '.join(LR_SCHEDULES)}, got {lr_schedule!r}")
+    if lr_schedule == "cosine" and fine_tune_epochs:
+        raise ValueError("the cosine schedule is one stage: set fine-tune epochs to 0")
+    if tumor_aux not in TUMOR_AUX:
+        raise ValueError(f"tumor_aux must be one of {', '.join(TUMOR_AUX)}, got {tumor_aux!r}")
+    if monitor not in MONITORS:
+        raise ValueError(f"monitor must be one of {', '.join(MONITORS)}, got {monitor!r}")
+    if not 0 <= warmup_epochs < epochs or weight_decay < 0 or mixup < 0 or not 0 <= label_smoothing < 1 \
+            or not 0 <= ema < 1:
+        raise ValueError("need 0 <= warmup epochs < epochs, weight decay >= 0, mixup >= 0, 0 <= label smoothing < 1, "
+                         "0 <= ema < 1")
     base_weights = str(base_weights or "none")
     from_scratch = base_weights == "none"
     # Pretrained: the head learns first, then the top of the base at 1/100 the rate.
     # From scratch: all of it learns from the start, then the whole network again at 1/10.
     if fine_tune_learning_rate is None:
         fine_tune_learning_rate = learning_rate / (10 if from_scratch else 100)
+    targets = target_kind(mixup, label_smoothing, tumor_aux)
+    monitored, mode = monitored_metric(monitor, targets)
 
     keras.utils.set_random_seed(seed)
     if deterministic:
@@ -297,55 +590,72 @@ def train(splits: str, out: str, image_size: int = DEFAULTS.image_size, epochs: 
 
     history: dict[str, list[float]] = {}
     stage2_start = None
+    steps_per_epoch = -(-len(train_frame) // batch_size)
     try:
         with tempfile.TemporaryDirectory() as tmp:
-            train_data = make_dataset(train_bytes, train_labels, image_size, batch_size, True, seed, tmp)
-            val_data = make_dataset(val_bytes, val_labels, image_size, batch_size, False, seed, tmp)
+            train_data = make_dataset(train_bytes, train_labels, image_size, batch_size, True, seed, tmp,
+                                      crop_to_head=crop_to_head, flip=augment_flip, mixup=mixup,
+                                      sample_weights=None if targets == "sparse" else weights, targets=targets)
+            val_data = make_dataset(val_bytes, val_labels, image_size, batch_size, False, seed, tmp,
+                                    crop_to_head=crop_to_head, targets=targets)
+            # the training images as validation sees them (no augmentation), in larger batches
+            calibration_data = make_dataset(train_bytes, train_labels, image_size, max(batch_size, 64), False, seed,
+                                            tmp, crop_to_head=crop_to_head, cache_name="calibration") \
+                if precise_bn and from_scratch else None
             with strategy.scope():
-                model, base = build_model(image_size, base_weights, dropout, bn_momentum)
+                model, base = build_model(image_size, fetch_base_weights(base_weights, tmp), dropout, bn_momentum)
                 base.trainable = from_scratch  # a frozen random base learns nothing
-                model.compile(optimizer=keras.optimizers.Adam(learning_rate),
-                              loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+                fit_model = with_tumor_head(model) if targets == "head" else model
+                rate = learning_rate_schedule(learning_rate, lr_schedule, epochs, warmup_epochs, steps_per_epoch)
+                compile_for_training(fit_model, make_optimizer(rate, weight_decay, ema), targets, tumor_aux,
+                                     tumor_aux_weight, label_smoothing)
             best_path = str(Path(tmp) / "best.weights.h5")
             # One checkpoint callback for both stages: its `best` carries over between fit calls.
-            checkpoint = keras.callbacks.ModelCheckpoint(best_path, monitor="val_loss", save_best_only=True,
-                                                         save_weights_only=True, verbose=0)
+            checkpoint = keras.callbacks.ModelCheckpoint(best_path, monitor=monitored, mode=mode,
+                                                         save_best_only=True, save_weights_only=True, verbose=0)
 
             def run_stage(stage: str, stage_epochs: int):
                 offset = len(history.get("loss", []))
-                stopper = keras.callbacks.EarlyStopping(monitor="val_loss", patience=patience)
-                fitted = model.fit(train_data, validation_data=val_data, epochs=stage_epochs,
-                                   class_weight=weights, verbose=0, shuffle=False,
-                                   callbacks=[checkpoint, stopper, _EpochLog.make(stage, stage_epochs, offset)])
-                for key, values in fitted.history.items():
+                stopper = keras.callbacks.EarlyStopping(monitor=monitored, mode=mode, patience=patience)
+                # EMA weights / precise BatchNorm statistics are in place before validation and the checkpoint.
+                fitted = fit_model.fit(train_data, validation_data=val_data, epochs=stage_epochs,
+                                       class_weight=weights if targets == "sparse" else None, verbose=0,
+                                       shuffle=False,
+                                       callbacks=recipe_callbacks(model, ema, calibration_data)
+                                       + [checkpoint, stopper, _EpochLog.make(stage, stage_epochs, offset)]
+                                       + list(callbacks or []))
+                for key, values in with_short_names(fitted.history).items():
                     history.setdefault(key, []).extend(float(v) for v in values)
 
             _log(f"stage 1: {'whole network from scratch' if from_scratch else 'head, base frozen'}, "
-                 f"lr {learning_rate}, up to {epochs} epochs")
+                 f"lr {learning_rate} ({lr_schedule}), up to {epochs} epochs")
             run_stage("stage 1", epochs)
             if fine_tune_epochs:
                 stage2_start = len(history["loss"]) + 1
-                model.load_weights(best_path)  # fine-tune from the best point, not the last
+                fit_model.load_weights(best_path)  # fine-tune from the best point, not the last
                 if from_scratch:
                     # Same trainable set: only the rate drops, so the traced train step is reused
                     # (a recompile costs minutes of retracing on CPU).
-                    model.optimizer.learning_rate.assign(fine_tune_learning_rate)
+                    fit_model.optimizer.learning_rate.assign(fine_tune_learning_rate)
                 else:
                     with strategy.scope():
                         unfrozen = set_fine_tuning(base)
                         _log(f"stage 2: fine-tuning {unfrozen} base layers from {FINE_TUNE_FROM} on")
-                        model.compile(optimizer=keras.optimizers.Adam(fine_tune_learning_rate),
-                                      loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+                        compile_for_training(fit_model, make_optimizer(fine_tune_learning_rate, weight_decay, ema),
+                                             targets, tumor_aux, tumor_aux_weight, label_smoothing)
                 _log(f"stage 2: lr {fine_tune_learning_rate}, up to {fine_tune_epochs} epochs")
                 run_stage("stage 2", fine_tune_epochs)
-            model.load_weights(best_path)
+            fit_model.load_weights(best_path)
+            # The saved model: the softmax alone, uncompiled (no training-only loss or head in it).
+            export = export_model(model, image_size, tta_flip)
     finally:
         keras.mixed_precision.set_global_policy(previous_policy)
 
-    best_index = int(np.argmin(history["val_loss"]))
+    scores = np.asarray(history[monitor], dtype=np.float64)
+    best_index = int(np.argmin(scores) if mode == "min" else np.argmax(scores))
     seconds = time.monotonic() - started
     history_doc = {"history": history, "stage2_start_epoch": stage2_start, "best_epoch": best_index + 1,
-                   "monitor": "val_loss"}
+                   "monitor": monitor}
     metadata = {
         "base_weights": base_weights, "seed": seed, "epochs": epochs, "fine_tune_epochs": fine_tune_epochs,
         "batch_size": batch_size, "learning_rate": learning_rate, "patience": patience,
@@ -354,10 +664,19 @@ def train(splits: str, out: str, image_size: int = DEFAULTS.image_size, epochs: 
         "dataset_fingerprint": splits_fingerprint(splits), "train_images": len(train_frame),
         "val_images": len(val_frame), "best_epoch": best_index + 1,
         "best_val_loss": history["val_loss"][best_index], "best_val_accuracy": history["val_accuracy"][best_index],
-        "preprocessing": "brainscan.preprocessing.preprocess_image (RGB, bilinear resize, xception preprocess_input)",
+        "best_val_tumor_auc": (history.get("val_tumor_auc") or [None] * (best_index + 1))[best_index],
+        "dropout": dropout, "lr_schedule": lr_schedule, "warmup_epochs": warmup_epochs,
+        "weight_decay": weight_decay, "augment_flip": augment_flip, "mixup": mixup,
+        "label_smoothing": label_smoothing, "tumor_aux": tumor_aux,
+        "tumor_aux_weight": tumor_aux_weight if tumor_aux != "none" else None, "monitor": monitor,
+        "tta_flip": tta_flip, "ema": ema, "precise_bn": bool(precise_bn and from_scratch),
+        METADATA_CROP_KEY: bool(crop_to_head),
+        "preprocessing": "brainscan.preprocessing.preprocess_image (RGB, "
+                         + ("crop to the head, aspect-preserving " if crop_to_head else "")
+                         + "bilinear resize, xception preprocess_input)",
         "trained_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
     }
-    modelstore.save_bundle(model, out, image_size, extra_metadata=metadata)
+    modelstore.save_bundle(export, out, image_size, extra_metadata=metadata)
     history_uri = storage.write_json(storage.join(out, "history.json"), history_doc)
     curves_uri = storage.write_bytes(storage.join(out, "training_curves.png"),
                                      plot_curves(history, stage2_start, best_index + 1), "image/png")
@@ -369,6 +688,6 @@ def train(splits: str, out: str, image_size: int = DEFAULTS.image_size, epochs: 
         class_weights={CLASSES[i]: round(w, 4) for i, w in weights.items()}, seconds=round(seconds, 1),
         history_uri=history_uri, curves_uri=curves_uri, history=history,
     )
-    _log(f"best epoch {result.best_epoch}: val_loss {result.best_val_loss:.4f}, "
+    _log(f"best epoch {result.best_epoch} (by {monitor}): val_loss {result.best_val_loss:.4f}, "
          f"val_acc {result.best_val_accuracy:.3f}; bundle at {out} ({seconds:.0f}s)")
     return result

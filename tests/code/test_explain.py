@@ -58,3 +58,25 @@ def test_gradcam_through_the_project_xception():
     heat, probs = explain.gradcam(model, np.zeros((1, 71, 71, 3), "float32"))
     assert heat.shape[0] == 1 and heat.shape[1:] == (3, 3) and probs.shape == (1, 7)  # block14 grid at 71 px
     assert _png_size(explain.gradcam_overlay(bundle, _image_bytes())) == (256, 192)
+
+
+def test_gradcam_of_a_flip_averaging_model_explains_its_inner_network():
+    train = pytest.importorskip("brainscan.components.train")
+    model, _ = train.build_model(71, base_weights="none")
+    tta = train.with_flip_averaging(model, 71)
+    x = np.random.default_rng(1).uniform(-1, 1, (2, 71, 71, 3)).astype("float32")
+    heat, _ = explain.gradcam(model, x)
+    heat_tta, _ = explain.gradcam(tta, x)
+    assert heat_tta.shape == (2, 3, 3)  # block14's grid, not the input-sized flip layers
+    np.testing.assert_allclose(heat_tta, heat, atol=1e-5)
+
+
+def test_overlay_of_a_cropping_bundle_is_drawn_on_its_cropped_input():
+    train = pytest.importorskip("brainscan.components.train")
+    model, _ = train.build_model(71, base_weights="none")
+    plain = ModelBundle(model, 71, (), None, None)
+    cropping = ModelBundle(model, 71, (), None, None, metadata={"crop_to_head": True})
+    x = np.zeros((71, 71, 3), "float32")
+    assert explain.shown_image(plain, b"raw", x) == b"raw"
+    assert explain.shown_image(cropping, b"raw", x) is x
+    assert _png_size(explain.gradcam_overlay(cropping, _image_bytes())) == (256, 256)  # the square model input

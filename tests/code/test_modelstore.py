@@ -80,3 +80,26 @@ def test_saved_model_carries_no_optimizer_state(tmp_path):
     assert path.stat().st_size < 0.6 * with_state.stat().st_size
     assert model.optimizer is not None  # the trainer's model is left as it was
     np.testing.assert_allclose(bundle.load_model(tmp_path)(x, training=False), model(x, training=False), atol=1e-6)
+
+
+def test_bundle_carries_its_preprocessing_options(tmp_path):
+    """The trainer's crop choice travels in brainscan_model.json; a bundle without the key: no crop."""
+    import io
+
+    from PIL import Image
+
+    from brainscan.preprocessing import preprocess_batch
+
+    picture = np.zeros((60, 90, 3), np.uint8)
+    picture[10:50, 30:70] = 140
+    buffer = io.BytesIO()
+    Image.fromarray(picture).save(buffer, "PNG")
+    files = [buffer.getvalue()]
+    model = make_tiny_model(seed=1)
+    modelstore.save_bundle(model, str(tmp_path / "old"), TINY_SIZE, {"epochs": 1})
+    modelstore.save_bundle(model, str(tmp_path / "crop"), TINY_SIZE, {"crop_to_head": True})
+    old, crop = modelstore.load_bundle(str(tmp_path / "old")), modelstore.load_bundle(str(tmp_path / "crop"))
+    assert old.preprocessing == {"crop_to_head": False} and crop.preprocessing == {"crop_to_head": True}
+    np.testing.assert_array_equal(old.preprocess(files), preprocess_batch(files, TINY_SIZE))
+    np.testing.assert_array_equal(crop.preprocess(files), preprocess_batch(files, TINY_SIZE, crop_to_head=True))
+    assert not np.array_equal(old.preprocess(files), crop.preprocess(files))

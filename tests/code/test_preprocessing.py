@@ -68,3 +68,73 @@ def test_tf_data_and_batch_helper_give_identical_pixels(rgb):
     data = tf.data.Dataset.from_tensor_slices(tf.constant(files)).map(lambda raw: preprocess_image(raw, SIZE))
     from_tf_data = np.stack([x.numpy() for x in data])
     np.testing.assert_array_equal(from_tf_data, preprocess_batch(files, SIZE))
+
+
+# ----------------------------------------------------------------------------- the head crop
+def scan_with_border_and_text(height: int = 240, width: int = 320) -> np.ndarray:
+    """A grey ellipse (the head) off-centre on black, white 'burnt-in text' in the top-left corner."""
+    y, x = np.mgrid[0:height, 0:width]
+    image = np.zeros((height, width), np.uint8)
+    head = ((y - 140) / 80.0) ** 2 + ((x - 190) / 70.0) ** 2 <= 1.0  # rows 60-220, cols 120-260
+    image[head] = 120
+    image[((y - 140) / 80.0) ** 2 + ((x - 190) / 70.0) ** 2 <= 0.9 ** 2] = 90  # skull brighter than the brain
+    for row in (8, 20, 32):  # three sparse lines of 'letters'
+        for col in range(6, 70, 8):
+            image[row:row + 6, col:col + 3] = 255
+    return np.stack([image] * 3, axis=-1)
+
+
+def test_head_box_skips_black_border_and_corner_text():
+    from brainscan.preprocessing import head_box
+
+    top, left, height, width = (int(v) for v in head_box(scan_with_border_and_text()))
+    # the ellipse spans rows 60-220 and cols 120-260; the text sits in rows 8-38, cols 6-70
+    assert top > 38 and left > 70, "the corner text must be cut off"
+    assert top <= 61 and top + height >= 220 and left <= 121 and left + width >= 260, "the whole head stays"
+    assert height < 240 * 0.9 and width < 320 * 0.6
+
+
+def test_crop_fills_the_frame_with_the_head_and_keeps_its_aspect(rgb):
+    scan = scan_with_border_and_text()
+    plain = preprocess_batch([encode(scan, "RGB", "PNG")], SIZE)[0]
+    cropped = preprocess_batch([encode(scan, "RGB", "PNG")], SIZE, crop_to_head=True)[0]
+    assert cropped.shape == (SIZE, SIZE, 3) and cropped.dtype == np.float32
+    assert cropped.min() >= -1.0 and cropped.max() <= 1.0
+    # no text left: nothing brighter than the head (grey 120 -> -0.06), while the plain resize keeps
+    # the (blurred) letters in its top-left corner; the head covers much more of the frame than before
+    assert cropped.max() < 0.0 < plain[:12, :20].max()
+    assert (cropped > -0.5).mean() > 1.5 * (plain > -0.5).mean()
+    # the head is taller than wide: aspect-preserving resize pads left and right with black
+    assert np.all(cropped[:, 0] == -1.0) and np.all(cropped[:, -1] == -1.0)
+    assert np.any(cropped[0] > -1.0) or np.any(cropped[1] > -1.0)
+
+
+def test_crop_of_an_all_black_image_falls_back_to_the_whole_frame():
+    from brainscan.preprocessing import head_box
+
+    black = np.zeros((50, 80, 3), np.uint8)
+    assert [int(v) for v in head_box(black)] == [0, 0, 50, 80]
+    out = preprocess_batch([encode(black, "RGB", "PNG")], SIZE, crop_to_head=True)[0]
+    assert np.all(out == -1.0)
+
+
+def test_crop_is_identical_in_tf_data_and_eagerly(rgb):
+    import tensorflow as tf
+
+    files = [encode(scan_with_border_and_text(), "RGB", "PNG"), encode(rgb, "RGB", "JPEG"),
+             encode(np.zeros((40, 40), np.uint8), "L", "PNG")]
+    data = tf.data.Dataset.from_tensor_slices(tf.constant(files)).map(
+        lambda raw: preprocess_image(raw, SIZE, crop_to_head=True))
+    np.testing.assert_array_equal(np.stack([x.numpy() for x in data]),
+                                  preprocess_batch(files, SIZE, crop_to_head=True))
+
+
+def test_bundle_metadata_decides_the_crop_and_old_bundles_keep_todays_preprocessing():
+    from brainscan.preprocessing import METADATA_CROP_KEY, preprocessing_options
+
+    assert preprocessing_options({"image_size": 96}) == {"crop_to_head": False}  # bundles from before the crop
+    assert preprocessing_options(None) == {"crop_to_head": False}
+    assert preprocessing_options({METADATA_CROP_KEY: True}) == {"crop_to_head": True}
+    files = [encode(scan_with_border_and_text(), "RGB", "PNG")]
+    np.testing.assert_array_equal(preprocess_batch(files, SIZE, **preprocessing_options({})),
+                                  preprocess_batch(files, SIZE))

@@ -152,3 +152,105 @@ def test_training_from_s3_splits_with_s3_weights(s3_prefix, eval_splits, tmp_pat
         assert storage.exists(storage.join(out, name)), name
     bundle = load_bundle(out)
     assert bundle.metadata["base_weights"] == weights_uri and bundle.image_size == SIZE
+
+
+def test_mixup_and_aux_targets_keep_labels_and_weights_consistent(eval_splits):
+    from brainscan.components.train import class_weights, make_dataset
+    from brainscan.labels import HEALTHY_INDICES
+
+    frame, images = _split_images(eval_splits, "train", limit_per_class=3)
+    labels = frame["class7"].map(CLASS_INDEX).to_numpy(np.int32)
+    weights = class_weights(labels)
+    mixed = list(make_dataset(images, labels, SIZE, 8, training=True, seed=0, mixup=0.4, sample_weights=weights,
+                              targets="onehot"))
+    y = np.concatenate([b[1].numpy() for b in mixed])
+    w = np.concatenate([b[2].numpy() for b in mixed])
+    np.testing.assert_allclose(y.sum(axis=1), 1.0, atol=1e-5)  # soft labels, still distributions
+    assert (y.max(axis=1) < 0.999).any(), "mixup mixed nothing"
+    assert w.min() >= min(weights.values()) - 1e-5 and w.max() <= max(weights.values()) + 1e-5
+    assert list(make_dataset(images, labels, SIZE, 8, training=True, seed=0, mixup=0.4, sample_weights=weights,
+                             targets="onehot"))[0][1].numpy().tolist() == mixed[0][1].numpy().tolist()  # seeded
+
+    val = list(make_dataset(images, labels, SIZE, 8, training=False, targets="head"))
+    probabilities = np.concatenate([b[1]["probabilities"].numpy() for b in val])
+    tumor = np.concatenate([b[1]["tumor"].numpy() for b in val])[:, 0]
+    np.testing.assert_array_equal(probabilities.argmax(axis=1), labels)  # validation: never mixed
+    np.testing.assert_array_equal(tumor, (~np.isin(labels, HEALTHY_INDICES)).astype(np.float32))
+
+
+def test_flip_averaging_is_exact_and_loads_without_custom_objects(tmp_path):
+    import keras
+
+    from brainscan.components.train import build_model, with_flip_averaging
+
+    keras.utils.set_random_seed(3)
+    model, _ = build_model(SIZE, "none")
+    x = np.random.default_rng(0).uniform(-1, 1, (3, SIZE, SIZE, 3)).astype(np.float32)
+    tta = with_flip_averaging(model, SIZE)
+    expected = (np.asarray(model(x, training=False)) + np.asarray(model(x[:, :, ::-1].copy(), training=False))) / 2
+    np.testing.assert_allclose(np.asarray(tta(x, training=False)), expected, atol=1e-6)
+    tta.save(tmp_path / "model.keras")
+    loaded = keras.models.load_model(tmp_path / "model.keras", compile=False)  # stock layers only, safe mode
+    assert len(loaded.outputs) == 1 and tuple(loaded.outputs[0].shape) == (None, len(CLASSES))
+    np.testing.assert_allclose(np.asarray(loaded(x, training=False)), expected, atol=1e-6)
+
+
+@pytest.mark.parametrize("options", [
+    dict(crop_to_head=True, lr_schedule="cosine", warmup_epochs=1, weight_decay=0.02, augment_flip=True, mixup=0.2,
+         label_smoothing=0.05, tumor_aux="head", monitor="val_tumor_auc", tta_flip=True),
+    dict(tumor_aux="softmax", tumor_aux_weight=1.0, fine_tune_epochs=1),
+])
+def test_recipe_options_train_and_export_one_softmax(tmp_path, eval_splits, options):
+    """Every option trains; the bundle keeps the [N, 7] softmax contract and records the recipe."""
+    from brainscan.components.train import train
+    from brainscan.modelstore import load_bundle
+
+    small = tmp_path / "splits"
+    for name, per_class in (("train", 2), ("val", 1)):
+        frame, _ = _split_images(eval_splits, name, limit_per_class=per_class)
+        storage.write_text(str(small / f"{name}.csv"), frame.to_csv(index=False))
+    kwargs = dict(image_size=SIZE, epochs=2, fine_tune_epochs=0, batch_size=8, base_weights="none", seed=0)
+    kwargs.update(options)
+    result = train(str(small), str(tmp_path / "out"), **kwargs)
+    assert result.epochs_run == 2 + kwargs["fine_tune_epochs"]
+    bundle = load_bundle(str(tmp_path / "out"))
+    assert len(bundle.model.inputs) == 1 and len(bundle.model.outputs) == 1
+    assert bundle.preprocessing == {"crop_to_head": bool(options.get("crop_to_head"))}
+    defaults = {"lr_schedule": "constant", "mixup": 0.0, "tumor_aux": "none", "monitor": "val_loss", "tta_flip": False}
+    for key, default in defaults.items():
+        assert bundle.metadata[key] == options.get(key, default), key
+    frame, images = _split_images(eval_splits, "test", limit_per_class=1)
+    probabilities = np.asarray(bundle.model(bundle.preprocess(images), training=False))
+    assert probabilities.shape == (len(frame), len(CLASSES))
+    np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, atol=1e-5)
+
+
+def test_inconsistent_recipe_options_are_refused(tmp_path, eval_splits):
+    from brainscan.components.train import train
+
+    with pytest.raises(ValueError, match="cosine schedule is one stage"):
+        train(eval_splits, str(tmp_path / "o"), image_size=SIZE, base_weights="none", lr_schedule="cosine",
+              fine_tune_epochs=2)
+    with pytest.raises(ValueError, match="tumor_aux"):
+        train(eval_splits, str(tmp_path / "o"), image_size=SIZE, base_weights="none", tumor_aux="both")
+
+
+def test_precise_batchnorm_sets_the_average_of_the_batch_statistics():
+    import keras
+    import tensorflow as tf
+
+    from brainscan.components.train import recalibrate_batchnorm
+
+    inputs = keras.Input((4, 4, 2))
+    inner = keras.Sequential([keras.Input((4, 4, 2)), keras.layers.BatchNormalization(momentum=0.9, name="bn")])
+    model = keras.Model(inputs, keras.layers.GlobalAveragePooling2D()(inner(inputs)))
+    rng = np.random.default_rng(0)
+    batches = [rng.normal(loc=3.0 * i, size=(5, 4, 4, 2)).astype(np.float32) for i in range(3)]
+    data = tf.data.Dataset.from_tensor_slices((np.concatenate(batches), np.zeros(15))).batch(5)
+    assert recalibrate_batchnorm(model, data) == 3
+    bn = inner.get_layer("bn")
+    expected_mean = np.mean([b.mean(axis=(0, 1, 2)) for b in batches], axis=0)
+    expected_var = np.mean([b.var(axis=(0, 1, 2)) for b in batches], axis=0)
+    np.testing.assert_allclose(np.asarray(bn.moving_mean), expected_mean, rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(bn.moving_variance), expected_var, rtol=1e-4)
+    assert bn.momentum == 0.9  # restored
