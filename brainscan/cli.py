@@ -244,22 +244,20 @@ def split_cmd(
 
 # --------------------------------------------------------------------------- model: train, evaluate, register
 @app.command("train")
+@with_settings(names=config.TRAIN_PARAMS)
 def train_cmd(
+    given: dict,
     splits: str = typer.Option(..., "--splits", help="URI holding train.csv and val.csv (s3://... or a folder)."),
     out: str = typer.Option(..., "--out", help="Where the model bundle goes (s3://... prefix or a folder)."),
-    image_size: int = setting("image_size"), epochs: int = setting("epochs"),
-    fine_tune_epochs: int = setting("fine_tune_epochs"), batch_size: int = setting("batch_size"),
-    base_weights: str = setting("base_weights"), seed: int = setting("seed"),
-    learning_rate: float = setting("learning_rate"), patience: int = setting("patience"),
+    preset: Optional[str] = PRESET_OPTION,
     as_json: bool = JSON_OPTION,
 ) -> None:
     """Train the Xception classifier on the split manifests; write a model bundle."""
     from brainscan.components.train import TrainingError, train  # lazy: loads TensorFlow
 
+    params = _params(preset, given)
     try:
-        result = train(splits, out, image_size=image_size, epochs=epochs, fine_tune_epochs=fine_tune_epochs,
-                       batch_size=batch_size, base_weights=base_weights, seed=seed, learning_rate=learning_rate,
-                       patience=patience)
+        result = train(splits, out, **{name: getattr(params, name) for name in config.TRAIN_PARAMS})
     except (FileNotFoundError, ValueError, TrainingError) as err:
         fail(str(err))
     typer.echo(f"trained {result.epochs_run} epochs in {result.seconds:.0f}s; best epoch {result.best_epoch} "

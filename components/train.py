@@ -38,7 +38,7 @@ from keras import ops
 from tqdm import tqdm
 
 from brainscan import modelstore, storage
-from brainscan.config import DEFAULTS, IO_WORKERS, MIN_IMAGE_SIZE, TTA_FLIPPED_LAYER
+from brainscan.config import DEFAULTS, IO_WORKERS, MIN_IMAGE_SIZE, MONITORS, TTA_FLIPPED_LAYER, check_recipe
 from brainscan.dataset import read_split, splits_fingerprint
 from brainscan.labels import CLASS_INDEX, CLASSES, HEALTHY_INDICES
 from brainscan.preprocessing import METADATA_CROP_KEY, InvalidImageError, check_image_bytes, preprocess_image
@@ -52,9 +52,6 @@ FINE_TUNE_FROM = "block13"
 SCRATCH_BN_MOMENTUM = 0.9
 DROPOUT = 0.3
 TARGETS = ("sparse", "onehot", "head")
-LR_SCHEDULES = ("constant", "cosine")
-TUMOR_AUX = ("none", "head", "softmax")  # auxiliary tumor loss: none, a training-only head, the softmax's P(tumor)
-MONITORS = ("val_loss", "val_tumor_auc")  # what early stopping and the best checkpoint follow
 # Excluded from AdamW's weight decay: biases and BatchNorm's scale and offset.
 NO_DECAY = ("bias", "gamma", "beta")
 
@@ -516,14 +513,17 @@ def train(splits: str, out: str, image_size: int = DEFAULTS.image_size, epochs: 
           base_weights: str = DEFAULTS.base_weights, seed: int = DEFAULTS.seed,
           learning_rate: float = DEFAULTS.learning_rate, fine_tune_learning_rate: float | None = None,
           patience: int = DEFAULTS.patience, dropout: float = DROPOUT, bn_momentum: float = SCRATCH_BN_MOMENTUM,
-          crop_to_head: bool = False, lr_schedule: str = "constant", warmup_epochs: int = 0,
-          weight_decay: float = 0.0, augment_flip: bool = False, mixup: float = 0.0,
-          label_smoothing: float = 0.0, tumor_aux: str = "none", tumor_aux_weight: float = 0.5,
-          monitor: str = "val_loss", tta_flip: bool = False, ema: float = 0.0, precise_bn: bool = False,
+          crop_to_head: bool = DEFAULTS.crop_to_head, lr_schedule: str = DEFAULTS.lr_schedule,
+          warmup_epochs: int = DEFAULTS.warmup_epochs, weight_decay: float = DEFAULTS.weight_decay,
+          augment_flip: bool = DEFAULTS.augment_flip, mixup: float = DEFAULTS.mixup,
+          label_smoothing: float = DEFAULTS.label_smoothing, tumor_aux: str = DEFAULTS.tumor_aux,
+          tumor_aux_weight: float = DEFAULTS.tumor_aux_weight, monitor: str = DEFAULTS.monitor,
+          tta_flip: bool = DEFAULTS.tta_flip, ema: float = DEFAULTS.ema, precise_bn: bool = DEFAULTS.precise_bn,
           callbacks: list | None = None, deterministic: bool = True, workers: int = IO_WORKERS) -> TrainResult:
     """Train on {splits}/train.csv with {splits}/val.csv for early stopping; write the bundle to out.
 
-    The defaults are the original recipe. crop_to_head: preprocessing crops
+    The recipe options (brainscan.config.PipelineParams has a line on each; the defaults are the
+    original recipe): crop_to_head: preprocessing crops
     to the head (recorded in the bundle). lr_schedule "cosine": stage 1 decays from learning_rate
     to 0 over `epochs` epochs after `warmup_epochs` of linear warm-up (one stage: fine_tune_epochs
     must be 0). weight_decay > 0: AdamW. augment_flip: random left-right flips. mixup: Beta alpha
@@ -542,18 +542,9 @@ def train(splits: str, out: str, image_size: int = DEFAULTS.image_size, epochs: 
         raise ValueError("epochs must be >= 1, fine-tune epochs >= 0 and batch size >= 1")
     if image_size < MIN_IMAGE_SIZE:
         raise ValueError(f"image size {image_size} is too small: Xception needs at least {MIN_IMAGE_SIZE}")
-    if lr_schedule not in LR_SCHEDULES:
-        raise ValueError(f"lr_schedule must be one of {', '.join(LR_SCHEDULES)}, got {lr_schedule!r}")
-    if lr_schedule == "cosine" and fine_tune_epochs:
-        raise ValueError("the cosine schedule is one stage: set fine-tune epochs to 0")
-    if tumor_aux not in TUMOR_AUX:
-        raise ValueError(f"tumor_aux must be one of {', '.join(TUMOR_AUX)}, got {tumor_aux!r}")
-    if monitor not in MONITORS:
-        raise ValueError(f"monitor must be one of {', '.join(MONITORS)}, got {monitor!r}")
-    if not 0 <= warmup_epochs < epochs or weight_decay < 0 or mixup < 0 or not 0 <= label_smoothing < 1 \
-            or not 0 <= ema < 1:
-        raise ValueError("need 0 <= warmup epochs < epochs, weight decay >= 0, mixup >= 0, 0 <= label smoothing < 1, "
-                         "0 <= ema < 1")
+    check_recipe(epochs=epochs, fine_tune_epochs=fine_tune_epochs, lr_schedule=lr_schedule,
+                 warmup_epochs=warmup_epochs, weight_decay=weight_decay, mixup=mixup,
+                 label_smoothing=label_smoothing, tumor_aux=tumor_aux, monitor=monitor, ema=ema)
     base_weights = str(base_weights or "none")
     from_scratch = base_weights == "none"
     # Pretrained: the head learns first, then the top of the base at 1/100 the rate.

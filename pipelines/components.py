@@ -108,9 +108,13 @@ def train_placement_op(gpus: int) -> NamedTuple("Placement", [("node_selector", 
 
 @dsl.component(**_COMMON)
 def train_op(splits_uri: str, bucket: str, prefix: str, run_id: str, image_size: int, epochs: int, fine_tune_epochs: int,
-             batch_size: int, learning_rate: float, base_weights: str, seed: int, patience: int, gpus: int,
+             batch_size: int, learning_rate: float, base_weights: str, seed: int, patience: int,
+             crop_to_head: bool, lr_schedule: str, warmup_epochs: int, weight_decay: float, augment_flip: bool,
+             mixup: float, label_smoothing: float, tumor_aux: str, tumor_aux_weight: float, monitor: str,
+             tta_flip: bool, ema: float, precise_bn: bool, gpus: int,
              model: Output[Model], metrics: Output[Metrics]) -> str:
-    """Xception transfer learning: frozen base, then fine-tuning; writes a model bundle at model_uri.
+    """Xception transfer learning: frozen base, then fine-tuning (or one stage from scratch), with the
+    recipe options of brainscan.config.TRAIN_PARAMS; writes a model bundle at model_uri.
 
     `gpus` is what the pipeline requested for this step (the resource limit); recorded with the model.
     """
@@ -126,7 +130,10 @@ def train_op(splits_uri: str, bucket: str, prefix: str, run_id: str, image_size:
     model_uri = f"s3://{bucket}/{prefix.strip('/')}/runs/{run_id}/model"
     result = train(splits_uri, model_uri, image_size=image_size, epochs=epochs, fine_tune_epochs=fine_tune_epochs,
                    batch_size=batch_size, learning_rate=learning_rate, base_weights=base_weights,
-                   seed=seed, patience=patience)
+                   seed=seed, patience=patience, crop_to_head=crop_to_head, lr_schedule=lr_schedule,
+                   warmup_epochs=warmup_epochs, weight_decay=weight_decay, augment_flip=augment_flip, mixup=mixup,
+                   label_smoothing=label_smoothing, tumor_aux=tumor_aux, tumor_aux_weight=tumor_aux_weight,
+                   monitor=monitor, tta_flip=tta_flip, ema=ema, precise_bn=precise_bn)
     summary = result.summary() if hasattr(result, "summary") else dict(vars(result))
     with open(model.path, "w") as handle:
         json.dump(summary, handle, indent=2, sort_keys=True, default=str)

@@ -23,7 +23,7 @@ from types import SimpleNamespace
 from kfp import compiler, dsl, kubernetes
 
 from brainscan.config import (DEFAULTS, GPU_RESOURCE, PIPELINE_NAME, RETRAIN_PIPELINE_NAME, S3_SECRET, TEST_FRACTION,
-                              VAL_FRACTION, param_help, param_names, param_types)
+                              TRAIN_PARAMS, VAL_FRACTION, param_help, param_names, param_types)
 from brainscan.pipelines import components as c
 
 # Kubernetes settings of the cluster; overridable at compile time.
@@ -62,10 +62,10 @@ def _train_and_deploy(p, fingerprint) -> None:
     split.set_display_name("split").set_caching_options(True)
     _resources(_with_credentials(split), "1", "2Gi", p.pipeline_image)
 
+    # Every parameter train() takes (brainscan.config.TRAIN_PARAMS), under its own name.
     train = c.train_op(splits_uri=split.outputs["Output"], bucket=p.bucket, prefix=p.prefix,
-                       run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER, image_size=p.image_size, epochs=p.epochs,
-                       fine_tune_epochs=p.fine_tune_epochs, batch_size=p.batch_size, learning_rate=p.learning_rate,
-                       base_weights=p.base_weights, seed=p.seed, patience=p.patience, gpus=p.gpus)
+                       run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER, gpus=p.gpus,
+                       **{name: getattr(p, name) for name in TRAIN_PARAMS})
     # Never cached: a new run is asked for to get a new model (seeds, code, base weights may differ).
     train.set_display_name("train").set_caching_options(False)
     train.set_accelerator_type(GPU_RESOURCE).set_accelerator_limit(p.gpus)

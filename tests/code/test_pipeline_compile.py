@@ -351,3 +351,54 @@ def test_cli_run_without_local_says_where_cluster_runs_go():
     result = CliRunner().invoke(app, ["pipeline", "run", "--source", "src"])
     assert result.exit_code != 0
     assert "--local" in result.output and "pipeline submit" in result.output
+
+
+def test_every_train_parameter_reaches_train_under_its_own_name(train_yaml, monkeypatch):
+    """brainscan.config.TRAIN_PARAMS (the recipe options included): pipeline parameter -> train step input of
+    the same name -> train() keyword with the pipeline's default; `brainscan train` has an option for each
+    and takes a preset."""
+    import inspect
+
+    from brainscan.components import train as train_module
+    from brainscan.config import DEFAULTS, PRESETS, TRAIN_PARAMS
+
+    spec, _ = train_yaml
+    inputs = _all_tasks(spec)["train-op"]["inputs"]["parameters"]
+    for name in TRAIN_PARAMS:
+        assert inputs[name]["componentInputParameter"] == name, name
+    signature = inspect.signature(train_module.train).parameters
+    for name in TRAIN_PARAMS:
+        assert signature[name].default == getattr(DEFAULTS, name), name
+
+    seen = {}
+
+    class Result:  # what the command prints from
+        epochs_run = best_epoch = 1
+        seconds = best_val_loss = best_val_accuracy = 0.0
+        out = curves_uri = "x"
+
+    monkeypatch.setattr(train_module, "train", lambda splits, out, **kwargs: seen.update(kwargs) or Result())
+    result = CliRunner().invoke(app, ["train", "--splits", "s", "--out", "o", "--preset", "cpu", "--epochs", "3"])
+    assert result.exit_code == 0, result.output
+    assert seen == {**{n: getattr(DEFAULTS, n) for n in TRAIN_PARAMS}, **{k: v for k, v in PRESETS["cpu"].items()
+                                                                            if k in TRAIN_PARAMS}, "epochs": 3}
+    result = CliRunner().invoke(app, ["train", "--splits", "s", "--out", "o", "--lr-schedule", "cosine",
+                                      "--augment-flip", "--weight-decay", "0.01"])
+    assert result.exit_code == 1 and "cosine schedule is one stage" in result.output  # default fine-tune epochs
+    result = CliRunner().invoke(app, ["train", "--splits", "s", "--out", "o", "--lr-schedule", "cosine",
+                                      "--fine-tune-epochs", "0", "--augment-flip", "--tta-flip"])
+    assert result.exit_code == 0, result.output
+    assert seen["lr_schedule"] == "cosine" and seen["augment_flip"] is True and seen["tta_flip"] is True
+
+
+def test_the_cpu_preset_is_the_measured_recipe():
+    from brainscan.config import DEFAULTS, preset
+
+    cpu = preset("cpu")
+    assert (cpu.image_size, cpu.epochs, cpu.fine_tune_epochs, cpu.patience, cpu.batch_size) == (96, 40, 0, 40, 16)
+    assert (cpu.base_weights, cpu.lr_schedule, cpu.warmup_epochs, cpu.weight_decay) == ("none", "cosine", 2, 0.02)
+    assert cpu.augment_flip and cpu.tta_flip and not cpu.crop_to_head
+    assert (cpu.gpus, cpu.serving_gpus, cpu.train_image) == (0, 0, DEFAULTS.pipeline_image)
+    assert preset("gpu") == DEFAULTS  # the cluster's transfer-learning recipe stays the original one
+    with pytest.raises(ValueError, match="cosine schedule is one stage"):
+        cpu.replace(fine_tune_epochs=2)
