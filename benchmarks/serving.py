@@ -18,7 +18,7 @@ starts: seconds from process start to model-ready for both servers on the same m
 local S3 (a fresh cache each time; MLServer's includes the download KServe's storage
 initializer does before it starts).
 
-The model: an untrained Xception at 71 px built by `brainscan.components.train.build_model(71,
+The model: an untrained Xception at 71 px built by `brainscan.components.architecture.build_model(71,
 base_weights="none")` (the demo model's architecture and cost), registered through
 `brainscan.components.register` in a local stack (SeaweedFS on 127.0.0.1 + MLflow on sqlite,
 artifacts in S3) as `models:/brain-tumor/1`. Everything binds 127.0.0.1 and is stopped at the end.
@@ -61,7 +61,7 @@ from tritonclient.grpc import service_pb2, service_pb2_grpc
 
 from brainscan import local_server, mlserver, registry, stack, storage
 from brainscan.components.register import register
-from brainscan.components.train import build_model
+from brainscan.components.architecture import build_model
 from brainscan.config import EXPERIMENT, MODEL_NAME
 from brainscan.inference import ServedModel, cpu_count
 from brainscan.modelstore import load_bundle, save_bundle

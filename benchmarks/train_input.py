@@ -37,7 +37,8 @@ def main() -> int:
     import tensorflow as tf
 
     from brainscan import stack, storage, synth
-    from brainscan.components.train import augmenter, build_model, make_dataset, read_images
+    from brainscan.components.architecture import augmenter, build_model
+    from brainscan.components.train import make_dataset, read_images
     from brainscan.dataset import read_split
     from brainscan.labels import CLASS_INDEX, label_from_path
     from brainscan.preprocessing import preprocess_batch

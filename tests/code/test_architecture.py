@@ -48,3 +48,45 @@ def test_the_registered_model_code_is_closed_under_its_imports():
             reached.add(module)
             todo.extend(graph.get(module, ()))
     assert reached - {"brainscan.pyfunc_entry"} <= shipped, sorted(reached - shipped)
+
+
+TENSORFLOW = ("tensorflow", "tf_keras", "tf2onnx")
+
+
+def _tensorflow_reached(start: str) -> tuple[set[str], list[str]]:
+    """(the project modules `start` reaches by its imports, every import of TensorFlow among them), read with
+    ast: imports at the top and inside functions alike (a lazy import still runs when its function does)."""
+    import ast
+
+    modules = import_graph.module_files()
+    reached, todo, found = set(), [start], []
+    while todo:
+        module = todo.pop()
+        if module in reached:
+            continue
+        reached.add(module)
+        path = modules[module]
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and not node.level:
+                names = [node.module or ""]
+            else:
+                continue
+            found += [f"{module}:{node.lineno} imports {name}" for name in names if name.split(".")[0] in TENSORFLOW]
+        edges, _ = import_graph.imports_of(module, path, modules)
+        todo += [edge.target for edge in edges if edge.target != "tests"]
+    return reached, found
+
+
+def test_the_model_code_never_imports_tensorflow():
+    """components/architecture.py builds the network and the recipe under any Keras backend (a JAX machine
+    trains it without TensorFlow): neither it nor a brainscan module it imports may import TensorFlow."""
+    reached, found = _tensorflow_reached("brainscan.components.architecture")
+    assert found == [], found
+    assert {"brainscan.config", "brainscan.labels"} <= reached
+    assert "brainscan.preprocessing" not in reached  # TensorFlow inside its functions
+    # the check sees what it forbids: the trainer imports TensorFlow, directly and through preprocessing
+    reached, found = _tensorflow_reached("brainscan.components.train")
+    assert any(f.startswith("brainscan.components.train:") for f in found), found
+    assert any(f.startswith("brainscan.preprocessing:") for f in found), found

@@ -52,8 +52,8 @@ def test_lime_png(tiny_bundle_dir):
 
 
 def test_gradcam_through_the_project_xception():
-    train = pytest.importorskip("brainscan.components.train")
-    model, _ = train.build_model(71, base_weights="none")
+    architecture = pytest.importorskip("brainscan.components.architecture")
+    model, _ = architecture.build_model(71, base_weights="none")
     bundle = ModelBundle(model, 71, (), None, None)
     heat, probs = explain.gradcam(model, np.zeros((1, 71, 71, 3), "float32"))
     assert heat.shape[0] == 1 and heat.shape[1:] == (3, 3) and probs.shape == (1, 7)  # block14 grid at 71 px
@@ -61,9 +61,9 @@ def test_gradcam_through_the_project_xception():
 
 
 def test_gradcam_of_a_flip_averaging_model_explains_its_inner_network():
-    train = pytest.importorskip("brainscan.components.train")
-    model, _ = train.build_model(71, base_weights="none")
-    tta = train.with_flip_averaging(model, 71)
+    architecture = pytest.importorskip("brainscan.components.architecture")
+    model, _ = architecture.build_model(71, base_weights="none")
+    tta = architecture.with_flip_averaging(model, 71)
     x = np.random.default_rng(1).uniform(-1, 1, (2, 71, 71, 3)).astype("float32")
     heat, _ = explain.gradcam(model, x)
     heat_tta, _ = explain.gradcam(tta, x)
@@ -72,8 +72,8 @@ def test_gradcam_of_a_flip_averaging_model_explains_its_inner_network():
 
 
 def test_overlay_of_a_cropping_bundle_is_drawn_on_its_cropped_input():
-    train = pytest.importorskip("brainscan.components.train")
-    model, _ = train.build_model(71, base_weights="none")
+    architecture = pytest.importorskip("brainscan.components.architecture")
+    model, _ = architecture.build_model(71, base_weights="none")
     plain = ModelBundle(model, 71, (), None, None)
     cropping = ModelBundle(model, 71, (), None, None, metadata={"crop_to_head": True})
     x = np.zeros((71, 71, 3), "float32")

@@ -132,7 +132,7 @@ def test_compiled_preprocessing_refuses_what_preprocess_batch_refuses(bundle, se
 def test_xception_through_onnx_runtime_equals_keras(tmp_path, monkeypatch, serving_images):
     """The served architecture itself (the demo's 71 px Xception), weights moved off their
     initial values so the seven probabilities differ."""
-    from brainscan.components.train import build_model
+    from brainscan.components.architecture import build_model
     from brainscan.inference import ServedModel
     from brainscan.modelstore import load_bundle, save_bundle
 

@@ -68,7 +68,7 @@ def registered_champion(s3_stack, tmp_path_factory):
     on a cluster) holding a brain-tumor champion registered by the project's own register step."""
     from brainscan import storage
     from brainscan.components.register import register
-    from brainscan.components.train import build_model
+    from brainscan.components.architecture import build_model
     from brainscan.modelstore import save_bundle
     from tests.fixtures.registry import MlflowServer
 

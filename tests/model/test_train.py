@@ -76,7 +76,7 @@ def test_augmentation_on_train_only_and_data_order_follows_the_seed(eval_splits)
 def test_weights_file_loads_into_the_base(tmp_path):
     import keras
 
-    from brainscan.components.train import TrainingError, build_model
+    from brainscan.components.architecture import TrainingError, build_model
 
     keras.utils.set_random_seed(7)
     reference = keras.applications.Xception(include_top=False, weights=None, input_shape=(SIZE, SIZE, 3))
@@ -94,7 +94,7 @@ def test_weights_file_loads_into_the_base(tmp_path):
 def test_imagenet_download_failure_is_one_clear_line(monkeypatch):
     from keras.src.utils import file_utils
 
-    from brainscan.components.train import TrainingError, build_model
+    from brainscan.components.architecture import TrainingError, build_model
 
     def offline(*args, **kwargs):
         raise Exception("URL fetch failure on https://storage.googleapis.com/...: [Errno -3] no network")
@@ -155,7 +155,8 @@ def test_training_from_s3_splits_with_s3_weights(s3_prefix, eval_splits, tmp_pat
 
 
 def test_mixup_and_aux_targets_keep_labels_and_weights_consistent(eval_splits):
-    from brainscan.components.train import class_weights, make_dataset
+    from brainscan.components.architecture import class_weights
+    from brainscan.components.train import make_dataset
     from brainscan.labels import HEALTHY_INDICES
 
     frame, images = _split_images(eval_splits, "train", limit_per_class=3)
@@ -181,7 +182,7 @@ def test_mixup_and_aux_targets_keep_labels_and_weights_consistent(eval_splits):
 def test_flip_averaging_is_exact_and_loads_without_custom_objects(tmp_path):
     import keras
 
-    from brainscan.components.train import build_model, with_flip_averaging
+    from brainscan.components.architecture import build_model, with_flip_averaging
 
     keras.utils.set_random_seed(3)
     model, _ = build_model(SIZE, "none")
@@ -239,7 +240,7 @@ def test_precise_batchnorm_sets_the_average_of_the_batch_statistics():
     import keras
     import tensorflow as tf
 
-    from brainscan.components.train import recalibrate_batchnorm
+    from brainscan.components.architecture import recalibrate_batchnorm
 
     inputs = keras.Input((4, 4, 2))
     inner = keras.Sequential([keras.Input((4, 4, 2)), keras.layers.BatchNormalization(momentum=0.9, name="bn")])
