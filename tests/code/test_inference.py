@@ -45,6 +45,36 @@ def test_served_outputs_equal_keras_on_preprocess_batch(bundle, serving_images, 
     assert served.predict(x_ref[:0]).shape == (0, 7)
 
 
+@pytest.fixture
+def crop_tta_bundle(tmp_path, monkeypatch):
+    """A bundle as the cpu preset writes one (flip averaging baked into model.keras), also cropping to the head."""
+    from brainscan.components.architecture import with_flip_averaging
+    from brainscan.modelstore import load_bundle, save_bundle
+    from tests.fixtures.registry import TINY_SIZE, make_tiny_model
+
+    monkeypatch.setenv("BRAINSCAN_CACHE", str(tmp_path / "cache"))
+    model = with_flip_averaging(make_tiny_model(seed=3), TINY_SIZE)
+    save_bundle(model, str(tmp_path / "bundle"), TINY_SIZE, {"crop_to_head": True, "tta_flip": True})
+    return load_bundle(str(tmp_path / "bundle"))
+
+
+@pytest.mark.parametrize("runtime", ["onnx", "tf"])
+def test_a_cropping_flip_averaging_bundle_is_served_as_it_was_trained(crop_tta_bundle, serving_images, runtime):
+    """The compiled preprocessing applies the bundle's own options (its head crop) and the runtimes run the
+    two-pass model: both equal Keras on the bundle's preprocessing."""
+    from brainscan.inference import ServedModel
+    from brainscan.preprocessing import preprocess_batch
+
+    bundle = crop_tta_bundle
+    x_ref = bundle.preprocess(serving_images)
+    assert np.abs(x_ref - preprocess_batch(serving_images, bundle.image_size)).max() > 0.1  # the crop matters
+    p_ref = bundle.predict(x_ref)
+    served = ServedModel(bundle, runtime)
+    x = served.preprocess(serving_images)
+    np.testing.assert_allclose(x, x_ref, atol=TOLERANCE, rtol=0)
+    np.testing.assert_allclose(served.predict(x), p_ref, atol=TOLERANCE, rtol=0)
+
+
 def test_auto_runs_onnx_on_a_cpu_and_reuses_the_conversion(bundle):
     from brainscan.inference import load_runtime, onnx_path
 

@@ -1,6 +1,8 @@
 """The registered model as every MLflow consumer gets it, and one decision whichever path answers.
 
-The same scans go through: evaluation's scoring, the bundle loaded by brainscan, the MLflow
+The model is saved as a recipe bundle (flip averaging in model.keras, the head crop in its
+metadata), so every path must load the two-pass model and preprocess with the bundle's own
+options. The same scans go through: evaluation's scoring, the bundle loaded by brainscan, the MLflow
 pyfunc here, the pyfunc in a fresh virtualenv built from the model's own requirements.txt
 (no brainscan installed), `brainscan serve` (v2 REST) and MLServer with mlserver-mlflow and
 adaptive batching (KServe's runtime for `modelFormat: mlflow`, its own virtualenv). Each answer,
@@ -36,18 +38,35 @@ MODALITIES = (None, "ct", "mri")
 
 
 @pytest.fixture(scope="module")
-def registered(tmp_path_factory, tiny_trained_bundle_dir, serving_images):
+def trained_with_recipe(tmp_path_factory, tiny_trained_bundle_dir, serving_images) -> str:
+    """The tiny trained model saved as a recipe bundle: flip averaging baked into model.keras (stock Keras
+    layers only) and the head crop in its metadata, so every path below must apply the bundle's own
+    preprocessing and load the two-pass model without brainscan's code."""
+    from brainscan.components.architecture import with_flip_averaging
+    from brainscan.modelstore import save_bundle
+
+    plain = load_bundle(str(tiny_trained_bundle_dir))
+    out = tmp_path_factory.mktemp("recipe") / "bundle"
+    save_bundle(with_flip_averaging(plain.model, plain.image_size), str(out), plain.image_size,
+                {**plain.metadata, "crop_to_head": True, "tta_flip": True})
+    bundle = load_bundle(str(out))
+    assert np.abs(bundle.preprocess(serving_images) - preprocess_batch(serving_images, bundle.image_size)).max() > 0.1
+    return str(out)
+
+
+@pytest.fixture(scope="module")
+def registered(tmp_path_factory, trained_with_recipe, serving_images):
     """(models:/ URI, the downloaded MLflow model folder, tracking URI) of a registered tiny model."""
     import mlflow
 
     folder = tmp_path_factory.mktemp("portable")
-    bundle = load_bundle(str(tiny_trained_bundle_dir))
-    scores = tumor_probability(bundle.predict(preprocess_batch(serving_images, bundle.image_size)))
+    bundle = load_bundle(trained_with_recipe)
+    scores = tumor_probability(bundle.predict(bundle.preprocess(serving_images)))
     doc = {"gate": {"passed": True, "reason": "passed: test stand-in"}, "target_recall": 0.95,
            "threshold": float(np.median(scores)), "thresholds": {"ct": 0.0, "mri": 1.0},
            "test": {"recall": 1.0, "roc_auc": 1.0}, "dataset_fingerprint": "test"}
     tracking = registry.default_tracking_uri(folder)
-    result = register(str(tiny_trained_bundle_dir), doc, tracking_uri=tracking)
+    result = register(trained_with_recipe, doc, tracking_uri=tracking)
     assert result.registered, result.reason
     mlflow.set_tracking_uri(tracking)
     model_dir = mlflow.artifacts.download_artifacts(artifact_uri=result.model_uri, dst_path=str(folder / "model"))
@@ -57,7 +76,8 @@ def registered(tmp_path_factory, tiny_trained_bundle_dir, serving_images):
 def _expected(registered, images):
     model_uri, _, tracking = registered
     bundle = load_bundle(model_uri, tracking_uri=tracking)
-    probabilities = bundle.predict(preprocess_batch(images, bundle.image_size))
+    assert bundle.preprocessing == {"crop_to_head": True}
+    probabilities = bundle.predict(bundle.preprocess(images))
     return {m: bundle.policy().decide(probabilities, m) for m in MODALITIES}
 
 
