@@ -398,6 +398,7 @@ def test_the_cpu_preset_is_the_measured_recipe():
     assert (cpu.image_size, cpu.epochs, cpu.fine_tune_epochs, cpu.patience, cpu.batch_size) == (96, 40, 0, 40, 16)
     assert (cpu.base_weights, cpu.lr_schedule, cpu.warmup_epochs, cpu.weight_decay) == ("none", "cosine", 2, 0.02)
     assert cpu.augment_flip and cpu.tta_flip and not cpu.crop_to_head
+    assert cpu.target_recall == 0.98  # the calibration study's choice (docs/results/calibration_study)
     assert (cpu.gpus, cpu.serving_gpus, cpu.train_image) == (0, 0, DEFAULTS.pipeline_image)
     assert preset("gpu") == DEFAULTS  # the cluster's transfer-learning recipe stays the original one
     with pytest.raises(ValueError, match="cosine schedule is one stage"):
