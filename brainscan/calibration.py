@@ -88,7 +88,7 @@ class Threshold:
     tumors: int  # validation tumors it was calibrated on
     rank: int  # k: the threshold is the k-th lowest tumor score; 0 when extrapolated below the lowest
     method: str  # "order statistic" or "smoothed bootstrap below the lowest tumor score"
-    confidence_achieved: float  # P(recall >= target) under the order-statistic argument (rank >= 1)
+    confidence_achieved: float | None  # None where extrapolated; P(recall >= target) under the order-statistic argument (rank >= 1)
 
 
 def recall_threshold(tumor_scores, target: float, confidence: float = CONFIDENCE, seed: int = 0) -> Threshold:
@@ -114,7 +114,7 @@ def recall_threshold(tumor_scores, target: float, confidence: float = CONFIDENCE
     resampled = rng.choice(logits, size=(BOOTSTRAP, n)) + rng.normal(0.0, bandwidth, size=(BOOTSTRAP, n))
     quantiles = np.quantile(resampled, miss, axis=1)
     lowered = min(_sigmoid(float(np.quantile(quantiles, 1 - confidence))), float(scores[0]))
-    return Threshold(lowered, n, 0, "smoothed bootstrap below the lowest tumor score", float("nan"))
+    return Threshold(lowered, n, 0, "smoothed bootstrap below the lowest tumor score", None)
 
 
 @dataclass
