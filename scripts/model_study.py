@@ -16,9 +16,12 @@ Every run appends one JSON line (config, every train() argument, seconds, load a
 held-out metrics with and without test-time flip averaging) to RUNS and writes its per-image
 scores. `report` turns RUNS into a markdown table, a JSON summary and a PNG chart.
 
-  python scripts/model_study.py run --design cv --config baseline --folds 0 1 2 3 4
-  python scripts/model_study.py run --design split --config cpu --seeds 0 1 2
-  python scripts/model_study.py report
+  python scripts/model_study.py run --splits SPLITS --design cv --config baseline --folds 0 1 2 3 4
+  python scripts/model_study.py run --splits SPLITS --design split --config cpu --seeds 0 1 2
+  python scripts/model_study.py report --work WORK
+
+SPLITS: a folder with a pipeline run's train/val/test.csv whose `path` column names local image
+files (the runs in RESULTS used the real sample's split, seed 42, fingerprint 6417725b...).
 """
 
 from __future__ import annotations
@@ -37,8 +40,8 @@ import pandas as pd
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "docs" / "results" / "model_study"
 RUNS = RESULTS / "runs.jsonl"
-DEFAULT_SPLITS = "/work/exp11-data/splits"
-DEFAULT_WORK = "/work/exp11-data/study"
+# Where a study's folds, bundles and per-image scores go (the split folder is always given).
+DEFAULT_WORK = ".brainscan-study"
 N_FOLDS = 5
 INNER_VAL_FOLDS = 6  # one sixth of the non-held-out images validates
 FOLD_SEED = 42
@@ -452,8 +455,8 @@ def main() -> None:
                      help="score the held-out images after every epoch (checkpoint-rule analysis; slower)")
     rep = sub.add_parser("report", help="tables and chart from runs.jsonl")
     for p in (run, rep):
-        p.add_argument("--splits", default=DEFAULT_SPLITS)
-        p.add_argument("--work", default=DEFAULT_WORK)
+        p.add_argument("--splits", required=p is run, help="a pipeline run's split folder (train/val/test CSVs)")
+        p.add_argument("--work", default=DEFAULT_WORK, help="folds, bundles and per-image scores")
     args = parser.parse_args()
     work = Path(args.work)
     if args.command == "report":
