@@ -270,12 +270,19 @@ class Target:
         return point
 
 
-def server_counters(url: str) -> dict | None:
-    """brainscan's batcher counters from /metrics: model calls, images, seconds in model calls."""
+def metrics_text(url: str) -> str | None:
+    """The server's /metrics page (Prometheus text), or None when it does not answer."""
     try:
         with urllib.request.urlopen(f"{url}/metrics", timeout=5) as response:
-            text = response.read().decode()
+            return response.read().decode()
     except OSError:
+        return None
+
+
+def server_counters(url: str) -> dict | None:
+    """brainscan's batcher counters from /metrics: model calls, images, seconds in model calls."""
+    text = metrics_text(url)
+    if text is None:
         return None
     values = {}
     for key, name in (("calls", "brainscan_batch_size_count"), ("images", "brainscan_batch_size_sum"),
@@ -352,10 +359,8 @@ def start_brainscan(model_uri: str, workdir: Path, args) -> tuple[local_server.L
 
 def runtime_of(url: str) -> str | None:
     """The runtime the server says runs its model (metric brainscan_model_runtime_info)."""
-    try:
-        with urllib.request.urlopen(f"{url}/metrics", timeout=5) as response:
-            text = response.read().decode()
-    except OSError:
+    text = metrics_text(url)
+    if text is None:
         return None
     match = re.search(r'^brainscan_model_runtime_info\{.*runtime="(\w+)".*\} 1\.0$', text, re.M)
     return match.group(1) if match else None
