@@ -48,7 +48,7 @@ from brainscan.bundle import MODEL_FILE, load_model
 from brainscan.config import MAX_IMAGE_PIXELS
 from brainscan.labels import CLASSES
 from brainscan.modelstore import ModelBundle, cache_dir
-from brainscan.preprocessing import InvalidImageError, check_image_bytes, preprocess_image
+from brainscan.preprocessing import preprocess_files, preprocess_image
 
 log = logging.getLogger(__name__)
 
@@ -234,7 +234,6 @@ class CompiledPreprocessing:
 
         self.image_size = int(image_size)
         self.crop_to_head = bool(crop_to_head)
-        self._errors = tf.errors.OpError
         self._fn = tf.function(lambda data: preprocess_image(data, self.image_size, self.crop_to_head),
                                input_signature=[tf.TensorSpec([], tf.string)])
         self._fn(tf.io.encode_png(tf.zeros([8, 8, 3], tf.uint8)))  # trace it now, not at the first request
@@ -242,14 +241,7 @@ class CompiledPreprocessing:
     def __call__(self, files: Sequence[bytes], max_pixels: int = MAX_IMAGE_PIXELS) -> np.ndarray:
         """Encoded image files -> float32 [N, S, S, 3]; InvalidImageError names the first bad one
         (the checks and messages of brainscan.preprocessing.preprocess_batch)."""
-        out = np.empty((len(files), self.image_size, self.image_size, 3), dtype=np.float32)
-        for index, data in enumerate(files):
-            check_image_bytes(data, index, max_pixels)
-            try:
-                out[index] = self._fn(bytes(data)).numpy()
-            except self._errors as err:
-                raise InvalidImageError(index, f"TensorFlow cannot decode it: {err.message.splitlines()[0]}") from None
-        return out
+        return preprocess_files(files, self.image_size, lambda data: self._fn(data).numpy(), max_pixels)
 
 
 # ----------------------------------------------------------------------------- together

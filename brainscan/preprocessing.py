@@ -18,7 +18,7 @@ Shipped inside the registered MLflow model (see brainscan/pyfunc.py).
 from __future__ import annotations
 
 import io
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -134,6 +134,23 @@ def check_image_bytes(data: bytes, index: int | None = None, max_pixels: int = M
         raise InvalidImageError(index, f"unsupported image format {fmt}; send JPEG or PNG")
 
 
+def preprocess_files(images: Sequence[bytes], image_size: int, preprocess_one: Callable[[bytes], np.ndarray],
+                     max_pixels: int = MAX_IMAGE_PIXELS) -> np.ndarray:
+    """The checked loop around one image's preprocessing: each file passes check_image_bytes, then
+    preprocess_one(file bytes) -> [S, S, 3] (preprocess_image, eager in preprocess_batch, traced once
+    in brainscan.inference). float32 [N, S, S, 3]; InvalidImageError names the first bad file."""
+    import tensorflow as tf  # see preprocess_image
+
+    out = np.zeros((len(images), image_size, image_size, 3), dtype=np.float32)
+    for index, data in enumerate(images):
+        check_image_bytes(data, index, max_pixels)
+        try:
+            out[index] = preprocess_one(bytes(data))
+        except tf.errors.OpError as err:
+            raise InvalidImageError(index, f"TensorFlow cannot decode it: {err.message.splitlines()[0]}") from None
+    return out
+
+
 def preprocess_batch(images: Sequence[bytes], image_size: int, max_pixels: int = MAX_IMAGE_PIXELS, *,
                      crop_to_head: bool = False) -> np.ndarray:
     """Encoded image files -> float32 [N, S, S, 3], through the same preprocess_image.
@@ -145,11 +162,6 @@ def preprocess_batch(images: Sequence[bytes], image_size: int, max_pixels: int =
     """
     import tensorflow as tf  # see preprocess_image
 
-    out = np.zeros((len(images), image_size, image_size, 3), dtype=np.float32)
-    for index, data in enumerate(images):
-        check_image_bytes(data, index, max_pixels)
-        try:
-            out[index] = preprocess_image(tf.constant(bytes(data)), image_size, crop_to_head).numpy()
-        except tf.errors.OpError as err:
-            raise InvalidImageError(index, f"TensorFlow cannot decode it: {err.message.splitlines()[0]}") from None
-    return out
+    return preprocess_files(images, image_size,
+                            lambda data: preprocess_image(tf.constant(data), image_size, crop_to_head).numpy(),
+                            max_pixels)
