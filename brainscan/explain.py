@@ -17,7 +17,6 @@ import numpy as np
 
 from brainscan.config import TTA_FLIPPED_LAYER
 from brainscan.labels import CLASSES
-from brainscan.preprocessing import preprocess_batch
 
 
 # ----------------------------------------------------------------------------- Grad-CAM
@@ -178,7 +177,7 @@ def overlay_png(image, heatmap: np.ndarray, alpha: float = 0.45, max_side: int =
 
 def gradcam_overlay(bundle, image_bytes: bytes, class_index: int | None = None) -> bytes:
     """One encoded image in, a Grad-CAM overlay PNG out (the class explained: predicted or given)."""
-    x = preprocess_batch([image_bytes], bundle.image_size, **bundle.preprocessing)
+    x = bundle.preprocess([image_bytes])  # the model's own input (its crop, if any)
     heat, probs = gradcam(bundle.model, x, None if class_index is None else [class_index])
     shown = int(np.argmax(probs[0])) if class_index is None else int(class_index)
     return overlay_png(shown_image(bundle, image_bytes, x[0]), heat[0], title=f"{CLASSES[shown]} {probs[0, shown]:.2f}")
