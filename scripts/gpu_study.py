@@ -76,22 +76,16 @@ def pack(splits: str, size: int, out: Path) -> None:
 
 
 # ----------------------------------------------------------------------------- there: train
-# The recipes, by the pipeline's parameter names. "gpu-preset": `--preset gpu` (the cluster
-# defaults) with base_weights none, the only start possible without ImageNet weights.
-# "cpu-recipe-299": `--preset cpu`'s recipe at the cluster's 299 px.
 def recipes() -> dict[str, dict]:
-    from brainscan.config import preset
+    """The recipes trained here, from scripts/model_study.py's own: "gpu-preset" is `--preset gpu`
+    (the cluster defaults; trained from scratch, the only start without ImageNet weights),
+    "cpu-recipe-299" the `--preset cpu` recipe at the cluster's 299 px."""
+    import model_study
 
-    gpu, cpu = preset("gpu"), preset("cpu")
-    keys = ("image_size", "epochs", "fine_tune_epochs", "batch_size", "learning_rate", "patience", "lr_schedule",
-            "warmup_epochs", "weight_decay", "augment_flip", "tta_flip")
-    cpu_recipe = {k: getattr(cpu, k) for k in keys}
-    return {"gpu-preset": {k: getattr(gpu, k) for k in keys},
-            "cpu-recipe-299": dict(cpu_recipe, image_size=299),
-            "cpu-preset": cpu_recipe,
-            # scripts/model_study.py's "baseline": the recipe before issue 11, from scratch at 96 px
-            "baseline-96": dict(cpu_recipe, epochs=30, fine_tune_epochs=6, patience=8, lr_schedule="constant",
-                                warmup_epochs=0, weight_decay=0.0, augment_flip=False, tta_flip=False)}
+    return {"gpu-preset": model_study.preset_recipe("gpu"),
+            "cpu-recipe-299": dict(model_study.CONFIGS["cpu"], image_size=299),
+            "cpu-preset": model_study.CONFIGS["cpu"],
+            "baseline-96": model_study.CONFIGS["baseline"]}
 
 
 def augmented_batches(images, labels, class_weights, batch_size, augment, seed):
