@@ -1,6 +1,6 @@
 """Benchmark: `brainscan ingest` against `aws s3 sync` uploading the same folder of small images.
 
-Starts its own SeaweedFS (brainscan.stack, in a temp dir, stopped at the end), writes a folder of
+Starts its own SeaweedFS (brainscan.local.stack, in a temp dir, stopped at the end), writes a folder of
 small images in the archive layout, and uploads it with both tools, each run into a fresh prefix,
 as command-line processes (start-up counts for both). brainscan also hashes and decodes every
 image and writes the manifest; sync only copies. Prints files/s and MB/s and the ratio end to end,
@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from brainscan import stack
+from brainscan.local import stack
 
 LAYOUT = [
     ("Brain Tumor CT scan Images", "Healthy", "ct_healthy"),

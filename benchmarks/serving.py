@@ -4,7 +4,7 @@ One run, side by side, on the same registered model, on this machine:
 
 - brainscan serve, v2 REST JSON (base64), v2 REST binary extension (raw bytes), v2 gRPC;
 - MLServer 1.7.1 + mlserver-mlflow with adaptive batching, in the model's own virtualenv plus
-  MLServer's pins (built here by brainscan.mlserver, cached under ~/.cache/brainscan/venvs),
+  MLServer's pins (built here by brainscan.local.mlserver, cached under ~/.cache/brainscan/venvs),
   v2 REST JSON (base64): what a KServe user gets for `modelFormat: mlflow`;
 - in-process: the same decode + preprocess + model call as the server, in this process, with
   no HTTP, batches of `concurrency` images, the next one decoded (one thread per core) while
@@ -18,9 +18,9 @@ starts: seconds from process start to model-ready for both servers on the same m
 local S3 (a fresh cache each time; MLServer's includes the download KServe's storage
 initializer does before it starts).
 
-The model: an untrained Xception at 71 px built by `brainscan.components.architecture.build_model(71,
+The model: an untrained Xception at 71 px built by `brainscan.network.build_model(71,
 base_weights="none")` (the demo model's architecture and cost), registered through
-`brainscan.components.register` in a local stack (SeaweedFS on 127.0.0.1 + MLflow on sqlite,
+`components.register` in a local stack (SeaweedFS on 127.0.0.1 + MLflow on sqlite,
 artifacts in S3) as `models:/brain-tumor/1`. Everything binds 127.0.0.1 and is stopped at the end.
 
     bash scripts/dev.sh setup && .venv/bin/python benchmarks/serving.py
@@ -56,14 +56,16 @@ import matplotlib
 import numpy as np
 from PIL import Image
 # tritonclient's generated v2 gRPC stubs; kserve registers the same protobuf symbols, so nothing
-# here may import kserve (brainscan.serving): the servers run in their own processes.
+# here may import kserve (serving): the servers run in their own processes.
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
-from brainscan import local_server, mlserver, registry, stack, storage
-from brainscan.components.register import register
-from brainscan.components.architecture import build_model
+from brainscan import registry, storage
+
+from brainscan.local import mlserver, predictor, stack
+from components.register import register
+from brainscan.network import build_model
 from brainscan.config import EXPERIMENT, MODEL_NAME
-from brainscan.inference import ServedModel, cpu_count
+from serving.runtime import ServedModel, cpu_count
 from brainscan.modelstore import load_bundle, save_bundle
 
 matplotlib.use("Agg")
@@ -339,14 +341,14 @@ def register_demo_sized_model(workdir: Path, image_size: int) -> str:
     return result.model_uri
 
 
-def start_brainscan(model_uri: str, workdir: Path, args) -> tuple[local_server.LocalServer, float, float]:
+def start_brainscan(model_uri: str, workdir: Path, args) -> tuple[predictor.LocalServer, float, float]:
     """`brainscan serve` on model_uri with an empty cache (model download and ONNX conversion
     included, as on a fresh pod); (server, seconds to ready, seconds until ONNX Runtime serves)."""
     cache = workdir / "brainscan-cache"
     shutil.rmtree(cache, ignore_errors=True)
     os.environ["BRAINSCAN_CACHE"] = str(cache)
     started = time.perf_counter()
-    server = local_server.start(model_uri, workdir / "brainscan", extra_args=[
+    server = predictor.start(model_uri, workdir / "brainscan", extra_args=[
         "--max-batch-size", str(args.max_batch_size), "--max-latency-ms", str(args.max_latency_ms),
         "--max-queue", "4096"], timeout=600)
     ready = time.perf_counter() - started
@@ -573,7 +575,7 @@ def main() -> None:
                     log(f"soak {system} c=64 {args.soak_seconds:.0f} s: {soak[-1].requests} requests, "
                         f"{soak[-1].errors} errors")
             if brainscan_server is not None:
-                local_server.stop(workdir / "brainscan")
+                predictor.stop(workdir / "brainscan")
                 brainscan_server = None
             if ml_server is not None:
                 mlserver.stop(ml_server)
@@ -603,7 +605,7 @@ def main() -> None:
         report(result, args.out)
     finally:
         if brainscan_server is not None:
-            local_server.stop(workdir / "brainscan")
+            predictor.stop(workdir / "brainscan")
         if ml_server is not None:
             mlserver.stop(ml_server)
         stack.down(workdir)

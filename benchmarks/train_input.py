@@ -4,8 +4,8 @@
       preprocess, cache, shuffle, augmentation, prefetch), S3 reads and decoding included;
   (b) from in-memory tensors (already preprocessed arrays; the same augmentation).
 
-A local SeaweedFS (brainscan.stack) in a temporary folder stands in for S3; it is stopped at the end.
-Synthetic images (brainscan.synth), so nothing depends on a dataset being present.
+A local SeaweedFS (brainscan.local.stack) in a temporary folder stands in for S3; it is stopped at the end.
+Synthetic images (brainscan.local.synth), so nothing depends on a dataset being present.
 
     .venv/bin/python benchmarks/train_input.py [--image-size 96] [--per-class 20] [--epochs 2]
 
@@ -36,9 +36,11 @@ def main() -> int:
     import keras
     import tensorflow as tf
 
-    from brainscan import stack, storage, synth
-    from brainscan.components.architecture import augmenter, build_model
-    from brainscan.components.train import make_dataset, read_images
+    from brainscan import storage
+
+    from brainscan.local import stack, synth
+    from brainscan.network import augmenter, build_model
+    from components.train import make_dataset, read_images
     from brainscan.dataset import read_split
     from brainscan.labels import CLASS_INDEX, label_from_path
     from brainscan.preprocessing import preprocess_batch

@@ -2,7 +2,7 @@
 
 Shared pieces live here (label schema, storage, local stack, CLI); the pipeline stages live
 in the top-level folders `components/`, `pipelines/` and `serving/`, installed as
-`brainscan.components`, `brainscan.pipelines` and `brainscan.serving`.
+`components`, `pipelines` and `serving`.
 """
 
 __version__ = "0.1.0"

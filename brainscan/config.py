@@ -13,6 +13,8 @@ import os
 import typing
 from dataclasses import dataclass, field
 
+from brainscan import limits
+
 # ----------------------------------------------------------------------------- names
 MODEL_NAME = "brain-tumor"  # MLflow registered model, v2 model name, InferenceService name
 CHAMPION_ALIAS = "champion"  # the MLflow alias that is deployed
@@ -56,7 +58,7 @@ def default_serving_image() -> str:
 
 # GPU nodes, as the NVIDIA GPU operator labels and taints them: the training pod and a
 # RawDeployment predictor that ask for GPUs go there (a Serverless one cannot: see
-# components/inferenceservice.py).
+# brainscan/inferenceservice.py).
 GPU_RESOURCE = "nvidia.com/gpu"
 GPU_NODE_SELECTOR = {"nvidia.com/gpu.present": "true"}
 GPU_TOLERATIONS = ({"key": GPU_RESOURCE, "operator": "Exists", "effect": "NoSchedule"},)
@@ -90,9 +92,7 @@ RETRAIN_PIPELINE_NAME = "brainscan-retrain-if-new-data"
 VAL_FRACTION = 0.15
 TEST_FRACTION = 0.15
 MIN_IMAGE_SIZE = 71  # the smallest input Xception accepts
-# Width x height of one image, read from its header before anything is decoded (decompression
-# bombs); the archive's largest scans are about 1,500 px a side.
-MAX_IMAGE_PIXELS = 40_000_000
+MAX_IMAGE_PIXELS = limits.MAX_IMAGE_PIXELS  # one image's width x height, judged from its header
 
 IO_WORKERS = 16  # parallel reads / uploads: S3 latency, not bandwidth, is the limit
 

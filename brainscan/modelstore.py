@@ -20,7 +20,7 @@ import numpy as np
 from brainscan import bundle as bundle_format
 from brainscan import registry, storage
 from brainscan.bundle import METADATA_FILE, BundleError, read_metadata
-from brainscan.config import MAX_IMAGE_PIXELS
+from brainscan.limits import MAX_IMAGE_PIXELS
 from brainscan.decision import DecisionPolicy
 from brainscan.preprocessing import preprocess_batch, preprocessing_options
 

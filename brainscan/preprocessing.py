@@ -22,7 +22,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from brainscan.config import MAX_IMAGE_PIXELS
+from brainscan.limits import MAX_IMAGE_PIXELS
 
 
 class InvalidImageError(ValueError):
@@ -138,7 +138,7 @@ def preprocess_files(images: Sequence[bytes], image_size: int, preprocess_one: C
                      max_pixels: int = MAX_IMAGE_PIXELS) -> np.ndarray:
     """The checked loop around one image's preprocessing: each file passes check_image_bytes, then
     preprocess_one(file bytes) -> [S, S, 3] (preprocess_image, eager in preprocess_batch, traced once
-    in brainscan.inference). float32 [N, S, S, 3]; InvalidImageError names the first bad file."""
+    in serving.runtime). float32 [N, S, S, 3]; InvalidImageError names the first bad file."""
     import tensorflow as tf  # see preprocess_image
 
     out = np.zeros((len(images), image_size, image_size, 3), dtype=np.float32)

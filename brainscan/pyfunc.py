@@ -36,7 +36,7 @@ from brainscan.preprocessing import preprocess_batch, preprocessing_options
 IMAGE_COLUMN = "image"
 # What a registered model carries of brainscan: this module and what it imports, all of them
 # standard library, numpy, Pillow, pandas, TensorFlow/Keras and MLflow underneath.
-SHIPPED_MODULES = ("__init__.py", "config.py", "labels.py", "preprocessing.py", "decision.py", "bundle.py",
+SHIPPED_MODULES = ("__init__.py", "limits.py", "labels.py", "preprocessing.py", "decision.py", "bundle.py",
                    "pyfunc.py")
 # Python packages the pyfunc needs at load and predict time, pinned to this environment's versions.
 REQUIREMENTS = ("mlflow", "keras", "tensorflow-cpu", "tensorflow", "numpy", "pandas", "pillow", "h5py", "protobuf")

@@ -1,12 +1,12 @@
 """deploy: put a registered model into service.
 
-On a cluster: build the InferenceService (`components/inferenceservice.py`), create it or
+On a cluster: build the InferenceService (`brainscan/inferenceservice.py`), create it or
 patch the existing one with `kserve.KServeClient`, and poll its status until the new generation
 is Ready. If it is not Ready in time, roll back: a canary gets its traffic share set back to 0
 (all traffic to the previous, still running revision) and the previous spec is re-applied.
 
 Locally (`local=True`): (re)start the local KServe model server on the model
-(`brainscan.local_server`).
+(`brainscan.local.predictor`).
 """
 
 from __future__ import annotations
@@ -24,8 +24,8 @@ from kubernetes.client.rest import ApiException
 from kubernetes.config import ConfigException
 from urllib3.exceptions import HTTPError
 
-from brainscan import local_server
-from brainscan.components import inferenceservice as isvc_builder
+from brainscan.local import predictor
+from brainscan import inferenceservice as isvc_builder
 from brainscan.config import DEFAULT_WORKDIR, MODEL_NAME, NAMESPACE, default_serving_image
 
 log = logging.getLogger(__name__)
@@ -241,10 +241,10 @@ def _not_ready_reason(isvc: dict | None) -> str:
 # --------------------------------------------------------------------------- local
 
 def deploy_local(model_uri: str, workdir: str | os.PathLike = DEFAULT_WORKDIR) -> DeployResult:
-    """(Re)start the local model server on `model_uri`: `brainscan.local_server.start` replaces a running
+    """(Re)start the local model server on `model_uri`: `brainscan.local.predictor.start` replaces a running
     server on the same ports (clients keep their URL) and returns once the new model is ready."""
-    running = local_server.status(Path(workdir))
-    info = local_server.start(model_uri, Path(workdir))
+    running = predictor.status(Path(workdir))
+    info = predictor.start(model_uri, Path(workdir))
     action = "reloaded" if running is not None else "started"
     return DeployResult(model_uri=model_uri, target="local", name=MODEL_NAME, namespace=None, action=action,
                         ready=True, url=info.url, previous_model_uri=running.model_uri if running else None,

@@ -27,7 +27,7 @@ import numpy as np
 
 import brainscan
 from brainscan import bundle, pyfunc, registry, storage
-from brainscan.components.evaluate import EvaluationResult, load_evaluation
+from components.evaluate import EvaluationResult, load_evaluation
 from brainscan.config import DEFAULT_WORKDIR, MODEL_NAME, champion_uri
 from brainscan.modelstore import ModelBundle, fetch_bundle
 

@@ -11,7 +11,7 @@
 
 The network and the recipe's Keras pieces (model, optimizer, schedule, losses, metrics,
 augmentation layers, class weights, the saved model's flip averaging) are in
-components/architecture.py, which never imports TensorFlow; this module adds the tf.data input,
+brainscan/network.py, which never imports TensorFlow; this module adds the tf.data input,
 devices and the bundle.
 
 Options a recipe can switch on (all off by default, which is the original recipe): the head crop
@@ -42,7 +42,7 @@ import tensorflow as tf
 from tqdm import tqdm
 
 from brainscan import modelstore, storage
-from brainscan.components.architecture import (DROPOUT, FINE_TUNE_FROM, SCRATCH_BN_MOMENTUM, TARGETS, TrainingError,
+from brainscan.network import (DROPOUT, FINE_TUNE_FROM, SCRATCH_BN_MOMENTUM, TARGETS, TrainingError,
                                                augmenter,
                                                build_model, class_weights, compile_for_training, export_model,
                                                learning_rate_schedule, make_optimizer, monitored_metric,
@@ -249,7 +249,7 @@ def train(splits: str, out: str, image_size: int = DEFAULTS.image_size, epochs: 
     """Train on {splits}/train.csv with {splits}/val.csv for early stopping; write the bundle to out.
 
     The recipe options (brainscan.config.PipelineParams has a line on each; the defaults are the
-    original recipe) are built by components/architecture.py. crop_to_head: preprocessing crops
+    original recipe) are built by brainscan/network.py. crop_to_head: preprocessing crops
     to the head (recorded in the bundle). lr_schedule "cosine": stage 1 decays from learning_rate
     to 0 over `epochs` epochs after `warmup_epochs` of linear warm-up (one stage: fine_tune_epochs
     must be 0). weight_decay > 0: AdamW. augment_flip: random left-right flips. mixup: Beta alpha

@@ -21,7 +21,7 @@ import kfp
 from kfp.client import KF_PIPELINES_SA_TOKEN_ENV, KF_PIPELINES_SA_TOKEN_PATH, ServiceAccountTokenVolumeCredentials
 
 from brainscan.config import EXPERIMENT, PIPELINE_NAME, RETRAIN_PIPELINE_NAME
-from brainscan.pipelines.pipeline import compile_pipeline
+from pipelines.pipeline import compile_pipeline
 
 DEFAULT_EXPERIMENT = EXPERIMENT
 
@@ -104,7 +104,7 @@ def submit_once(host: str, run_name: str, arguments: dict | None = None, which: 
 
     Whatever that run's state: one going on or done needs no second, and a failed one is not retried
     on its own (a permanent error would start a run per check); `brainscan pipeline submit` does that
-    by hand. Run names come from the data's fingerprint (brainscan.pipelines.retrain.run_name).
+    by hand. Run names come from the data's fingerprint (pipelines.watcher.run_name).
     """
     found = find_run(host, run_name, namespace)
     if found is not None:

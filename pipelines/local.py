@@ -29,10 +29,12 @@ from typing import Callable, TextIO
 import pandas as pd
 from kfp import local as kfp_local
 
-from brainscan import stack, storage
+from brainscan import storage
+
+from brainscan.local import stack
 from brainscan.config import DEFAULT_WORKDIR, LOCAL_DEPLOY_ENV, PipelineParams, champion_uri
-from brainscan.pipelines.pipeline import retrain_pipeline, training_pipeline
-from brainscan.serving.client import predict
+from pipelines.pipeline import retrain_pipeline, training_pipeline
+from serving.client import predict
 
 log = logging.getLogger(__name__)
 

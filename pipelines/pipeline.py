@@ -24,7 +24,7 @@ from kfp import compiler, dsl, kubernetes
 
 from brainscan.config import (DEFAULTS, GPU_RESOURCE, PIPELINE_NAME, RETRAIN_PIPELINE_NAME, S3_SECRET, TEST_FRACTION,
                               TRAIN_PARAMS, VAL_FRACTION, param_help, param_names, param_types)
-from brainscan.pipelines import components as c
+from pipelines import ops as c
 
 # Kubernetes settings of the cluster; overridable at compile time.
 SECRET_NAME = os.environ.get("BRAINSCAN_SECRET", S3_SECRET)

@@ -10,7 +10,7 @@ travel to it. So the work is split in two:
          0.004 from the float input), one channel where all three are equal, with labels and
          each fold's train / val / held-out roles, into one compressed .npz.
   there  `train` (KERAS_BACKEND=jax): the architecture and recipe pieces of
-         components/architecture.py (Keras only, the same functions components/train.py uses),
+         brainscan/network.py (Keras only, the same functions components/train.py uses),
          trained with model.fit on the packed arrays (augmentation per batch outside the
          compiled step, see augmented_batches); every run's held-out softmax, plain and
          flip-averaged, into OUT/scores.npz (rewritten after each run, so a run cut off by the

@@ -1,19 +1,22 @@
 """Print the import graph between brainscan's own modules, and check that it points one way.
 
     python scripts/import_graph.py            # the graph, its layers, loops and function-level imports
-    python scripts/import_graph.py --check    # exit 1 when a rule below is broken (tests/code/test_architecture.py)
+    python scripts/import_graph.py --check    # exit 1 when a rule below is broken (tests/code/test_import_graph.py)
+    python scripts/import_graph.py --map      # the module map of docs/internals.md (Markdown)
     python scripts/import_graph.py --root DIR # another checkout, e.g. `git worktree add DIR <commit>` of an older one
 
-Layers (dependencies point down only):
-    cli          brainscan/cli.py
-    wiring       pipelines/ (brainscan.pipelines), serving/ (brainscan.serving)
-    steps        components/ (brainscan.components)
-    core         brainscan/ (everything but the CLI)
-benchmarks/ may use any layer but never tests/. No import loops between modules. An import
-inside a function needs a comment saying why (on its line, or in the comment lines directly
-above the block of imports it belongs to): TensorFlow's start-up cost is a fine reason. The bodies of
-KFP components (`@dsl.component`) are exempt: KFP ships only the function's source, so their
-imports must live inside.
+Each top-level folder is one import package and one layer (dependencies point down only):
+    tools        scripts/, benchmarks/
+    cli          cli/
+    wiring       pipelines/, serving/
+    steps        components/
+    local        brainscan/local/ (the one-machine stack)
+    core         brainscan/
+No module imports tests/. No import loops between modules. No project code edits `sys.path`
+(scripts import the installed package). An import inside a function needs a comment saying why
+(on its line, or in the comment lines directly above the block of imports it belongs to):
+TensorFlow's start-up cost is a fine reason. The bodies of KFP components (`@dsl.component`) are
+exempt: KFP ships only the function's source, so their imports must live inside.
 
 Standard library only, and nothing of the project is imported: the source is read as text.
 """
@@ -28,10 +31,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-# folder -> the package it is installed as (pyproject.toml's package-dir)
-PACKAGES = {"brainscan": "brainscan", "components": "brainscan.components", "pipelines": "brainscan.pipelines",
-            "serving": "brainscan.serving", "benchmarks": "benchmarks"}
-LAYERS = {"core": 0, "steps": 1, "wiring": 2, "cli": 3, "benchmarks": 4}
+# top-level folders: each is the import package of the same name
+PACKAGES = ("brainscan", "components", "pipelines", "serving", "cli", "scripts", "benchmarks")
+# a module's layer: the longest matching package prefix
+LAYER_OF_PACKAGE = {"brainscan": "core", "brainscan.local": "local", "components": "steps", "pipelines": "wiring",
+                    "serving": "wiring", "cli": "cli", "scripts": "tools", "benchmarks": "tools"}
+LAYERS = {"core": 0, "local": 1, "steps": 2, "wiring": 3, "cli": 4, "tools": 5}
 
 
 @dataclass(frozen=True)
@@ -45,24 +50,18 @@ class Import:
 
 def module_files() -> dict[str, Path]:
     modules = {}
-    for folder, package in PACKAGES.items():
-        for path in sorted((ROOT / folder).rglob("*.py")):
-            rel = path.relative_to(ROOT / folder).with_suffix("")
-            parts = [p for p in rel.parts if p != "__init__"]
-            modules[".".join([package, *parts])] = path
+    for package in PACKAGES:
+        for path in sorted((ROOT / package).rglob("*.py")):
+            rel = path.relative_to(ROOT).with_suffix("")
+            modules[".".join(p for p in rel.parts if p != "__init__")] = path
     return modules
 
 
 def layer_of(module: str) -> str:
-    if module.startswith("benchmarks"):
-        return "benchmarks"
-    if module == "brainscan.cli":
-        return "cli"
-    if module.startswith(("brainscan.pipelines", "brainscan.serving")):
-        return "wiring"
-    if module.startswith("brainscan.components"):
-        return "steps"
-    return "core"
+    prefix = module
+    while prefix not in LAYER_OF_PACKAGE:
+        prefix = prefix.rpartition(".")[0]
+    return LAYER_OF_PACKAGE[prefix]
 
 
 def _resolve(name: str, modules: dict[str, Path]) -> str | None:
@@ -94,6 +93,19 @@ def _commented(lines: list[str], node: ast.stmt) -> bool:
     return False
 
 
+def _is_mutated(tree: ast.AST, target: ast.Attribute) -> bool:
+    """`sys.path` called with a changing method (insert, append, extend ...) or assigned."""
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.value is target \
+                and node.func.attr in ("insert", "append", "extend", "remove", "pop", "clear"):
+            return True
+        if isinstance(node, ast.Assign) and any(t is target for t in node.targets):
+            return True
+        if isinstance(node, ast.AugAssign) and node.target is target:
+            return True
+    return False
+
+
 def _is_kfp_component(node: ast.AST) -> bool:
     decorators = getattr(node, "decorator_list", [])
     for decorator in decorators:
@@ -111,6 +123,11 @@ def imports_of(module: str, path: Path, modules: dict[str, Path]) -> tuple[list[
     package = module if path.name == "__init__.py" else module.rpartition(".")[0]
     found: list[Import] = []
     unexplained: list[tuple[int, str]] = []
+    path_edits = [node.lineno for node in ast.walk(tree) if isinstance(node, ast.Attribute) and node.attr == "path"
+                  and isinstance(node.value, ast.Name) and node.value.id == "sys"
+                  and _is_mutated(tree, node)]
+    for line in path_edits:
+        unexplained.append((line, "edits sys.path: " + lines[line - 1].strip()))
 
     def visit(node: ast.AST, in_function: bool, in_component: bool = False) -> None:
         for child in ast.iter_child_nodes(node):
@@ -199,14 +216,37 @@ def analyse() -> dict:
             "violations": violations, "unexplained": unexplained}
 
 
+def _summary(path: Path) -> str:
+    """The first sentence-line of a module's docstring."""
+    doc = ast.get_docstring(ast.parse(path.read_text())) or ""
+    return doc.strip().splitlines()[0].strip() if doc.strip() else ""
+
+
+def module_map() -> str:
+    """Every project module by layer: its file, its length and the first line of its docstring (Markdown)."""
+    modules = module_files()
+    out = ["| layer | module | lines | what it is |", "|---|---|---|---|"]
+    for layer in sorted(LAYERS, key=LAYERS.get):
+        for module, path in modules.items():
+            if layer_of(module) == layer:
+                length = len(path.read_text().splitlines())
+                out.append(f"| {layer} | `{path.relative_to(ROOT).as_posix()}` | {length} | "
+                           f"{_summary(path).replace('|', '/')} |")
+    return "\n".join(out) + "\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--check", action="store_true", help="exit 1 when a rule is broken")
+    parser.add_argument("--map", action="store_true", help="print the module map (docs/internals.md) and exit")
     parser.add_argument("--root", type=Path, help="the checkout to read (default: this one)")
     args = parser.parse_args(argv)
     if args.root:
         global ROOT
         ROOT = args.root.resolve()
+    if args.map:
+        print(module_map(), end="")
+        return 0
     result = analyse()
     edges = [e for e in result["edges"] if e.target != "tests"]
     by_source: dict[str, list[Import]] = defaultdict(list)
@@ -229,7 +269,7 @@ def main(argv: list[str] | None = None) -> int:
     for line in result["violations"]:
         print("  " + line)
     loose = sum(len(v) for v in result["unexplained"].values())
-    print(f"function-level imports without a comment saying why: {loose}")
+    print(f"function-level imports without a comment saying why, and sys.path edits: {loose}")
     for module, items in result["unexplained"].items():
         for line, text in items:
             print(f"  {module}:{line}: {text}")

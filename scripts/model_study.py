@@ -225,7 +225,7 @@ def recipe(config: str, overrides: list[str]) -> dict:
 
 def run_one(design: str, config: str, name: str, params: dict, seed: int, fold: int | None,
             splits: str, work: Path, keep: bool, track: bool = False) -> dict:
-    from brainscan.components.train import train
+    from components.train import train
 
     run_id = f"{design}-{name}-seed{seed}" + (f"-fold{fold}" if fold is not None else "")
     run_dir = work / "runs" / run_id

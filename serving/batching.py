@@ -16,7 +16,7 @@ from typing import Callable
 import numpy as np
 from prometheus_client import Counter, Histogram
 
-log = logging.getLogger("brainscan.serving")
+log = logging.getLogger("serving")
 
 BATCH_SIZE = Histogram("brainscan_batch_size", "Images per model call made by the dynamic batcher",
                        buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256))

@@ -1,6 +1,6 @@
 """A small client for the `brain-tumor` model server over the v2 REST API (JSON, base64 images).
 
-    from brainscan.serving.client import predict
+    from serving.client import predict
     predict("http://127.0.0.1:8080", ["scan1.jpg", "scan2.png"])
     -> [{"image": "scan1.jpg", "label": "mri_glioma", "tumor_probability": 0.97, "tumor": True,
          "probabilities": {...}}, ...]

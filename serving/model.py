@@ -14,7 +14,7 @@ Explanation: the v1 route `POST /v1/models/brain-tumor:explain` with
 
 The decision (P(tumor), the threshold of the scan's modality, tumor or not) is
 brainscan.decision's, as in evaluation and the registered MLflow model. Batching across
-requests lives in brainscan.serving.batching; this class only calls it. Bad input raises
+requests lives in serving.batching; this class only calls it. Bad input raises
 kserve's InvalidInput (HTTP 400 / gRPC INVALID_ARGUMENT).
 """
 
@@ -36,13 +36,13 @@ from prometheus_client import Info
 from brainscan.config import MODEL_NAME, ServeSettings
 from brainscan.decision import check_modality
 from brainscan.explain import gradcam_overlay
-from brainscan.inference import ServedModel, cpu_count
+from serving.runtime import ServedModel, cpu_count
 from brainscan.labels import CLASSES
 from brainscan.modelstore import load_bundle
 from brainscan.preprocessing import InvalidImageError
-from brainscan.serving.batching import DynamicBatcher, Ticket
+from serving.batching import DynamicBatcher, Ticket
 
-log = logging.getLogger("brainscan.serving")
+log = logging.getLogger("serving")
 
 IMAGE_INPUT = "image"
 TENSOR_INPUT = "input"
@@ -95,7 +95,7 @@ class BrainTumorModel(kserve.Model):
         except ValueError as err:
             raise ValueError(f"{self.model_uri}: {err} (brainscan serve --threshold)") from None
         self.bundle = bundle
-        # The compiled preprocessing and a runtime checked against Keras (brainscan.inference);
+        # The compiled preprocessing and a runtime checked against Keras (serving.runtime);
         # it warms both up before the server reports ready.
         self.served = ServedModel(bundle, self.runtime, convert_in_background=True, on_runtime=self._runtime_changed)
         self.batcher = DynamicBatcher(self.served.predict, **self.batcher_options)

@@ -7,7 +7,7 @@ What this module adds to `kserve.ModelServer` (0.21), and why:
   UTF-8 text (`set_data_from_numpy(..., binary_data=False)`), so raw JPEG/PNG bytes sent by
   `tritonclient.http` end in a 500. `BinarySafeDataPlane` parses those requests itself and
   keeps the raw buffer (the same thing kserve already does for gRPC raw contents).
-- dynamic batching (brainscan.serving.batching): concurrent requests share one model call,
+- dynamic batching (serving.batching): concurrent requests share one model call,
   with a bounded queue (503 when full), a maximum batch size and a maximum wait.
 - request size: REST bodies over `max_request_bytes` get 413 before they are read whole;
   gRPC messages over it are refused by gRPC itself.
@@ -38,10 +38,10 @@ from kserve.protocol.rest.server import RESTServer
 from prometheus_client import Counter
 
 from brainscan.config import ServeSettings
-from brainscan.serving.batching import ServerOverloaded
-from brainscan.serving.model import BrainTumorModel, Limits
+from serving.batching import ServerOverloaded
+from serving.model import BrainTumorModel, Limits
 
-log = logging.getLogger("brainscan.serving")
+log = logging.getLogger("serving")
 
 REJECTED_BODIES = Counter("brainscan_rejected_oversized_requests_total", "REST bodies refused for their size")
 

@@ -13,7 +13,7 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     TF_CPP_MIN_LOG_LEVEL=2
 
-COPY requirements.lock infra/docker/mlserver-requirements.txt /tmp/
+COPY requirements.lock brainscan/local/mlserver-requirements.txt /tmp/
 # The registered model's requirements (brainscan.pyfunc.REQUIREMENTS) at the lock's versions,
 # then MLServer and its MLflow runtime.
 RUN grep -E '^(mlflow|keras|tensorflow-cpu|numpy|pandas|pillow|h5py|protobuf)==' /tmp/requirements.lock \

@@ -2,7 +2,7 @@
 #
 # Build from the repository root:
 #   docker build -f infra/docker/serving.Dockerfile -t REGISTRY/brainscan-serving:TAG .
-# The InferenceService (components/inferenceservice.py) sets MODEL_URI and the S3 / MLflow
+# The InferenceService (brainscan/inferenceservice.py) sets MODEL_URI and the S3 / MLflow
 # environment; the image holds no model and no credentials.
 #
 # Lean: it installs requirements-serving.lock (what `brainscan serve` imports: kserve, TensorFlow,
@@ -42,12 +42,13 @@ RUN --mount=type=cache,target=/root/.cache/pip \
 
 # The project itself, without touching the pinned dependencies, from a copy of the sources that is
 # removed again: sources in the working directory would shadow the installed package for
-# `python -m ...` (how KFP starts every step), which then misses brainscan.components & co.
+# `python -m ...` (how KFP starts every step), which then misses components & co.
 COPY pyproject.toml README.md /tmp/src/
 COPY brainscan /tmp/src/brainscan
 COPY components /tmp/src/components
 COPY serving /tmp/src/serving
 COPY pipelines /tmp/src/pipelines
+COPY cli /tmp/src/cli
 RUN --mount=type=cache,target=/root/.cache/pip \
     pip install --no-deps /tmp/src \
     && rm -rf /tmp/src \

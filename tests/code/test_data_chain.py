@@ -10,8 +10,8 @@ import pandas as pd
 import pytest
 
 from brainscan import storage
-from brainscan.components.split import SPLITS, split
-from brainscan.components.validate import validate
+from components.split import SPLITS, split
+from components.validate import validate
 from tests.fixtures.data import build_manifest
 
 
@@ -50,7 +50,7 @@ def test_validate_and_split_read_and_write_s3(synthetic_archive, s3_prefix):
 
 def test_ingest_validate_split_chain(synthetic_archive, s3_prefix):
     """The real chain: ingest the synthetic archive into SeaweedFS, validate it, split it."""
-    ingest_module = pytest.importorskip("brainscan.components.ingest", reason="components/ingest.py not built yet")
+    ingest_module = pytest.importorskip("components.ingest", reason="components/ingest.py not built yet")
     ingest_module.ingest(synthetic_archive.out_dir, s3_prefix)
     manifest = pd.read_csv(io.StringIO(storage.read_text(storage.join(s3_prefix, "manifest.csv"))))
     assert len(manifest) == synthetic_archive.files

@@ -10,8 +10,8 @@ import types
 import pytest
 from typer.testing import CliRunner
 
-from brainscan.components.deploy import deploy
-from brainscan.components.inferenceservice import build_inference_service, to_dict
+from components.deploy import deploy
+from brainscan.inferenceservice import build_inference_service, to_dict
 from tests.fixtures.kube import write_kubeconfig
 
 NS = "ml-team"
@@ -172,11 +172,11 @@ def test_bad_arguments(kwargs, message, tmp_path):
 
 
 def test_local_deploy_starts_then_reloads_the_local_server(monkeypatch, tmp_path):
-    """The call contract with brainscan.local_server (whose own tests run the real server)."""
-    from brainscan.components import deploy as deploy_module
+    """The call contract with brainscan.local.predictor (whose own tests run the real server)."""
+    from components import deploy as deploy_module
 
     calls, running = [], {}
-    fake_local = types.ModuleType("brainscan.local_server")
+    fake_local = types.ModuleType("brainscan.local.predictor")
 
     def start(model_uri, workdir):
         calls.append((model_uri, workdir))
@@ -185,7 +185,7 @@ def test_local_deploy_starts_then_reloads_the_local_server(monkeypatch, tmp_path
 
     fake_local.start = start
     fake_local.status = lambda workdir: running.get(workdir)
-    monkeypatch.setattr(deploy_module, "local_server", fake_local)
+    monkeypatch.setattr(deploy_module, "predictor", fake_local)
 
     first = deploy(V1, local=True, workdir=tmp_path)
     assert (first.ready, first.target, first.action, first.url) == (True, "local", "started", "http://127.0.0.1:18080")
@@ -195,7 +195,7 @@ def test_local_deploy_starts_then_reloads_the_local_server(monkeypatch, tmp_path
 
 
 def test_cli_deploy_json_and_failure_exit(fake_kube):
-    from brainscan.cli import app
+    from cli import app
 
     api, kubeconfig = fake_kube
     runner = CliRunner()

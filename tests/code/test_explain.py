@@ -52,7 +52,7 @@ def test_lime_png(tiny_bundle_dir):
 
 
 def test_gradcam_through_the_project_xception():
-    architecture = pytest.importorskip("brainscan.components.architecture")
+    architecture = pytest.importorskip("brainscan.network")
     model, _ = architecture.build_model(71, base_weights="none")
     bundle = ModelBundle(model, 71, (), None, None)
     heat, probs = explain.gradcam(model, np.zeros((1, 71, 71, 3), "float32"))
@@ -61,7 +61,7 @@ def test_gradcam_through_the_project_xception():
 
 
 def test_gradcam_of_a_flip_averaging_model_explains_its_inner_network():
-    architecture = pytest.importorskip("brainscan.components.architecture")
+    architecture = pytest.importorskip("brainscan.network")
     model, _ = architecture.build_model(71, base_weights="none")
     tta = architecture.with_flip_averaging(model, 71)
     x = np.random.default_rng(1).uniform(-1, 1, (2, 71, 71, 3)).astype("float32")
@@ -72,7 +72,7 @@ def test_gradcam_of_a_flip_averaging_model_explains_its_inner_network():
 
 
 def test_overlay_of_a_cropping_bundle_is_drawn_on_its_cropped_input():
-    architecture = pytest.importorskip("brainscan.components.architecture")
+    architecture = pytest.importorskip("brainscan.network")
     model, _ = architecture.build_model(71, base_weights="none")
     plain = ModelBundle(model, 71, (), None, None)
     cropping = ModelBundle(model, 71, (), None, None, metadata={"crop_to_head": True})

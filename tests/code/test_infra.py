@@ -14,7 +14,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from brainscan.components import inferenceservice as isvc_mod
+from brainscan import inferenceservice as isvc_mod
 
 ROOT = Path(__file__).resolve().parents[2]
 INFRA = ROOT / "infra"
@@ -199,7 +199,7 @@ def test_secret_template_holds_placeholders_only():
 
 def test_secret_template_has_every_key_the_pipeline_reads():
     # kfp-kubernetes use_secret_as_env fails the pod when a named key is missing from the secret
-    from brainscan.pipelines import pipeline
+    from pipelines import pipeline
 
     (secret,) = documents(K8S / "secrets" / "s3-secret.template.yaml")
     assert secret["metadata"]["name"] == pipeline.SECRET_NAME
@@ -248,7 +248,7 @@ def test_retrain_watcher_runs_the_cli_it_names():
     and the profile namespace, and a settle window against upload floods."""
     import typer.main
 
-    from brainscan.cli import app
+    from cli import app
 
     deployment, _ = _watcher()
     (container,) = deployment["spec"]["template"]["spec"]["containers"]
@@ -325,7 +325,7 @@ def test_retrain_objects_validate_strictly_and_the_check_can_fail():
 def test_example_inferenceservice_is_what_the_builder_makes():
     (example,) = documents(K8S / "examples" / "inferenceservice.yaml")
     assert example == isvc_mod.to_dict(isvc_mod.build_inference_service()), \
-        "regenerate: python -m brainscan.components.inferenceservice > infra/k8s/examples/inferenceservice.yaml"
+        "regenerate: python -m brainscan.inferenceservice > infra/k8s/examples/inferenceservice.yaml"
 
 
 # --------------------------------------------------------------------------- the InferenceService builder

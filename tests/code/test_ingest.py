@@ -18,9 +18,11 @@ from pathlib import Path
 
 import pytest
 
-from brainscan import stack, storage
-from brainscan.components import ingest as ingest_module
-from brainscan.components.ingest import (MANIFEST_COLUMNS, IngestError, UnknownLabelsError, UploadError, ZipLimits,
+from brainscan import storage
+
+from brainscan.local import stack
+from components import ingest as ingest_module
+from components.ingest import (MANIFEST_COLUMNS, IngestError, UnknownLabelsError, UploadError, ZipLimits,
                                          ingest)
 from brainscan.labels import label_from_path
 from tests.fixtures.ingest import image_bytes, write_tree
@@ -237,7 +239,7 @@ def test_fingerprint_changes_exactly_when_data_or_labels_change(image_tree, s3_p
 def test_cli_json_summary_is_last_line(image_tree, s3_prefix):
     from typer.testing import CliRunner
 
-    from brainscan.cli import app
+    from cli import app
 
     result = CliRunner().invoke(app, ["ingest", "--source", str(image_tree), "--dest", s3_prefix, "--json",
                                       "--no-progress"])
@@ -256,9 +258,9 @@ def test_killed_ingest_resumes_and_equals_an_uninterrupted_run(synthetic_archive
     total = synthetic_archive.files
     interrupted = storage.join(s3_prefix, "interrupted")
     # The CLI in a subprocess, each upload slowed a little so that the kill lands half way.
-    slow_cli = ("import time; import brainscan.components.ingest as m; real = m._upload_one\n"
+    slow_cli = ("import time; import components.ingest as m; real = m._upload_one\n"
                 "def slow(*a, **k):\n    time.sleep(0.05); return real(*a, **k)\n"
-                "m._upload_one = slow\nfrom brainscan.cli import app; app()")
+                "m._upload_one = slow\nfrom cli import app; app()")
     process = subprocess.Popen([sys.executable, "-c", slow_cli, "ingest", "--source", root, "--dest", interrupted,
                                 "--workers", "2", "--no-progress"],
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=REPO)

@@ -16,8 +16,8 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from brainscan.cli import app
-from brainscan.pipelines import kfp_client
+from cli import app
+from pipelines import kfp_client
 
 
 class FakeKfp(BaseHTTPRequestHandler):

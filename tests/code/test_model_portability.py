@@ -26,9 +26,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from brainscan import local_server, mlserver, registry
-from brainscan.components.evaluate import predict_files
-from brainscan.components.register import register
+from brainscan import registry
+
+from brainscan.local import mlserver, predictor
+from components.evaluate import predict_files
+from components.register import register
 from brainscan.decision import tumor_probability
 from brainscan.modelstore import load_bundle
 from brainscan.preprocessing import preprocess_batch
@@ -42,7 +44,7 @@ def trained_with_recipe(tmp_path_factory, tiny_trained_bundle_dir, serving_image
     """The tiny trained model saved as a recipe bundle: flip averaging baked into model.keras (stock Keras
     layers only) and the head crop in its metadata, so every path below must apply the bundle's own
     preprocessing and load the two-pass model without brainscan's code."""
-    from brainscan.components.architecture import with_flip_averaging
+    from brainscan.network import with_flip_averaging
     from brainscan.modelstore import save_bundle
 
     plain = load_bundle(str(tiny_trained_bundle_dir))
@@ -175,9 +177,9 @@ def test_brainscan_serve_and_mlserver_answer_alike(registered, serving_images, t
             _same(_v2(server.url, serving_images, modality), expected[modality], f"MLServer, modality {modality}")
     finally:
         mlserver.stop(server)
-    info = local_server.start(model_dir, tmp_path / "brainscan", timeout=300)
+    info = predictor.start(model_dir, tmp_path / "brainscan", timeout=300)
     try:
         for modality in MODALITIES:
             _same(_v2(info.url, serving_images, modality), expected[modality], f"brainscan serve, modality {modality}")
     finally:
-        local_server.stop(tmp_path / "brainscan")
+        predictor.stop(tmp_path / "brainscan")

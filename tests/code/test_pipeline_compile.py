@@ -9,8 +9,8 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from brainscan.cli import app
-from brainscan.pipelines.pipeline import compile_pipeline
+from cli import app
+from pipelines.pipeline import compile_pipeline
 
 STEPS = ["ingest-op", "validate-op", "split-op", "train-op", "evaluate-op", "register-op", "deploy-op"]
 
@@ -94,7 +94,7 @@ def test_cli_local_runner_and_pipeline_share_one_parameter_list(train_yaml, retr
         assert options[name].help == param_help(name), name
     import inspect
 
-    from brainscan.pipelines import local
+    from pipelines import local
     assert inspect.signature(local.run_local).parameters["params"].annotation in (PipelineParams, "PipelineParams")
 
 
@@ -131,7 +131,7 @@ def test_training_runs_on_gpu_nodes_without_cache(train_yaml):
 def test_training_placement_follows_gpus(train_yaml):
     """GPU nodes (label and taint) only when training asks for GPUs: `gpus=0` runs on any node. Pod-spec
     settings cannot read a parameter's value, so a step computes them and the train pod takes its outputs."""
-    from brainscan.pipelines import components as c
+    from pipelines import ops as c
 
     spec, kube = train_yaml
     train = kube["exec-train-op"]
@@ -185,7 +185,7 @@ def test_components_are_thin_wrappers_on_the_project_image(train_yaml):
         container = executors[f"exec-{step}"]["container"]
         source = container["command"][-1]
         module = step.removesuffix("-op")
-        assert f"from brainscan.components.{module} import" in source, step
+        assert f"from components.{module} import" in source, step
         assert "pip install" not in " ".join(container["command"]), "the image holds every dependency"
     images = {name: e["container"]["image"] for name, e in executors.items()}
     assert images.pop("exec-train-op") == _image_placeholder("train_image")
@@ -202,7 +202,7 @@ def test_images_are_pipeline_parameters_defaulting_to_the_environment(tmp_path):
     import os
 
     out = tmp_path / "custom.yaml"
-    code = f"from brainscan.pipelines.pipeline import compile_pipeline; compile_pipeline({str(out)!r})"
+    code = f"from pipelines.pipeline import compile_pipeline; compile_pipeline({str(out)!r})"
     env = {"BRAINSCAN_PIPELINE_IMAGE": "registry.example/bs:1", "BRAINSCAN_PIPELINE_GPU_IMAGE": "registry.example/bs:1-gpu",
            "BRAINSCAN_SERVING_IMAGE": "registry.example/bs-serving:1"}
     subprocess.run([sys.executable, "-c", code], check=True, env={**os.environ, **env})
@@ -224,8 +224,8 @@ def test_images_are_pipeline_parameters_defaulting_to_the_environment(tmp_path):
 
 def test_deploy_step_hands_image_mode_and_gpus_to_the_inference_service(monkeypatch):
     """deploy_op's own function, as the executor runs it: the parameters reach the InferenceService builder."""
-    from brainscan.components import deploy as deploy_mod
-    from brainscan.pipelines import components as c
+    from components import deploy as deploy_mod
+    from pipelines import ops as c
 
     seen = {}
 
@@ -280,7 +280,7 @@ def test_cli_run_local_hands_every_option_to_the_local_run(tmp_path, monkeypatch
     import json
 
     from brainscan.config import PipelineParams
-    from brainscan.pipelines import local
+    from pipelines import local
 
     seen = {}
 
@@ -317,7 +317,7 @@ def test_step_logs_go_to_files_and_the_console_gets_one_line_per_step(tmp_path):
     """kfp.local's executor output lands in one log file per step; a failed step shows its log's path and tail."""
     import logging
 
-    from brainscan.pipelines.local import StepLogs
+    from pipelines.local import StepLogs
 
     lines = []
     logs = StepLogs(tmp_path / "logs", lines.append)
@@ -359,7 +359,7 @@ def test_every_train_parameter_reaches_train_under_its_own_name(train_yaml, monk
     and takes a preset."""
     import inspect
 
-    from brainscan.components import train as train_module
+    from components import train as train_module
     from brainscan.config import DEFAULTS, PRESETS, TRAIN_PARAMS
 
     spec, _ = train_yaml

@@ -14,9 +14,9 @@ import pytest
 from typer.testing import CliRunner
 
 from brainscan import modelstore, registry, storage
-from brainscan.cli import app
-from brainscan.components import register as reg
-from brainscan.components.evaluate import evaluate, read_images
+from cli import app
+from components import register as reg
+from components.evaluate import evaluate, read_images
 from brainscan.dataset import read_split
 from brainscan.preprocessing import preprocess_batch
 from tests.fixtures.registry import MlflowServer

@@ -222,7 +222,7 @@ def test_preprocessed_input_tensor(model_server, serving_bundle, serving_images)
 
 
 def test_v2_json_by_hand_and_python_client(model_server, serving_images, tmp_path):
-    from brainscan.serving.client import predict
+    from serving.client import predict
 
     status, answer = post(model_server, f"/v2/models/{MODEL}/infer", v2_json([b64_images(serving_images[:2])]))
     assert status == 200 and answer["model_name"] == MODEL
@@ -239,7 +239,7 @@ def test_v2_json_by_hand_and_python_client(model_server, serving_images, tmp_pat
 def test_predict_cli(model_server, serving_images, tmp_path):
     from typer.testing import CliRunner
 
-    from brainscan.cli import app
+    from cli import app
 
     paths = []
     for i, data in enumerate(serving_images[:3]):
@@ -259,7 +259,7 @@ def test_predict_cli(model_server, serving_images, tmp_path):
 def test_predict_cli_reports_server_errors(model_server, tmp_path):
     from typer.testing import CliRunner
 
-    from brainscan.cli import app
+    from cli import app
 
     path = tmp_path / "notes.png"
     path.write_text("this is not an image")
@@ -269,7 +269,7 @@ def test_predict_cli_reports_server_errors(model_server, tmp_path):
 
 
 def test_explain_returns_gradcam_png(model_server, serving_images):
-    from brainscan.serving.client import explain
+    from serving.client import explain
 
     answer = explain(model_server.url, serving_images[1])
     assert answer["label"] in CLASSES and 0.0 <= answer["tumor_probability"] <= 1.0
@@ -483,7 +483,7 @@ def test_model_runs_on_onnx_runtime_once_converted(model_server, serving_bundle,
 
 
 def test_local_status(model_server):
-    from brainscan import local_server as local
+    from brainscan.local import predictor as local
 
     info = local.status(model_server.workdir)
     assert info is not None and info.pid == model_server.pid and info.url == model_server.url

@@ -23,7 +23,7 @@ def _identity_model(calls: list):
 
 
 def test_batcher_gathers_concurrent_requests_and_returns_each_its_rows():
-    from brainscan.serving.batching import DynamicBatcher
+    from serving.batching import DynamicBatcher
 
     calls: list[int] = []
     batcher = DynamicBatcher(_identity_model(calls), max_batch_size=8, max_latency_ms=20)
@@ -42,7 +42,7 @@ def test_batcher_gathers_concurrent_requests_and_returns_each_its_rows():
 
 
 def test_batcher_model_error_reaches_every_waiter_and_it_keeps_working():
-    from brainscan.serving.batching import DynamicBatcher
+    from serving.batching import DynamicBatcher
 
     fail = {"now": True}
 
@@ -66,7 +66,7 @@ def test_batcher_model_error_reaches_every_waiter_and_it_keeps_working():
 
 
 def test_batcher_bounded_queue_refuses_when_full():
-    from brainscan.serving.batching import DynamicBatcher, ServerOverloaded
+    from serving.batching import DynamicBatcher, ServerOverloaded
 
     release = threading.Event()
 
@@ -95,7 +95,7 @@ def test_batcher_bounded_queue_refuses_when_full():
 def test_batcher_waits_for_announced_requests_only():
     """A request on its way (ticket) is waited for and shares the call; a lone one is not kept
     waiting for max_latency_ms (ten minutes here: waiting would hang the test, not slow it)."""
-    from brainscan.serving.batching import DynamicBatcher
+    from serving.batching import DynamicBatcher
 
     calls: list[int] = []
     batcher = DynamicBatcher(_identity_model(calls), max_batch_size=8, max_latency_ms=600_000)
@@ -122,7 +122,7 @@ def test_batcher_waits_for_announced_requests_only():
 def test_batcher_tickets_are_taken_back_when_a_request_never_arrives():
     import gc
 
-    from brainscan.serving.batching import DynamicBatcher
+    from serving.batching import DynamicBatcher
 
     batcher = DynamicBatcher(lambda x: np.zeros((len(x), 7), np.float32))
     closed, dropped = batcher.expect(), batcher.expect()
@@ -135,7 +135,7 @@ def test_batcher_tickets_are_taken_back_when_a_request_never_arrives():
 
 
 def test_batcher_rejects_bad_settings():
-    from brainscan.serving.batching import DynamicBatcher
+    from serving.batching import DynamicBatcher
 
     with pytest.raises(ValueError):
         DynamicBatcher(lambda x: x, max_batch_size=0)
@@ -155,7 +155,7 @@ def test_stock_kserve_cannot_parse_raw_image_bytes_but_ours_can(serving_images):
     from kserve.protocol.dataplane import DataPlane
     from kserve.model_repository import ModelRepository
 
-    from brainscan.serving.server import BinarySafeDataPlane
+    from serving.server import BinarySafeDataPlane
 
     body, headers = _tritonclient_binary_body(serving_images)
     with pytest.raises(Exception) as stock_error:  # the trap the server works around
@@ -172,7 +172,7 @@ def test_binary_parser_refuses_broken_framing(serving_images):
     from kserve.errors import InvalidInput
     from kserve.model_repository import ModelRepository
 
-    from brainscan.serving.server import BinarySafeDataPlane
+    from serving.server import BinarySafeDataPlane
 
     plane = BinarySafeDataPlane(ModelRepository())
     body, headers = _tritonclient_binary_body(serving_images[:1])
@@ -197,7 +197,7 @@ def _bundle(tmp_path, threshold=None, thresholds=None):
 
 
 def test_refuses_a_bundle_without_threshold_unless_given(tmp_path):
-    from brainscan.serving.model import BrainTumorModel
+    from serving.model import BrainTumorModel
 
     bundle = _bundle(tmp_path)
     with pytest.raises(ValueError, match="no calibrated decision threshold.*--threshold"):
@@ -208,7 +208,7 @@ def test_refuses_a_bundle_without_threshold_unless_given(tmp_path):
 
 def test_per_modality_thresholds(tmp_path, serving_images):
     from brainscan.labels import CLASSES
-    from brainscan.serving.model import BrainTumorModel, PreparedBatch
+    from serving.model import BrainTumorModel, PreparedBatch
 
     model = BrainTumorModel(str(_bundle(tmp_path, threshold=0.5, thresholds={"ct": 0.2, "mri": 0.9})))
     model.load()

@@ -13,8 +13,8 @@ import pytest
 from PIL import Image, ImageEnhance
 from typer.testing import CliRunner
 
-from brainscan.cli import app
-from brainscan.components.split import SPLITS, group_duplicates, split
+from cli import app
+from components.split import SPLITS, group_duplicates, split
 from brainscan.labels import CLASSES
 from tests.fixtures.data import build_manifest
 

@@ -10,7 +10,7 @@ import boto3
 import pytest
 from botocore.config import Config
 
-from brainscan import stack
+from brainscan.local import stack
 
 
 def _client(info):
@@ -54,7 +54,7 @@ def test_wrong_keys_are_refused(s3_stack):
 
 
 def test_cli_exports_work_with_eval_and_hide_the_secret(tmp_path):
-    brainscan = [sys.executable, "-m", "brainscan.cli"]
+    brainscan = [sys.executable, "-m", "cli"]
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "MLFLOW_"))}
     try:
         up = subprocess.run([*brainscan, "stack", "up", "--workdir", str(tmp_path)],
@@ -82,8 +82,8 @@ def test_cli_down_also_stops_the_local_model_server(tmp_path, serving_bundle):
     """`stack down` leaves nothing of the work dir running: SeaweedFS and `deploy --local`'s server."""
     from typer.testing import CliRunner
 
-    from brainscan.cli import app
-    from brainscan import local_server as local
+    from cli import app
+    from brainscan.local import predictor as local
 
     workdir = tmp_path / "work"
     stack.up(workdir)

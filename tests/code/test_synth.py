@@ -13,8 +13,8 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from brainscan import synth
-from brainscan.cli import app
+from brainscan.local import synth
+from cli import app
 from brainscan.labels import CLASSES, label_from_path
 
 

@@ -10,8 +10,8 @@ import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
-from brainscan.cli import app
-from brainscan.components.validate import validate, validate_manifest
+from cli import app
+from components.validate import validate, validate_manifest
 from brainscan.labels import CLASSES
 from tests.fixtures.data import build_manifest
 

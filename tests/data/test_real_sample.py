@@ -12,15 +12,15 @@ import pandas as pd
 import pytest
 
 from brainscan import storage
-from brainscan.components.split import SPLITS, split
-from brainscan.components.validate import validate
+from components.split import SPLITS, split
+from components.validate import validate
 from brainscan.labels import CLASSES
 
 pytestmark = pytest.mark.realdata
 
 
 def test_real_sample_chain(real_sample_dir, s3_prefix, tmp_path):
-    ingest_module = pytest.importorskip("brainscan.components.ingest", reason="components/ingest.py not built yet")
+    ingest_module = pytest.importorskip("components.ingest", reason="components/ingest.py not built yet")
     ingest_module.ingest(str(real_sample_dir), s3_prefix)  # the unpacked archive, as a user points at it
     manifest = pd.read_csv(io.StringIO(storage.read_text(storage.join(s3_prefix, "manifest.csv"))))
     assert set(manifest["class7"]) == set(CLASSES)

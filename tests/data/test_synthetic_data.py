@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from brainscan.components.validate import validate
+from components.validate import validate
 from brainscan.labels import CLASSES, HEALTHY_INDICES, label_from_path
 from tests.fixtures.data import build_manifest
 

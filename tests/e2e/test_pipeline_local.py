@@ -23,7 +23,9 @@ from pathlib import Path
 
 import pytest
 
-from brainscan import labels, stack, storage, synth
+from brainscan import labels, storage
+
+from brainscan.local import stack, synth
 
 pytestmark = [pytest.mark.slow]
 
@@ -37,13 +39,13 @@ E2E_ARCHIVE_SEED = 1
 @contextlib.contextmanager
 def _pipeline_workdir(workdir: Path):
     """Yields workdir; at the end its stack and model server are stopped and the environment restored."""
-    from brainscan import local_server
+    from brainscan.local import predictor
 
     saved = dict(os.environ)
     try:
         yield workdir
     finally:
-        local_server.stop(workdir)
+        predictor.stop(workdir)
         stack.down(workdir)
         os.environ.clear()
         os.environ.update(saved)
@@ -59,7 +61,7 @@ def local_run(tmp_path_factory):
 
 def _run(source, workdir, base_weights, **overrides):
     from brainscan.config import PipelineParams
-    from brainscan.pipelines.local import run_local
+    from pipelines.local import run_local
 
     params = PipelineParams(**{**E2E_PARAMS, "source": str(source), "base_weights": base_weights, **overrides})
     path = run_local(params, workdir, only_if_new_data=True)
@@ -67,7 +69,7 @@ def _run(source, workdir, base_weights, **overrides):
 
 
 def _champion_version() -> str | None:
-    from brainscan.pipelines.retrain import champion_fingerprint
+    from pipelines.watcher import champion_fingerprint
 
     return champion_fingerprint("brain-tumor")[1]
 
@@ -99,7 +101,7 @@ def test_local_pipeline_end_to_end_then_retrain_only_on_new_data(local_run, tmp_
     import pandas as pd
 
     from brainscan.dataset import read_split
-    from brainscan.pipelines.retrain import check
+    from pipelines.watcher import check
 
     source = tmp_path / "archive"
     synth.generate(source, per_class=30, seed=E2E_ARCHIVE_SEED)
@@ -162,7 +164,7 @@ def test_local_pipeline_end_to_end_then_retrain_only_on_new_data(local_run, tmp_
 def test_local_pipeline_on_real_sample(tmp_path, real_sample_dir, synthetic_pretrained_base):
     """The real Kaggle sample through the whole pipeline (small sizes; the gate may pass or not)."""
     from brainscan.config import PipelineParams
-    from brainscan.pipelines.local import run_local
+    from pipelines.local import run_local
 
     params = PipelineParams(**{**E2E_PARAMS, "epochs": 2, "fine_tune_epochs": 1, "prefix": "real",
                                "source": str(real_sample_dir), "base_weights": synthetic_pretrained_base})

@@ -193,8 +193,8 @@ def compiled_pipeline(tmp_path_factory) -> Path:
 
 def test_compiled_steps_run_in_the_image_and_write_their_outputs(pipeline_container, compiled_pipeline, s3_stack,
                                                                   synthetic_archive, tmp_path):
-    from brainscan.pipelines.pipeline import S3_ENV
-    from brainscan.pipelines.retrain import source_fingerprint
+    from pipelines.pipeline import S3_ENV
+    from pipelines.watcher import source_fingerprint
 
     work = owned_dir(tmp_path / "pods")
     bucket = f"smoke-{uuid.uuid4().hex[:10]}"

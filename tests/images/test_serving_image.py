@@ -19,7 +19,7 @@ import uuid
 import numpy as np
 import pytest
 
-from brainscan.stack import free_ports, log_tail
+from brainscan.local.stack import free_ports, log_tail
 from tests.fixtures.images import env_file, images_enabled, owned_dir
 
 pytestmark = pytest.mark.skipif(images_enabled() is not None, reason=images_enabled() or "")
@@ -67,8 +67,8 @@ def registered_champion(s3_stack, tmp_path_factory):
     """An MLflow server (sqlite metadata, artifacts on the stack's S3 read and written by its clients, as
     on a cluster) holding a brain-tumor champion registered by the project's own register step."""
     from brainscan import storage
-    from brainscan.components.register import register
-    from brainscan.components.architecture import build_model
+    from components.register import register
+    from brainscan.network import build_model
     from brainscan.modelstore import save_bundle
     from tests.fixtures.registry import MlflowServer
 

@@ -18,7 +18,7 @@ import pandas as pd
 import pytest
 
 from brainscan import calibration, storage
-from brainscan.components import evaluate as ev
+from components import evaluate as ev
 from brainscan.modelstore import load_bundle
 
 LIMITS = {"min_recall": 0.85, "min_auc": 0.9}

@@ -51,7 +51,7 @@ def test_trained_bundle_is_complete_and_detects_tumors(trained_bundle):
 
 
 def test_augmentation_on_train_only_and_data_order_follows_the_seed(eval_splits):
-    from brainscan.components.train import make_dataset
+    from components.train import make_dataset
 
     frame, images = _split_images(eval_splits, "train", limit_per_class=3)
     labels = frame["class7"].map(CLASS_INDEX).to_numpy(np.int32)
@@ -76,7 +76,7 @@ def test_augmentation_on_train_only_and_data_order_follows_the_seed(eval_splits)
 def test_weights_file_loads_into_the_base(tmp_path):
     import keras
 
-    from brainscan.components.architecture import TrainingError, build_model
+    from brainscan.network import TrainingError, build_model
 
     keras.utils.set_random_seed(7)
     reference = keras.applications.Xception(include_top=False, weights=None, input_shape=(SIZE, SIZE, 3))
@@ -94,7 +94,7 @@ def test_weights_file_loads_into_the_base(tmp_path):
 def test_imagenet_download_failure_is_one_clear_line(monkeypatch):
     from keras.src.utils import file_utils
 
-    from brainscan.components.architecture import TrainingError, build_model
+    from brainscan.network import TrainingError, build_model
 
     def offline(*args, **kwargs):
         raise Exception("URL fetch failure on https://storage.googleapis.com/...: [Errno -3] no network")
@@ -106,7 +106,7 @@ def test_imagenet_download_failure_is_one_clear_line(monkeypatch):
 
 
 def test_bad_input_is_refused_before_training(tmp_path, eval_splits):
-    from brainscan.components.train import TrainingError, train
+    from components.train import TrainingError, train
 
     with pytest.raises(FileNotFoundError, match="no split manifest"):
         train(str(tmp_path / "nowhere"), str(tmp_path / "out"), image_size=SIZE, base_weights="none")
@@ -129,7 +129,7 @@ def test_training_from_s3_splits_with_s3_weights(s3_prefix, eval_splits, tmp_pat
     """Splits, images, base weights and the bundle all in S3; pretrained path: frozen base, then fine-tuning."""
     import keras
 
-    from brainscan.components.train import train
+    from components.train import train
     from brainscan.modelstore import load_bundle
 
     for name, per_class in (("train", 2), ("val", 1)):
@@ -155,8 +155,8 @@ def test_training_from_s3_splits_with_s3_weights(s3_prefix, eval_splits, tmp_pat
 
 
 def test_mixup_and_aux_targets_keep_labels_and_weights_consistent(eval_splits):
-    from brainscan.components.architecture import class_weights
-    from brainscan.components.train import make_dataset
+    from brainscan.network import class_weights
+    from components.train import make_dataset
     from brainscan.labels import HEALTHY_INDICES
 
     frame, images = _split_images(eval_splits, "train", limit_per_class=3)
@@ -182,7 +182,7 @@ def test_mixup_and_aux_targets_keep_labels_and_weights_consistent(eval_splits):
 def test_flip_averaging_is_exact_and_loads_without_custom_objects(tmp_path):
     import keras
 
-    from brainscan.components.architecture import build_model, with_flip_averaging
+    from brainscan.network import build_model, with_flip_averaging
 
     keras.utils.set_random_seed(3)
     model, _ = build_model(SIZE, "none")
@@ -203,7 +203,7 @@ def test_flip_averaging_is_exact_and_loads_without_custom_objects(tmp_path):
 ])
 def test_recipe_options_train_and_export_one_softmax(tmp_path, eval_splits, options):
     """Every option trains; the bundle keeps the [N, 7] softmax contract and records the recipe."""
-    from brainscan.components.train import train
+    from components.train import train
     from brainscan.modelstore import load_bundle
 
     small = tmp_path / "splits"
@@ -227,7 +227,7 @@ def test_recipe_options_train_and_export_one_softmax(tmp_path, eval_splits, opti
 
 
 def test_inconsistent_recipe_options_are_refused(tmp_path, eval_splits):
-    from brainscan.components.train import train
+    from components.train import train
 
     with pytest.raises(ValueError, match="cosine schedule is one stage"):
         train(eval_splits, str(tmp_path / "o"), image_size=SIZE, base_weights="none", lr_schedule="cosine",
@@ -240,7 +240,7 @@ def test_precise_batchnorm_sets_the_average_of_the_batch_statistics():
     import keras
     import tensorflow as tf
 
-    from brainscan.components.architecture import recalibrate_batchnorm
+    from brainscan.network import recalibrate_batchnorm
 
     inputs = keras.Input((4, 4, 2))
     inner = keras.Sequential([keras.Input((4, 4, 2)), keras.layers.BatchNormalization(momentum=0.9, name="bn")])

@@ -40,7 +40,7 @@ AIM_RECALL = 0.97  # issue 11: test recall at least 0.97 in 95 % of repeats
 
 def score_held_out(model: str, splits: str) -> pd.DataFrame:
     """P(tumor) and the 7 probabilities of the run's validation and test scans (never trained on)."""
-    from brainscan.components.evaluate import predict_files, read_images  # the step's own scoring
+    from components.evaluate import predict_files, read_images  # the step's own scoring
     from brainscan.dataset import read_split
     from brainscan.modelstore import load_bundle
 

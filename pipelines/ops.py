@@ -1,4 +1,4 @@
-"""The KFP v2 lightweight components: one thin wrapper per step of `brainscan.components`.
+"""The KFP v2 lightweight components: one thin wrapper per step of `components`.
 
 Each component body imports and calls the step function (KFP ships only the function's
 source to the container, so every import lives inside the body) and turns its result into
@@ -42,7 +42,7 @@ def ingest_op(source: str, bucket: str, prefix: str, source_fingerprint: str, da
     import collections
     import json
 
-    from brainscan.components.ingest import ingest
+    from components.ingest import ingest
 
     dataset_uri = f"s3://{bucket}/{prefix.strip('/')}/dataset"
 
@@ -63,7 +63,7 @@ def validate_op(data_uri: str, fingerprint: str, report: Output[HTML], metrics: 
     `fingerprint` keys the cache: the same data is validated once.
     """
     from brainscan import storage
-    from brainscan.components.validate import validate
+    from components.validate import validate
 
     report_dir = storage.join(data_uri, "validation")
     result = validate(data_uri, report_dir)
@@ -82,7 +82,7 @@ def split_op(data_uri: str, fingerprint: str, val: float, test: float, seed: int
     """Stratified train/val/test split; duplicates never cross splits. One split per data version."""
     import json
 
-    from brainscan.components.split import split
+    from components.split import split
 
     splits_uri = f"{data_uri.rsplit('/', 1)[0]}/splits/{fingerprint[:16]}-seed{seed}"
 
@@ -125,7 +125,7 @@ def train_op(splits_uri: str, bucket: str, prefix: str, run_id: str, image_size:
     visible = len(tf.config.list_physical_devices("GPU"))
     print(f"train: {gpus} GPU(s) requested, {visible} visible")
 
-    from brainscan.components.train import train
+    from components.train import train
 
     model_uri = f"s3://{bucket}/{prefix.strip('/')}/runs/{run_id}/model"
     result = train(splits_uri, model_uri, image_size=image_size, epochs=epochs, fine_tune_epochs=fine_tune_epochs,
@@ -155,7 +155,7 @@ def evaluate_op(model_uri: str, splits_uri: str, target_recall: float, min_recal
     import base64
 
     from brainscan import storage
-    from brainscan.components.evaluate import evaluate
+    from components.evaluate import evaluate
     from brainscan.config import champion_uri
 
     evaluation_uri = f"{model_uri.rsplit('/', 1)[0]}/evaluation"
@@ -197,7 +197,7 @@ def evaluate_op(model_uri: str, splits_uri: str, target_recall: float, min_recal
 def register_op(model_uri: str, model_name: str, pipeline_run: str, fingerprint: str,
                 registered: Output[Model]) -> str:
     """Register the model in MLflow and move the `champion` alias to it; returns `models:/NAME/VERSION`."""
-    from brainscan.components.register import register
+    from components.register import register
     from brainscan.config import CHAMPION_ALIAS
 
     evaluation_uri = f"{model_uri.rsplit('/', 1)[0]}/evaluation"
@@ -220,7 +220,7 @@ def deploy_op(model_uri: str, namespace: str, canary_percent: int, image: str, d
     """Roll the model out: the KServe InferenceService on a cluster; in a local run, the local model server."""
     import os
 
-    from brainscan.components.deploy import deploy
+    from components.deploy import deploy
     from brainscan.config import LOCAL_DEPLOY_ENV
 
     local_workdir = os.environ.get(LOCAL_DEPLOY_ENV)
@@ -234,7 +234,7 @@ def deploy_op(model_uri: str, namespace: str, canary_percent: int, image: str, d
 @dsl.component(**_COMMON)
 def fingerprint_op(source: str) -> str:
     """The source's dataset fingerprint (sha256 of its sorted `sha256,class7` lines), read in place."""
-    from brainscan.pipelines.retrain import source_fingerprint
+    from components.fingerprint import source_fingerprint
 
     return source_fingerprint(source)
 
@@ -242,7 +242,7 @@ def fingerprint_op(source: str) -> str:
 @dsl.component(**_COMMON)
 def champion_fingerprint_op(model_name: str) -> str:
     """The dataset fingerprint tag of the champion model version ("none" when there is no champion)."""
-    from brainscan.pipelines.retrain import champion_fingerprint
+    from components.fingerprint import champion_fingerprint
 
     fingerprint, version = champion_fingerprint(model_name)
     print(f"champion of {model_name}: version {version}, data {fingerprint}")

@@ -10,11 +10,12 @@ import pytest
 from typer.testing import CliRunner
 
 from brainscan import storage
-from brainscan.cli import app
-from brainscan.components import ingest
+from cli import app
+from components import ingest
 from brainscan import registry
-from brainscan.components import register as reg
-from brainscan.pipelines import retrain
+from components import register as reg
+from components import fingerprint
+from pipelines import watcher
 
 NAME = "brain-tumor"
 
@@ -57,33 +58,33 @@ def _add_image(source: Path, number: int = 9001) -> None:
 def test_source_fingerprint_is_what_ingest_records(source, s3_prefix):
     """Same definition as ingest's, so the champion's tag (from ingest) compares equal."""
     result = ingest.ingest(str(source), s3_prefix, progress=False)
-    assert retrain.source_fingerprint(str(source)) == result.fingerprint
+    assert fingerprint.source_fingerprint(str(source)) == result.fingerprint
     # an S3 prefix holding the archive layout (here: ingest's own copy) reads the same
-    assert retrain.source_fingerprint(storage.join(s3_prefix, "images")) == result.fingerprint
+    assert fingerprint.source_fingerprint(storage.join(s3_prefix, "images")) == result.fingerprint
 
 
 def test_fingerprint_changes_with_an_image_or_a_label(source):
-    before = retrain.source_fingerprint(str(source))
+    before = fingerprint.source_fingerprint(str(source))
     _add_image(source)
-    added = retrain.source_fingerprint(str(source))
+    added = fingerprint.source_fingerprint(str(source))
     assert added != before
     # the same bytes filed under another class is a label change: a retrain is due
     folder = _mri_tumor_folder(source)
     (folder / "glioma (2).jpg").rename(folder / "meningioma (9002).jpg")
-    assert retrain.source_fingerprint(str(source)) != added
+    assert fingerprint.source_fingerprint(str(source)) != added
 
 
 def test_check_no_champion_then_same_data_then_new_data(source, tracking, tiny_bundle_dir):
-    first = retrain.check(str(source), model_name=NAME)
+    first = watcher.check(str(source), model_name=NAME)
     assert first.retrain and first.champion_version is None and "no champion" in first.message
 
     version = _register_champion(tiny_bundle_dir, first.fingerprint, tracking)
-    same = retrain.check(str(source), model_name=NAME)
+    same = watcher.check(str(source), model_name=NAME)
     assert not same.retrain and same.champion_version == version
     assert same.champion_fingerprint == same.fingerprint == first.fingerprint
 
     _add_image(source)
-    changed = retrain.check(str(source), model_name=NAME)
+    changed = watcher.check(str(source), model_name=NAME)
     assert changed.retrain and changed.champion_version == version
     assert changed.fingerprint != first.fingerprint and "data changed" in changed.message
 
@@ -103,9 +104,9 @@ def test_cli_check_prints_the_decision(source, tracking, tiny_bundle_dir):
 
 def test_watch_starts_one_run_per_new_fingerprint(source, tracking, monkeypatch):
     """No champion yet: one run; the same data again: none while that run goes on; new data: another."""
-    monkeypatch.setattr(retrain.time, "sleep", lambda _s: None)
+    monkeypatch.setattr(watcher.time, "sleep", lambda _s: None)
     checks = []
-    real_check = retrain.check
+    real_check = watcher.check
 
     def counting_check(src, model_name=NAME):
         checks.append(len(checks))
@@ -113,16 +114,16 @@ def test_watch_starts_one_run_per_new_fingerprint(source, tracking, monkeypatch)
             _add_image(source)  # new scans arrive between the second and third check
         return real_check(src, model_name=model_name)
 
-    monkeypatch.setattr(retrain, "check", counting_check)
+    monkeypatch.setattr(watcher, "check", counting_check)
     runs = []
-    started = retrain.watch(str(source), runs.append, interval_s=0, model_name=NAME, max_checks=4)
+    started = watcher.watch(str(source), runs.append, interval_s=0, model_name=NAME, max_checks=4)
     assert started == 2 and len(runs) == 2 and len(checks) == 4
     assert runs[0].fingerprint != runs[1].fingerprint
 
 
 def test_watch_survives_failed_checks_and_failed_starts(source, tracking, monkeypatch, caplog):
     """An unreachable source or a run that cannot start is logged; the next check tries again."""
-    monkeypatch.setattr(retrain.time, "sleep", lambda _s: None)
+    monkeypatch.setattr(watcher.time, "sleep", lambda _s: None)
     hidden = source.with_name("archive-moved")
     source.rename(hidden)
     attempts = []
@@ -133,7 +134,7 @@ def test_watch_survives_failed_checks_and_failed_starts(source, tracking, monkey
             raise ConnectionError("KFP API unreachable")
 
     checks = []
-    real_check = retrain.check
+    real_check = watcher.check
 
     def check_restoring_source(src, model_name=NAME):
         checks.append(1)
@@ -141,9 +142,9 @@ def test_watch_survives_failed_checks_and_failed_starts(source, tracking, monkey
             hidden.rename(source)  # the source comes back
         return real_check(src, model_name=model_name)
 
-    monkeypatch.setattr(retrain, "check", check_restoring_source)
-    with caplog.at_level("ERROR", logger=retrain.log.name):
-        started = retrain.watch(str(source), flaky_start, interval_s=0, model_name=NAME, max_checks=4)
+    monkeypatch.setattr(watcher, "check", check_restoring_source)
+    with caplog.at_level("ERROR", logger=watcher.log.name):
+        started = watcher.watch(str(source), flaky_start, interval_s=0, model_name=NAME, max_checks=4)
     assert started == 1 and len(attempts) == 2 and attempts[0] == attempts[1]
     messages = [r.getMessage() for r in caplog.records]
     assert any("check 1 failed" in m and "archive" in m for m in messages)
@@ -153,14 +154,14 @@ def test_watch_survives_failed_checks_and_failed_starts(source, tracking, monkey
 def test_source_fingerprint_rejects_an_empty_source(tmp_path):
     (tmp_path / "empty" / "Dataset").mkdir(parents=True)
     with pytest.raises(ValueError, match="no images"):
-        retrain.source_fingerprint(str(tmp_path / "empty"))
+        fingerprint.source_fingerprint(str(tmp_path / "empty"))
 
 
 def test_watch_waits_for_an_upload_to_settle(source, tracking, monkeypatch):
     """Scans arriving over several checks start one run, on the data as it is once the upload stopped."""
-    monkeypatch.setattr(retrain.time, "sleep", lambda _s: None)
+    monkeypatch.setattr(watcher.time, "sleep", lambda _s: None)
     checks = []
-    real_check = retrain.check
+    real_check = watcher.check
 
     def uploading_check(src, model_name=NAME):
         checks.append(1)
@@ -168,29 +169,29 @@ def test_watch_waits_for_an_upload_to_settle(source, tracking, monkeypatch):
             _add_image(source, 9000 + len(checks))  # the upload goes on across checks 2 and 3
         return real_check(src, model_name=model_name)
 
-    monkeypatch.setattr(retrain, "check", uploading_check)
+    monkeypatch.setattr(watcher, "check", uploading_check)
     runs = []
-    started = retrain.watch(str(source), runs.append, interval_s=0, model_name=NAME, max_checks=5, settle_checks=2)
+    started = watcher.watch(str(source), runs.append, interval_s=0, model_name=NAME, max_checks=5, settle_checks=2)
     assert started == 1 and len(checks) == 5  # checks 1-3 saw changing data; 4 saw it again: one run
-    assert runs[0].fingerprint == retrain.source_fingerprint(str(source))
+    assert runs[0].fingerprint == fingerprint.source_fingerprint(str(source))
     with pytest.raises(ValueError, match="settle_checks"):
-        retrain.watch(str(source), runs.append, settle_checks=0, max_checks=1)
+        watcher.watch(str(source), runs.append, settle_checks=0, max_checks=1)
 
 
 def test_unchanged_listing_reads_no_image(source, s3_prefix, monkeypatch):
     """A check lists the source; its images are read again only when the listing changed (S3 and folders)."""
     reads = []
-    real_read = retrain._read_fingerprint
-    monkeypatch.setattr(retrain, "_read_fingerprint", lambda src: reads.append(src) or real_read(src))
+    real_read = fingerprint._read_fingerprint
+    monkeypatch.setattr(fingerprint, "_read_fingerprint", lambda src: reads.append(src) or real_read(src))
     result = ingest.ingest(str(source), s3_prefix, progress=False)
     images = storage.join(s3_prefix, "images")
     for where in (str(source), images):
-        first = retrain.source_fingerprint(where)
-        assert retrain.source_fingerprint(where) == first == result.fingerprint
+        first = fingerprint.source_fingerprint(where)
+        assert fingerprint.source_fingerprint(where) == first == result.fingerprint
     assert reads == [str(source), images]  # once each, however many checks
 
     storage.write_bytes(storage.join(images, "Dataset/Brain Tumor MRI images/Tumor/glioma (9100).jpg"),
                         storage.read_bytes(storage.join(images, "Dataset/Brain Tumor MRI images/Tumor/glioma (1).jpg")))
     _add_image(source, 9100)
-    assert retrain.source_fingerprint(images) != first and retrain.source_fingerprint(str(source)) != first
+    assert fingerprint.source_fingerprint(images) != first and fingerprint.source_fingerprint(str(source)) != first
     assert reads[2:] == [images, str(source)]

@@ -7,10 +7,9 @@ import sys
 from pathlib import Path
 
 from brainscan import pyfunc
+from scripts import import_graph
 
 ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT / "scripts"))
-import import_graph  # noqa: E402  (scripts/ is not a package)
 
 
 def test_import_graph_has_no_loops_no_upward_imports_and_no_silent_lazy_imports():
@@ -27,13 +26,13 @@ def test_the_checker_sees_what_it_forbids(tmp_path, monkeypatch):
         (tmp_path / folder).mkdir()
     (tmp_path / "brainscan" / "a.py").write_text("from brainscan import b\n")
     (tmp_path / "brainscan" / "b.py").write_text("import brainscan.a\n")
-    (tmp_path / "brainscan" / "c.py").write_text("from brainscan.components import step\n")
+    (tmp_path / "brainscan" / "c.py").write_text("from components import step\n")
     (tmp_path / "components" / "step.py").write_text("def f():\n    import json\n    return json\n")
     monkeypatch.setattr(import_graph, "ROOT", tmp_path)
     result = import_graph.analyse()
     assert result["loops"] == [["brainscan.a", "brainscan.b"]]
     assert any("brainscan.c" in v and "points up" in v for v in result["violations"])
-    assert list(result["unexplained"]) == ["brainscan.components.step"]
+    assert list(result["unexplained"]) == ["components.step"]
 
 
 def test_the_registered_model_code_is_closed_under_its_imports():
@@ -80,13 +79,13 @@ def _tensorflow_reached(start: str) -> tuple[set[str], list[str]]:
 
 
 def test_the_model_code_never_imports_tensorflow():
-    """components/architecture.py builds the network and the recipe under any Keras backend (a JAX machine
+    """brainscan/network.py builds the network and the recipe under any Keras backend (a JAX machine
     trains it without TensorFlow): neither it nor a brainscan module it imports may import TensorFlow."""
-    reached, found = _tensorflow_reached("brainscan.components.architecture")
+    reached, found = _tensorflow_reached("brainscan.network")
     assert found == [], found
     assert {"brainscan.config", "brainscan.labels"} <= reached
     assert "brainscan.preprocessing" not in reached  # TensorFlow inside its functions
     # the check sees what it forbids: the trainer imports TensorFlow, directly and through preprocessing
-    reached, found = _tensorflow_reached("brainscan.components.train")
-    assert any(f.startswith("brainscan.components.train:") for f in found), found
+    reached, found = _tensorflow_reached("components.train")
+    assert any(f.startswith("components.train:") for f in found), found
     assert any(f.startswith("brainscan.preprocessing:") for f in found), found

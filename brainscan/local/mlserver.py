@@ -7,8 +7,8 @@ MLServer) with uv, cached by their requirements, and runs MLServer on a model fo
 adaptive batching (`start` / `stop`), bound to 127.0.0.1. Tests use it to check the model
 where brainscan is not installed; the serving benchmark runs MLServer beside brainscan.
 
-MLServer's own pins live in infra/docker/mlserver-requirements.txt (read from the checkout: this
-is local tooling, like the tests and benchmarks that use it), shared with the runtime image.
+MLServer's own pins live beside this module (mlserver-requirements.txt, package data: it works
+installed as well as from a checkout), shared with the runtime image (infra/docker/mlserver.Dockerfile).
 """
 
 from __future__ import annotations
@@ -25,17 +25,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from brainscan.config import MODEL_NAME
-from brainscan.local_server import ready
-from brainscan.stack import free_ports, log_tail, process_alive, tool
+from brainscan.local.predictor import ready
+from brainscan.local.stack import free_ports, log_tail, process_alive, tool
 
-MLSERVER_PINS = Path(__file__).resolve().parents[1] / "infra" / "docker" / "mlserver-requirements.txt"
+MLSERVER_PINS = Path(__file__).resolve().with_name("mlserver-requirements.txt")
 HOST = "127.0.0.1"
 
 
 def mlserver_requirements() -> tuple[str, ...]:
     """MLServer and its MLflow runtime, as pinned for the runtime image."""
     if not MLSERVER_PINS.is_file():
-        raise RuntimeError(f"{MLSERVER_PINS} not found: run from a brainscan checkout")
+        raise RuntimeError(f"{MLSERVER_PINS} not found: brainscan was installed without its package data")
     return _requirement_lines(MLSERVER_PINS)
 
 

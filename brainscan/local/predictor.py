@@ -1,6 +1,6 @@
 """Run the model server as a background process on 127.0.0.1 (what `deploy --local` uses).
 
-Part of the local stack (like brainscan.stack's SeaweedFS and MLflow): it starts the
+Part of the local stack (like brainscan.local.stack's SeaweedFS and MLflow): it starts the
 `brainscan serve` command in its own process and only talks HTTP to it.
 
 `start(model_uri, workdir)` runs `brainscan serve` detached, waits until the model is ready and
@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from brainscan.config import MODEL_NAME
-from brainscan.stack import free_ports, log_tail, process_alive
+from brainscan.local.stack import free_ports, log_tail, process_alive
 
 HOST = "127.0.0.1"
 
@@ -97,7 +97,7 @@ def start(model_uri: str, workdir, http_port: int | None = None, grpc_port: int 
     http_port = http_port or fresh[0]
     grpc_port = grpc_port or fresh[1]
     log_file = state / "server.log"
-    command = [sys.executable, "-m", "brainscan.cli", "serve", "--model", str(model_uri), "--host", HOST,
+    command = [sys.executable, "-m", "cli", "serve", "--model", str(model_uri), "--host", HOST,
                "--http-port", str(http_port), "--grpc-port", str(grpc_port), *map(str, extra_args)]
     with open(log_file, "ab") as log:
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,

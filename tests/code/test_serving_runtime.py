@@ -1,4 +1,4 @@
-"""brainscan.inference: the served model call and preprocessing give Keras-on-preprocess_batch's
+"""serving.runtime: the served model call and preprocessing give Keras-on-preprocess_batch's
 answers (within 1e-5) whichever runtime runs the model, refuse the same bad images with the
 same messages, and a runtime that disagrees with Keras is never used.
 """
@@ -30,7 +30,7 @@ def _reference(bundle, images):
 
 @pytest.mark.parametrize("runtime", ["onnx", "tf", "keras"])
 def test_served_outputs_equal_keras_on_preprocess_batch(bundle, serving_images, runtime):
-    from brainscan.inference import ServedModel
+    from serving.runtime import ServedModel
 
     x_ref, p_ref = _reference(bundle, serving_images)
     assert p_ref.std(axis=1).min() > 1e-3  # a model whose classes differ, or the comparison says little
@@ -48,7 +48,7 @@ def test_served_outputs_equal_keras_on_preprocess_batch(bundle, serving_images, 
 @pytest.fixture
 def crop_tta_bundle(tmp_path, monkeypatch):
     """A bundle as the cpu preset writes one (flip averaging baked into model.keras), also cropping to the head."""
-    from brainscan.components.architecture import with_flip_averaging
+    from brainscan.network import with_flip_averaging
     from brainscan.modelstore import load_bundle, save_bundle
     from tests.fixtures.registry import TINY_SIZE, make_tiny_model
 
@@ -62,7 +62,7 @@ def crop_tta_bundle(tmp_path, monkeypatch):
 def test_a_cropping_flip_averaging_bundle_is_served_as_it_was_trained(crop_tta_bundle, serving_images, runtime):
     """The compiled preprocessing applies the bundle's own options (its head crop) and the runtimes run the
     two-pass model: both equal Keras on the bundle's preprocessing."""
-    from brainscan.inference import ServedModel
+    from serving.runtime import ServedModel
     from brainscan.preprocessing import preprocess_batch
 
     bundle = crop_tta_bundle
@@ -76,7 +76,7 @@ def test_a_cropping_flip_averaging_bundle_is_served_as_it_was_trained(crop_tta_b
 
 
 def test_auto_runs_onnx_on_a_cpu_and_reuses_the_conversion(bundle):
-    from brainscan.inference import load_runtime, onnx_path
+    from serving.runtime import load_runtime, onnx_path
 
     first = load_runtime(bundle, "auto")
     assert first.name == "onnx" and "onnxruntime" in first.description
@@ -88,7 +88,7 @@ def test_auto_runs_onnx_on_a_cpu_and_reuses_the_conversion(bundle):
 
 
 def test_first_start_serves_compiled_tensorflow_then_switches_to_onnx(bundle, serving_images):
-    from brainscan.inference import ServedModel, onnx_path
+    from serving.runtime import ServedModel, onnx_path
 
     x_ref, p_ref = _reference(bundle, serving_images)
     seen = []
@@ -103,7 +103,7 @@ def test_first_start_serves_compiled_tensorflow_then_switches_to_onnx(bundle, se
 
 
 def test_a_runtime_that_disagrees_with_keras_is_refused(bundle, monkeypatch):
-    from brainscan import inference
+    from serving import runtime
 
     probe = inference._probe(bundle.image_size)
     reference = bundle.predict(probe)
@@ -129,7 +129,7 @@ def test_a_failed_conversion_says_why(bundle, tmp_path):
     with the child's last words (load_runtime("auto") then serves compiled TensorFlow)."""
     import dataclasses
 
-    from brainscan import inference
+    from serving import runtime
 
     broken = dataclasses.replace(bundle, local_dir=tmp_path / "no-bundle-here")
     with pytest.raises(RuntimeError, match="ONNX conversion exited with code 1: .*no model.keras"):
@@ -138,7 +138,7 @@ def test_a_failed_conversion_says_why(bundle, tmp_path):
 
 
 def test_compiled_preprocessing_refuses_what_preprocess_batch_refuses(bundle, serving_images):
-    from brainscan.inference import CompiledPreprocessing
+    from serving.runtime import CompiledPreprocessing
     from brainscan.preprocessing import InvalidImageError, preprocess_batch
 
     compiled = CompiledPreprocessing(bundle.image_size)
@@ -162,8 +162,8 @@ def test_compiled_preprocessing_refuses_what_preprocess_batch_refuses(bundle, se
 def test_xception_through_onnx_runtime_equals_keras(tmp_path, monkeypatch, serving_images):
     """The served architecture itself (the demo's 71 px Xception), weights moved off their
     initial values so the seven probabilities differ."""
-    from brainscan.components.architecture import build_model
-    from brainscan.inference import ServedModel
+    from brainscan.network import build_model
+    from serving.runtime import ServedModel
     from brainscan.modelstore import load_bundle, save_bundle
 
     monkeypatch.setenv("BRAINSCAN_CACHE", str(tmp_path / "cache"))

@@ -105,7 +105,7 @@ app.add_typer(stack_app, name="stack")
 @stack_app.command("up")
 def stack_up(workdir: Path = WORKDIR_OPTION) -> None:
     """Start the stack (or reuse the running one); prints `export` lines for eval."""
-    from brainscan import stack  # lazy: see the module docstring
+    from brainscan.local import stack  # lazy: see the module docstring
 
     try:
         info = stack.up(workdir)
@@ -117,9 +117,9 @@ def stack_up(workdir: Path = WORKDIR_OPTION) -> None:
 @stack_app.command("down")
 def stack_down(workdir: Path = WORKDIR_OPTION) -> None:
     """Stop the stack and the work dir's local model server (deploy --local); leaves no process behind."""
-    from brainscan import local_server, stack  # lazy: see the module docstring
+    from brainscan.local import predictor, stack  # lazy: see the module docstring
 
-    if local_server.stop(workdir):
+    if predictor.stop(workdir):
         typer.echo("model server stopped", err=True)
     typer.echo("stopped" if stack.down(workdir) else "not running", err=True)
 
@@ -127,7 +127,7 @@ def stack_down(workdir: Path = WORKDIR_OPTION) -> None:
 @stack_app.command("status")
 def stack_status(workdir: Path = WORKDIR_OPTION) -> None:
     """Say whether the stack runs; exit code 0 when it does, 3 when it does not."""
-    from brainscan import stack  # lazy: see the module docstring
+    from brainscan.local import stack  # lazy: see the module docstring
 
     info = stack.status(workdir)
     if info is None:
@@ -150,7 +150,7 @@ def data_synth(
     as_json: bool = JSON_OPTION,
 ) -> None:
     """Write a deterministic synthetic CT/MRI archive in the Kaggle layout (the offline default)."""
-    from brainscan import synth  # lazy: see the module docstring
+    from brainscan.local import synth  # lazy: see the module docstring
 
     result = synth.generate(out, per_class=per_class, seed=seed)
     summary = result.summary()
@@ -173,7 +173,7 @@ def ingest_cmd(
     as_json: bool = JSON_OPTION,
 ) -> None:
     """Copy the archive's images to DEST/images (sha256 in metadata, skips what is there), write DEST/manifest.csv."""
-    from brainscan.components.ingest import IngestError, ingest  # lazy: see the module docstring
+    from components.ingest import IngestError, ingest  # lazy: see the module docstring
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     logging.getLogger("botocore").setLevel(logging.WARNING)  # not "Found credentials..." on every run
@@ -203,7 +203,7 @@ def validate_cmd(
     as_json: bool = JSON_OPTION,
 ) -> None:
     """Run the great-expectations suite over the manifest; exit 1 naming failed checks and files."""
-    from brainscan.components.validate import validate  # lazy: see the module docstring
+    from components.validate import validate  # lazy: see the module docstring
 
     limits = dataclasses.asdict(dataclasses.replace(VALIDATION, **given))
     try:
@@ -229,7 +229,7 @@ def split_cmd(
     as_json: bool = JSON_OPTION,
 ) -> None:
     """Stratified train/val/test split; exact and near duplicates always share a split."""
-    from brainscan.components.split import split  # lazy: see the module docstring
+    from components.split import split  # lazy: see the module docstring
 
     try:
         result = split(data, out, val=val, test=test, seed=seed)
@@ -253,7 +253,7 @@ def train_cmd(
     as_json: bool = JSON_OPTION,
 ) -> None:
     """Train the Xception classifier on the split manifests; write a model bundle."""
-    from brainscan.components.train import TrainingError, train  # lazy: loads TensorFlow
+    from components.train import TrainingError, train  # lazy: loads TensorFlow
 
     params = _params(preset, given)
     try:
@@ -284,7 +284,7 @@ def evaluate_cmd(
 ) -> None:
     """Recall-first evaluation with a validation-calibrated threshold and a gate; a failed gate is a result."""
     # lazy: loads TensorFlow
-    from brainscan.components.evaluate import evaluate
+    from components.evaluate import evaluate
     from brainscan.modelstore import BundleError
     from brainscan.preprocessing import InvalidImageError
 
@@ -317,7 +317,7 @@ def register_cmd(
 ) -> None:
     """Register a gated model in MLflow and move the `champion` alias to it (refused when the gate failed)."""
     # lazy: loads MLflow and TensorFlow
-    from brainscan.components.register import register
+    from components.register import register
     from brainscan.modelstore import BundleError
     from brainscan.registry import RegistryError
 
@@ -387,7 +387,7 @@ def serve_cmd(
                                               help="Decision threshold, overriding the model's calibrated ones."),
 ) -> None:
     """Run the KServe model server (v2 REST + gRPC) for the model `brain-tumor`."""
-    from brainscan.serving.server import ServeOptions, run  # lazy: loads kserve and TensorFlow
+    from serving.server import ServeOptions, run  # lazy: loads kserve and TensorFlow
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     options = ServeOptions(model_uri=model, threshold=threshold, enable_grpc=not no_grpc, **given)
@@ -404,7 +404,7 @@ def predict_cmd(
     as_json: bool = typer.Option(False, "--json", help="Last output line: a JSON list of results."),
 ) -> None:
     """Send images to a model server; print class, tumor probability and decision per image."""
-    from brainscan.serving.client import ServerError, predict  # lazy: see the module docstring
+    from serving.client import ServerError, predict  # lazy: see the module docstring
 
     try:
         results = predict(url, images)
@@ -445,7 +445,7 @@ def deploy_cmd(
 ) -> None:
     """Deploy a model: create or patch the KServe InferenceService and wait until Ready (rolls back if
     it is not Ready in time), or with --local (re)start the local model server."""
-    from brainscan.components.deploy import deploy  # lazy: loads kserve
+    from components.deploy import deploy  # lazy: loads kserve
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
@@ -483,7 +483,7 @@ def pipeline_run(
     if_new_data: bool = IF_NEW_OPTION,
 ) -> None:
     """Run the KFP pipeline locally end to end; the last line printed is the path of summary.json."""
-    from brainscan.pipelines.local import run_local  # lazy: loads kfp
+    from pipelines.local import run_local  # lazy: loads kfp
 
     if not local:
         fail("only local runs start here: add --local, or use `brainscan pipeline submit --host URL` for a cluster")
@@ -520,7 +520,7 @@ def pipeline_compile(
     retrain: bool = typer.Option(False, "--retrain-if-new-data", help="Compile the retrain-if-new-data pipeline."),
 ) -> None:
     """Compile the pipeline to YAML. Images: $BRAINSCAN_PIPELINE_IMAGE / $BRAINSCAN_PIPELINE_GPU_IMAGE."""
-    from brainscan.pipelines.pipeline import compile_pipeline  # lazy: loads kfp
+    from pipelines.pipeline import compile_pipeline  # lazy: loads kfp
 
     out.parent.mkdir(parents=True, exist_ok=True)
     typer.echo(compile_pipeline(out, "retrain" if retrain else "train"))
@@ -535,7 +535,7 @@ def pipeline_upload(
     as_json: bool = JSON_OPTION,
 ) -> None:
     """Upload the pipeline (a new version when it exists already)."""
-    from brainscan.pipelines import kfp_client  # lazy: loads kfp
+    from pipelines import kfp_client  # lazy: loads kfp
 
     try:
         result = kfp_client.upload(host, which="retrain" if retrain else "train", version=version, namespace=namespace)
@@ -559,7 +559,7 @@ def pipeline_submit(
     as_json: bool = JSON_OPTION,
 ) -> None:
     """Start one run on the cluster; parameters not given keep the pipeline's (or the preset's) values."""
-    from brainscan.pipelines import kfp_client  # lazy: loads kfp
+    from pipelines import kfp_client  # lazy: loads kfp
 
     _params(preset, given)  # an unknown preset or value: a clear error before the cluster is asked
     arguments = {**(PRESETS[preset] if preset else {}), **given, **({"namespace": namespace} if namespace else {})}
@@ -585,7 +585,7 @@ def pipeline_schedule(
     as_json: bool = JSON_OPTION,
 ) -> None:
     """Create a recurring run (max_concurrency=1, no catch-up)."""
-    from brainscan.pipelines import kfp_client  # lazy: loads kfp
+    from pipelines import kfp_client  # lazy: loads kfp
 
     try:
         result = kfp_client.schedule(host, cron, {"source": source} if source else {},
@@ -610,8 +610,8 @@ def demo(
     """The whole local stack end to end on an offline synthetic dataset, then one v2 prediction
     (the demo preset; the options given override it)."""
     # lazy: loads kfp
-    from brainscan import synth
-    from brainscan.pipelines.local import run_local
+    from brainscan.local import synth
+    from pipelines.local import run_local
 
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     workdir = workdir.resolve()
@@ -640,7 +640,7 @@ app.add_typer(retrain_app, name="retrain")
 
 def _mlflow_env(workdir: Path) -> None:
     """Use the local stack's MLflow/S3 when the environment names none."""
-    from brainscan import stack  # lazy: see the module docstring
+    from brainscan.local import stack  # lazy: see the module docstring
 
     if os.environ.get("MLFLOW_TRACKING_URI"):
         return
@@ -659,7 +659,7 @@ def retrain_check(
     as_json: bool = JSON_OPTION,
 ) -> None:
     """Is a retrain due? Compares the source's dataset fingerprint with the champion's tag (exit 0 either way)."""
-    from brainscan.pipelines.retrain import check  # lazy: loads MLflow
+    from pipelines.watcher import check  # lazy: loads MLflow
 
     _mlflow_env(workdir)
     try:
@@ -690,8 +690,8 @@ def retrain_watch(
     KFP API has it already (a restarted watcher does not double it); --namespace is also the Kubeflow
     profile the run goes to. The pod's projected KFP token authenticates it (infra/k8s/retrain/)."""
     # lazy: loads MLflow and kfp
-    from brainscan import stack
-    from brainscan.pipelines import retrain
+    from brainscan.local import stack
+    from pipelines import watcher
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     params = _params(preset, given)
@@ -701,22 +701,22 @@ def retrain_watch(
 
     def start_run(decision) -> None:
         if host:
-            from brainscan.pipelines import kfp_client  # lazy: only when submitting
+            from pipelines import kfp_client  # lazy: only when submitting
 
-            result = kfp_client.submit_once(host, retrain.run_name(decision.fingerprint),
+            result = kfp_client.submit_once(host, watcher.run_name(decision.fingerprint),
                                             {**(PRESETS[preset] if preset else {}), **given}, which="retrain",
                                             namespace=given.get("namespace"))
             typer.echo(f"{'submitted' if result.action == 'submit' else 'already submitted:'} run {result.run_id} "
                        f"({result.name})", err=True)
         else:
-            from brainscan.pipelines.local import run_local  # lazy: only for local runs
+            from pipelines.local import run_local  # lazy: only for local runs
 
             try:
                 typer.echo(run_local(params, workdir, only_if_new_data=True))
             except RuntimeError as err:  # a failed run is logged; the watch goes on
                 typer.echo(f"run failed: {str(err).splitlines()[0]}", err=True)
 
-    started = retrain.watch(params.source, start_run, interval_s=interval, model_name=params.model_name,
+    started = watcher.watch(params.source, start_run, interval_s=interval, model_name=params.model_name,
                             max_checks=max_checks, settle_checks=settle_checks)
     typer.echo(f"{started} run(s) started", err=True)
 

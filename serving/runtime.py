@@ -45,7 +45,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from brainscan.bundle import MODEL_FILE, load_model
-from brainscan.config import MAX_IMAGE_PIXELS
+from brainscan.limits import MAX_IMAGE_PIXELS
 from brainscan.labels import CLASSES
 from brainscan.modelstore import ModelBundle, cache_dir
 from brainscan.preprocessing import preprocess_files, preprocess_image
@@ -138,7 +138,7 @@ def convert_in_child(bundle: ModelBundle, path: Path, timeout: float = 1800.0) -
     """
     env = {**os.environ, "TF2ONNX_CATCH_ERRORS": "FALSE",  # no graph copy per optimizer: 6.7 -> 3.9 GB peak
            "TF_CPP_MIN_LOG_LEVEL": os.environ.get("TF_CPP_MIN_LOG_LEVEL", "2")}
-    command = [sys.executable, "-m", "brainscan.inference", str(bundle.local_dir), str(bundle.image_size), str(path)]
+    command = [sys.executable, "-m", "serving.runtime", str(bundle.local_dir), str(bundle.image_size), str(path)]
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout,
                           preexec_fn=lambda: os.nice(10), stdin=subprocess.DEVNULL)
     if done.returncode != 0 or not path.is_file():
@@ -317,6 +317,6 @@ class ServedModel:
         return self.runtime.call(images)
 
 
-if __name__ == "__main__":  # the conversion child: python -m brainscan.inference BUNDLE_DIR IMAGE_SIZE OUT
+if __name__ == "__main__":  # the conversion child: python -m serving.runtime BUNDLE_DIR IMAGE_SIZE OUT
     logging.basicConfig(level=logging.WARNING)
     convert_to_onnx(sys.argv[1], int(sys.argv[2]), sys.argv[3])
