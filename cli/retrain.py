@@ -1,0 +1,100 @@
+"""`brainscan retrain`: retrain when the data changed (check once, or watch).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from brainscan.config import DEFAULT_WORKDIR, PRESETS
+from cli.common import JSON_OPTION, PRESET_OPTION, emit_json, fail, pipeline_params, setting, with_settings
+
+
+retrain_app = typer.Typer(help="Automated retraining: retrain when the data changed.", no_args_is_help=True)
+
+
+def _mlflow_env(workdir: Path) -> None:
+    """Use the local stack's MLflow/S3 when the environment names none."""
+    from brainscan.local import stack  # lazy: see the module docstring
+
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return
+    info = stack.status(workdir)
+    if info is None:
+        fail("MLFLOW_TRACKING_URI is not set and no local stack runs in "
+             f"{workdir}: export the cluster's settings or run `brainscan stack up --workdir {workdir}`")
+    os.environ.update(info.env())
+
+
+@retrain_app.command("check")
+def retrain_check(
+    source: str = setting("source"),
+    model_name: str = setting("model_name"),
+    workdir: Path = typer.Option(Path(DEFAULT_WORKDIR), "--workdir", help="Local stack to use when no MLflow is set."),
+    as_json: bool = JSON_OPTION,
+) -> None:
+    """Is a retrain due? Compares the source's dataset fingerprint with the champion's tag (exit 0 either way)."""
+    from pipelines.watcher import check  # lazy: loads MLflow
+
+    _mlflow_env(workdir)
+    try:
+        decision = check(source, model_name=model_name)
+    except Exception as err:  # bad source, MLflow unreachable
+        fail(str(err).splitlines()[0])
+    typer.echo(("retrain due: " if decision.retrain else "up to date: ") + decision.message)
+    if as_json:
+        emit_json(decision.summary())
+
+
+@retrain_app.command("watch")
+@with_settings()
+def retrain_watch(
+    given: dict,
+    interval: float = typer.Option(300, "--interval", min=1, help="Seconds between checks."),
+    host: Optional[str] = typer.Option(None, "--host", help="Submit a cluster run here (else run locally)."),
+    workdir: Path = typer.Option(Path(DEFAULT_WORKDIR), "--workdir", help="Local runs: the work dir."),
+    preset: Optional[str] = PRESET_OPTION,
+    max_checks: Optional[int] = typer.Option(None, "--max-checks", min=1, help="Stop after this many checks."),
+    settle_checks: int = typer.Option(2, "--settle-checks", min=1,
+                                      help="Start a run once the same data was seen on this many checks in a row "
+                                           "(an upload in progress changes it from check to check)."),
+) -> None:
+    """Check on an interval; when the data changed, submit a run (--host) or run the pipeline locally.
+
+    With --host: one run per data version, named after its fingerprint and not submitted again when the
+    KFP API has it already (a restarted watcher does not double it); --namespace is also the Kubeflow
+    profile the run goes to. The pod's projected KFP token authenticates it (infra/k8s/retrain/)."""
+    # lazy: loads MLflow and kfp
+    from brainscan.local import stack
+    from pipelines import watcher
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    params = pipeline_params(preset, given)
+    if host is None:
+        stack.up(workdir)
+    _mlflow_env(workdir)
+
+    def start_run(decision) -> None:
+        if host:
+            from pipelines import kfp_client  # lazy: only when submitting
+
+            result = kfp_client.submit_once(host, watcher.run_name(decision.fingerprint),
+                                            {**(PRESETS[preset] if preset else {}), **given}, which="retrain",
+                                            namespace=given.get("namespace"))
+            typer.echo(f"{'submitted' if result.action == 'submit' else 'already submitted:'} run {result.run_id} "
+                       f"({result.name})", err=True)
+        else:
+            from pipelines.local import run_local  # lazy: only for local runs
+
+            try:
+                typer.echo(run_local(params, workdir, only_if_new_data=True))
+            except RuntimeError as err:  # a failed run is logged; the watch goes on
+                typer.echo(f"run failed: {str(err).splitlines()[0]}", err=True)
+
+    started = watcher.watch(params.source, start_run, interval_s=interval, model_name=params.model_name,
+                            max_checks=max_checks, settle_checks=settle_checks)
+    typer.echo(f"{started} run(s) started", err=True)
