@@ -99,10 +99,9 @@ def train_placement_op(gpus: int) -> NamedTuple("Placement", [("node_selector", 
     otherwise. The pipeline hands both to the train step's pod spec (kfp-kubernetes *_json settings)."""
     import collections
 
-    from brainscan.config import gpu_placement
+    from components.placement import train_placement
 
-    node_selector, tolerations = gpu_placement(gpus)
-    print(f"train: {gpus} GPU(s): node selector {node_selector}, tolerations {tolerations}")
+    node_selector, tolerations = train_placement(gpus)
     return collections.namedtuple("Placement", ["node_selector", "tolerations"])(node_selector, tolerations)
 
 

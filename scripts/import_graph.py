@@ -223,22 +223,34 @@ def _summary(path: Path) -> str:
 
 
 def module_map() -> str:
-    """Every project module by layer: its file, its length and the first line of its docstring (Markdown)."""
+    """Every project module by layer: its file and the first line of its docstring (Markdown)."""
     modules = module_files()
-    out = ["| layer | module | lines | what it is |", "|---|---|---|---|"]
+    out = ["| layer | module | what it is |", "|---|---|---|"]
     for layer in sorted(LAYERS, key=LAYERS.get):
         for module, path in modules.items():
             if layer_of(module) == layer:
-                length = len(path.read_text().splitlines())
-                out.append(f"| {layer} | `{path.relative_to(ROOT).as_posix()}` | {length} | "
-                           f"{_summary(path).replace('|', '/')} |")
+                out.append(f"| {layer} | `{path.relative_to(ROOT).as_posix()}` | {_summary(path).replace('|', '/')} |")
     return "\n".join(out) + "\n"
+
+
+DOC = ROOT / "docs" / "internals.md"
+MAP_START, MAP_END = "<!-- module map: python scripts/import_graph.py --map -->", "<!-- end of module map -->"
+
+
+def with_module_map(doc: str) -> str:
+    """`doc` with the text between the module-map markers replaced by the current map."""
+    head, _, rest = doc.partition(MAP_START + "\n")
+    _, _, tail = rest.partition(MAP_END)
+    if not tail and MAP_END not in rest:
+        raise ValueError(f"the module-map markers are missing from {DOC}")
+    return f"{head}{MAP_START}\n{module_map()}{MAP_END}{tail}"
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--check", action="store_true", help="exit 1 when a rule is broken")
     parser.add_argument("--map", action="store_true", help="print the module map (docs/internals.md) and exit")
+    parser.add_argument("--write-map", action="store_true", help="write the module map into docs/internals.md")
     parser.add_argument("--root", type=Path, help="the checkout to read (default: this one)")
     args = parser.parse_args(argv)
     if args.root:
@@ -246,6 +258,9 @@ def main(argv: list[str] | None = None) -> int:
         ROOT = args.root.resolve()
     if args.map:
         print(module_map(), end="")
+        return 0
+    if args.write_map:
+        DOC.write_text(with_module_map(DOC.read_text()))
         return 0
     result = analyse()
     edges = [e for e in result["edges"] if e.target != "tests"]
