@@ -1,8 +1,11 @@
 """Every name and default of brainscan, written once (as TFX templates keep theirs in configs.py).
 
-`PipelineParams` is the one parameters object of a pipeline run: the KFP pipeline takes its
-fields as parameters (with their help as the one-line description the Kubeflow UI shows), the
-local runner runs it, and the CLI turns each field into an option. `ServeSettings` does the
+`Recipe` is how a model is trained: train()'s options, their checks, and what the model bundle
+records of them; the train step's inputs and `brainscan train`'s options are its fields.
+`PipelineParams` is the one parameters object of a pipeline run, the recipe's fields and the
+rest: the KFP pipeline takes its fields as parameters (with their help as the one-line
+description the Kubeflow UI shows), the local runner runs it, and the CLI turns each field into
+an option. `ServeSettings` does the
 same for the model server. `PRESETS` are named sets of pipeline parameters (`--preset`).
 
 Standard library only: the CLI reads this module to build its options before any heavy import.
@@ -97,7 +100,7 @@ MAX_IMAGE_PIXELS = limits.MAX_IMAGE_PIXELS  # one image's width x height, judged
 IO_WORKERS = 16  # parallel reads / uploads: S3 latency, not bandwidth, is the limit
 
 # ----------------------------------------------------------------------------- model and recipe
-# The training recipe's choices (PipelineParams below).
+# The training recipe's choices (Recipe below).
 LR_SCHEDULES = ("constant", "cosine")
 TUMOR_AUX = ("none", "head", "softmax")  # auxiliary tumor loss: none, a training-only head, the softmax's P(tumor)
 MONITORS = ("val_loss", "val_tumor_auc")  # what early stopping and the best checkpoint follow
@@ -131,12 +134,11 @@ def _param(default, help: str, **extra):
 
 
 @dataclass(frozen=True)
-class PipelineParams:
-    """The parameters of a pipeline run, with the cluster's defaults (299 px, ImageNet weights, a GPU)."""
+class Recipe:
+    """How a model is trained: train()'s options, recorded in the model bundle. The defaults are the
+    cluster's original recipe (299 px, ImageNet weights, a frozen base then fine-tuning); each field's
+    help, bounds (min, max) and choices are written here once, for the pipeline, the CLI and the checks."""
 
-    source: str = _param(DEFAULT_SOURCE, "Images: kaggle:OWNER/DATASET (or .../versions/N), an s3:// prefix, a folder or a .zip.")
-    bucket: str = _param("brainscan", "S3 bucket for the dataset copy, splits, models and reports.")
-    prefix: str = _param("pipeline", "Prefix inside the bucket for this pipeline's data.")
     image_size: int = _param(299, "Square input size in pixels (Xception accepts 71 and up).", min=MIN_IMAGE_SIZE)
     epochs: int = _param(10, "Stage 1 epochs: the head on a frozen base, or the whole network from scratch.", min=1)
     fine_tune_epochs: int = _param(5, "Stage 2 epochs at a lower learning rate (fine-tuning).", min=0)
@@ -146,7 +148,7 @@ class PipelineParams:
                                            "of an .h5 weights file.")
     seed: int = _param(42, "Seed of the split and of training: same seed, same result.")
     patience: int = _param(4, "Early stopping patience in epochs, on the monitored validation score (monitor).", min=1)
-    # The training recipe (train's options, recorded in the model bundle); the defaults are the original recipe.
+    # The recipe options proper; their defaults are the original recipe.
     crop_to_head: bool = _param(False, "Crop each scan to the head's bounding box before resizing (recorded in the "
                                        "model bundle: evaluation, serving and the registered model crop too).")
     lr_schedule: str = _param("constant", "Stage 1 learning rate: constant, or cosine (decays to 0 after the warm-up; "
@@ -169,6 +171,63 @@ class PipelineParams:
                              "checkpoints and the saved model (0: off; e.g. 0.99).", min=0.0, max=0.999999)
     precise_bn: bool = _param(False, "From scratch: recompute the BatchNorm statistics over the un-augmented training "
                                      "images before every validation.")
+
+    _kind: typing.ClassVar[str] = "recipe option"  # what replace() calls an unknown name
+
+    def __post_init__(self):  # the recipe's checks, in one place: clear errors before anything runs
+        for f in dataclasses.fields(Recipe):
+            value, bounds = getattr(self, f.name), f.metadata
+            if "choices" in bounds and value not in bounds["choices"]:
+                raise ValueError(f"{f.name} must be one of {', '.join(bounds['choices'])}, got {value!r}")
+            if "min" in bounds and value < bounds["min"]:
+                raise ValueError(f"{f.name} must be at least {bounds['min']}, got {value!r}")
+            if "max" in bounds and value > bounds["max"]:
+                raise ValueError(f"{f.name} must be at most {bounds['max']}, got {value!r}")
+        if self.lr_schedule == "cosine" and self.fine_tune_epochs:
+            raise ValueError("the cosine schedule is one stage: set fine-tune epochs to 0")
+        if self.warmup_epochs >= self.epochs:
+            raise ValueError(f"warmup_epochs ({self.warmup_epochs}) must be fewer than epochs ({self.epochs})")
+        # no start weights, however spelled (an empty option or None): "none"
+        object.__setattr__(self, "base_weights", str(self.base_weights or "none"))
+
+    @classmethod
+    def from_dict(cls, values: typing.Mapping) -> "Recipe":
+        """The recipe of those `values` that are its fields (others keep their default; other keys are ignored)."""
+        return cls(**{name: values[name] for name in param_names(cls) if name in values})
+
+    @property
+    def from_scratch(self) -> bool:
+        return self.base_weights == "none"
+
+    def fine_tune_learning_rate(self) -> float:
+        """Stage 2's rate. Pretrained: the head learns first, then the top of the base at 1/100 the rate.
+        From scratch: all of it learns from the start, then the whole network again at 1/10."""
+        return self.learning_rate / (10 if self.from_scratch else 100)
+
+    def metadata(self) -> dict:
+        """The recipe as the model bundle records it: every option, those that did not apply as None / False."""
+        recorded = {name: getattr(self, name) for name in param_names(Recipe)}
+        return {**recorded, "tumor_aux_weight": self.tumor_aux_weight if self.tumor_aux != "none" else None,
+                "precise_bn": bool(self.precise_bn and self.from_scratch)}
+
+    def replace(self, **changes):
+        unknown = sorted(set(changes) - set(param_names(type(self))))
+        if unknown:
+            raise ValueError(f"unknown {self._kind}(s): {', '.join(unknown)}")
+        return dataclasses.replace(self, **changes)
+
+    def as_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class PipelineParams(Recipe):
+    """The parameters of a pipeline run: the training recipe (Recipe's fields, first) and where the data
+    comes from and goes, the gate, and the deployment, with the cluster's defaults (a GPU)."""
+
+    source: str = _param(DEFAULT_SOURCE, "Images: kaggle:OWNER/DATASET (or .../versions/N), an s3:// prefix, a folder or a .zip.")
+    bucket: str = _param("brainscan", "S3 bucket for the dataset copy, splits, models and reports.")
+    prefix: str = _param("pipeline", "Prefix inside the bucket for this pipeline's data.")
     target_recall: float = _param(0.99, "Recall the threshold promises with 95% confidence, calibrated on the "
                                         "validation split (sample size included).")
     min_recall: float = _param(0.95, "Gate: lowest recall the test split can promise (95% lower bound) to register "
@@ -190,47 +249,18 @@ class PipelineParams:
     serving_image: str = _param(default_serving_image(), "KServe predictor image the deploy step rolls out (default: "
                                                  f"${SERVING_IMAGE_ENV} at compile time).")
 
+    _kind: typing.ClassVar[str] = "pipeline parameter"
+
     def __post_init__(self):  # clear errors before anything runs
+        super().__post_init__()
         if canonical_deployment_mode(self.deployment_mode) != SERVERLESS and self.canary_percent:
             raise ValueError("canary_percent needs deployment_mode Serverless (Knative splits traffic between "
                              "revisions; a RawDeployment has none)")
-        check_recipe(**{name: getattr(self, name) for name in RECIPE_CHECKED})
 
-    def replace(self, **changes) -> "PipelineParams":
-        unknown = sorted(set(changes) - set(param_names()))
-        if unknown:
-            raise ValueError(f"unknown pipeline parameter(s): {', '.join(unknown)}")
-        return dataclasses.replace(self, **changes)
-
-    def as_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-
-# PipelineParams fields that train() takes by the same name (pipeline, train step and `brainscan train` pass them on).
-TRAIN_PARAMS = ("image_size", "epochs", "fine_tune_epochs", "batch_size", "learning_rate", "base_weights", "seed",
-                "patience", "crop_to_head", "lr_schedule", "warmup_epochs", "weight_decay", "augment_flip", "mixup",
-                "label_smoothing", "tumor_aux", "tumor_aux_weight", "monitor", "tta_flip", "ema", "precise_bn")
-# The recipe options proper (what the defaults leave as the original recipe).
-RECIPE_PARAMS = TRAIN_PARAMS[TRAIN_PARAMS.index("crop_to_head"):]
-RECIPE_CHECKED = ("epochs", "fine_tune_epochs", "lr_schedule", "warmup_epochs", "weight_decay", "mixup",
-                  "label_smoothing", "tumor_aux", "monitor", "ema")
-
-
-def check_recipe(epochs: int, fine_tune_epochs: int, lr_schedule: str, warmup_epochs: int, weight_decay: float,
-                 mixup: float, label_smoothing: float, tumor_aux: str, monitor: str, ema: float) -> None:
-    """ValueError naming the problem when training options do not fit together (PipelineParams and train())."""
-    if lr_schedule not in LR_SCHEDULES:
-        raise ValueError(f"lr_schedule must be one of {', '.join(LR_SCHEDULES)}, got {lr_schedule!r}")
-    if lr_schedule == "cosine" and fine_tune_epochs:
-        raise ValueError("the cosine schedule is one stage: set fine-tune epochs to 0")
-    if tumor_aux not in TUMOR_AUX:
-        raise ValueError(f"tumor_aux must be one of {', '.join(TUMOR_AUX)}, got {tumor_aux!r}")
-    if monitor not in MONITORS:
-        raise ValueError(f"monitor must be one of {', '.join(MONITORS)}, got {monitor!r}")
-    if not 0 <= warmup_epochs < epochs or weight_decay < 0 or mixup < 0 or not 0 <= label_smoothing < 1 \
-            or not 0 <= ema < 1:
-        raise ValueError("need 0 <= warmup epochs < epochs, weight decay >= 0, mixup >= 0, 0 <= label smoothing < 1, "
-                         "0 <= ema < 1")
+    @property
+    def recipe(self) -> Recipe:
+        """The training recipe of this run (what the train step and `brainscan train` take)."""
+        return Recipe.from_dict(self.as_dict())
 
 
 DEFAULTS = PipelineParams()
@@ -288,7 +318,8 @@ def param_names(cls=PipelineParams) -> list[str]:
 
 
 def param_types(cls=PipelineParams) -> dict[str, type]:
-    return typing.get_type_hints(cls)
+    hints = typing.get_type_hints(cls)
+    return {name: hints[name] for name in param_names(cls)}
 
 
 def param_help(name: str, cls=PipelineParams) -> str:

@@ -3,38 +3,35 @@
 Keras, numpy and brainscan's standard-library modules only, never TensorFlow (not even through
 brainscan.preprocessing): the same architecture and recipe train under any Keras backend, e.g.
 `KERAS_BACKEND=jax` on a machine that cannot install TensorFlow. components/train.py adds what
-needs TensorFlow (the tf.data input: decoding, caching, mixup; devices; the bundle). A runner
-that reproduces train()'s recipe calls, in this order:
+needs TensorFlow (the tf.data input: decoding, caching, mixup; devices; the bundle).
 
-    check_recipe(...)                                  # brainscan.config: options that fit together
-    weights = class_weights(train_labels)              # "balanced" per-class weights
-    augment = augmenter(seed, flip=augment_flip)       # applied to training batches only
-    model, base = build_model(image_size, base_weights, dropout, bn_momentum)
-    base.trainable = base_weights == "none"            # stage 1: the head only on a pretrained base
-    targets = target_kind(mixup, label_smoothing, tumor_aux)
-    fit_model = with_tumor_head(model) if targets == "head" else model
-    rate = learning_rate_schedule(learning_rate, lr_schedule, epochs, warmup_epochs, steps_per_epoch)
-    compile_for_training(fit_model, make_optimizer(rate, weight_decay, ema), targets, tumor_aux,
-                         tumor_aux_weight, label_smoothing)
-    monitored, mode = monitored_metric(monitor, targets)   # early stopping and the best checkpoint
-    fit_model.fit(..., class_weight=weights if targets == "sparse" else None,
-                  callbacks=recipe_callbacks(model, ema, calibration_data) + [checkpoint, stopper])
-    [stage 2: set_fine_tuning(base); compile_for_training(... make_optimizer(fine_tune_rate, ...))]
-    saved = export_model(model, image_size, tta_flip)  # one input, one softmax [N, 7]
+A runner that trains a recipe as train() does (scripts/gpu_study.py under JAX, for one):
 
-Targets: "sparse" class indices (Keras class weights), "onehot" float [7] (class weights as
-sample weights; mixup mixes both) or "head" ({"probabilities": one-hot, "tumor": [1]}).
+    recipe = Recipe(...)                        # brainscan.config: checked when made
+    weights = class_weights(train_labels)       # "balanced" per-class weights
+    augment = augmenter(seed, flip=recipe.augment_flip)  # applied to training batches only
+    training = training_model(recipe, base_weights_file, steps_per_epoch)  # stage 1, compiled
+    fitted = fit_stages(training, recipe, train_data, val_data, best_path,
+                        class_weight=weights if training.targets == "sparse" else None)
+    saved = export_model(training.model, recipe.image_size, recipe.tta_flip)  # one softmax [N, 7]
+
+The data follows `training.targets` (target_kind): "sparse" class indices (Keras class weights),
+"onehot" float [7] (class weights as sample weights; mixup mixes both) or "head"
+({"probabilities": one-hot, "tumor": [1]}).
 """
 
 from __future__ import annotations
 
+import contextlib
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import keras
 import numpy as np
 from keras import ops
 
-from brainscan.config import MIN_IMAGE_SIZE, MONITORS, TTA_FLIPPED_LAYER
+from brainscan.config import MIN_IMAGE_SIZE, MONITORS, TTA_FLIPPED_LAYER, Recipe
 from brainscan.labels import CLASSES, HEALTHY_INDICES
 
 # Fine-tuning unfreezes the base from this block on (the exit flow and the last middle block).
@@ -297,6 +294,115 @@ def recipe_callbacks(model, ema: float = 0.0, calibration_data=None) -> list:
     if calibration_data is not None:
         callbacks.append(PreciseBatchNorm(model, calibration_data))
     return callbacks
+
+
+# ----------------------------------------------------------------------------- the fit stages
+@dataclass
+class TrainingModel:
+    """A recipe's networks: `model` the softmax (what is saved), `base` its Xception base, `fit` what Keras
+    fits (the model, or the model with the tumor head), and the `targets` it is compiled for."""
+
+    model: keras.Model
+    base: keras.Model
+    fit: keras.Model
+    targets: str
+
+
+def compile_recipe(training: TrainingModel, recipe: Recipe, learning_rate) -> None:
+    """Compile the fit model with the recipe's optimizer, loss and metrics at this learning rate (or schedule)."""
+    compile_for_training(training.fit, make_optimizer(learning_rate, recipe.weight_decay, recipe.ema),
+                         training.targets, recipe.tumor_aux, recipe.tumor_aux_weight, recipe.label_smoothing)
+
+
+def training_model(recipe: Recipe, base_weights_file: str, steps_per_epoch: int, dropout: float = DROPOUT,
+                   bn_momentum: float = SCRATCH_BN_MOMENTUM) -> TrainingModel:
+    """Stage 1's networks, compiled: the head on a frozen pretrained base, or all of it from scratch.
+
+    base_weights_file: "none", "imagenet" or a local weights file (train() fetches an s3:// one first).
+    """
+    model, base = build_model(recipe.image_size, base_weights_file, dropout, bn_momentum)
+    base.trainable = recipe.from_scratch  # a frozen random base learns nothing
+    targets = target_kind(recipe.mixup, recipe.label_smoothing, recipe.tumor_aux)
+    training = TrainingModel(model, base, with_tumor_head(model) if targets == "head" else model, targets)
+    compile_recipe(training, recipe, learning_rate_schedule(recipe.learning_rate, recipe.lr_schedule, recipe.epochs,
+                                                            recipe.warmup_epochs, steps_per_epoch))
+    return training
+
+
+@dataclass
+class Fitted:
+    """What the fit stages did: every epoch's logs (plain metric names) over both stages."""
+
+    history: dict[str, list[float]]
+    stage2_start: int | None  # the first fine-tuning epoch (1-based); None: one stage
+    best_epoch: int  # 1-based over both stages, by the recipe's monitor
+
+    def at_best(self, key: str) -> float | None:
+        """A logged value at the best epoch (None when it was not logged)."""
+        values = self.history.get(key)
+        return values[self.best_epoch - 1] if values else None
+
+
+def _quiet(message: str) -> None:
+    pass
+
+
+def fit_stages(training: TrainingModel, recipe: Recipe, train_data, val_data, best_path: str, *,
+               fine_tune_learning_rate: float | None = None, class_weight: dict | None = None,
+               calibration_data=None, callbacks: list | tuple = (),
+               epoch_log: Callable[[str, int, int], keras.callbacks.Callback] | None = None,
+               scope: Callable = contextlib.nullcontext, log: Callable[[str], None] = _quiet,
+               **fit_options) -> Fitted:
+    """Stage 1 (`recipe.epochs`), then stage 2 (`recipe.fine_tune_epochs`, fine-tuning from stage 1's best
+    weights); early stopping and the best checkpoint (at best_path) follow `recipe.monitor` on val_data.
+    Ends with the best weights loaded into `training`.
+
+    fine_tune_learning_rate: stage 2's rate (default: recipe.fine_tune_learning_rate()). class_weight:
+    Keras class weights (sparse targets only). calibration_data: the un-augmented training images
+    (precise_bn). callbacks: extra ones for every fit; epoch_log(stage, stage epochs, epochs before it)
+    makes a per-stage one. scope: what recompiling runs under (a tf.distribute strategy's scope).
+    fit_options go to every Model.fit (verbose, shuffle, batch_size ...).
+    """
+    monitored, mode = monitored_metric(recipe.monitor, training.targets)
+    # One checkpoint callback for both stages: its `best` carries over between fit calls.
+    checkpoint = keras.callbacks.ModelCheckpoint(best_path, monitor=monitored, mode=mode, save_best_only=True,
+                                                 save_weights_only=True, verbose=0)
+    history: dict[str, list[float]] = {}
+
+    def run_stage(stage: str, stage_epochs: int) -> None:
+        offset = len(history.get("loss", []))
+        stopper = keras.callbacks.EarlyStopping(monitor=monitored, mode=mode, patience=recipe.patience)
+        # EMA weights / precise BatchNorm statistics are in place before validation and the checkpoint.
+        stage_callbacks = (recipe_callbacks(training.model, recipe.ema, calibration_data) + [checkpoint, stopper]
+                           + ([epoch_log(stage, stage_epochs, offset)] if epoch_log else []) + list(callbacks))
+        fitted = training.fit.fit(train_data, validation_data=val_data, epochs=stage_epochs,
+                                  class_weight=class_weight, callbacks=stage_callbacks, **fit_options)
+        for key, values in with_short_names(fitted.history).items():
+            history.setdefault(key, []).extend(float(v) for v in values)
+
+    log(f"stage 1: {'whole network from scratch' if recipe.from_scratch else 'head, base frozen'}, "
+        f"lr {recipe.learning_rate} ({recipe.lr_schedule}), up to {recipe.epochs} epochs")
+    run_stage("stage 1", recipe.epochs)
+    stage2_start = None
+    if recipe.fine_tune_epochs:
+        stage2_start = len(history["loss"]) + 1
+        rate = recipe.fine_tune_learning_rate() if fine_tune_learning_rate is None else fine_tune_learning_rate
+        training.fit.load_weights(best_path)  # fine-tune from the best point, not the last
+        if recipe.from_scratch:
+            # Same trainable set: only the rate drops, so the traced train step is reused
+            # (a recompile costs minutes of retracing on CPU).
+            training.fit.optimizer.learning_rate.assign(rate)
+        else:
+            with scope():
+                unfrozen = set_fine_tuning(training.base)
+                log(f"stage 2: fine-tuning {unfrozen} base layers from {FINE_TUNE_FROM} on")
+                compile_recipe(training, recipe, rate)
+        log(f"stage 2: lr {rate}, up to {recipe.fine_tune_epochs} epochs")
+        run_stage("stage 2", recipe.fine_tune_epochs)
+    training.fit.load_weights(best_path)
+    scores = np.asarray(history[recipe.monitor], dtype=np.float64)
+    best_index = int(np.argmin(scores) if mode == "min" else np.argmax(scores))
+    return Fitted(history, stage2_start, best_index + 1)
 
 
 # ----------------------------------------------------------------------------- the saved model

@@ -102,7 +102,7 @@ def split_cmd(
 
 
 @app.command("train")
-@with_settings(names=config.TRAIN_PARAMS)
+@with_settings(config.Recipe)
 def train_cmd(
     given: dict,
     splits: str = typer.Option(..., "--splits", help="URI holding train.csv and val.csv (s3://... or a folder)."),
@@ -115,7 +115,7 @@ def train_cmd(
 
     params = pipeline_params(preset, given)
     try:
-        result = train(splits, out, **{name: getattr(params, name) for name in config.TRAIN_PARAMS})
+        result = train(splits, out, params.recipe)
     except (FileNotFoundError, ValueError, TrainingError) as err:
         fail(str(err))
     typer.echo(f"trained {result.epochs_run} epochs in {result.seconds:.0f}s; best epoch {result.best_epoch} "

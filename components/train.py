@@ -10,11 +10,13 @@
       -> {out}/model.keras, brainscan_model.json, history.json, training_curves.png
 
 The network and the recipe's Keras pieces (model, optimizer, schedule, losses, metrics,
-augmentation layers, class weights, the saved model's flip averaging) are in
+augmentation layers, class weights, the two fit stages, the saved model's flip averaging) are in
 brainscan/network.py, which never imports TensorFlow; this module adds the tf.data input,
-devices and the bundle.
+devices and the bundle: train() = load_data, fit (the stages on this machine's devices),
+bundle_metadata.
 
-Options a recipe can switch on (all off by default, which is the original recipe): the head crop
+Options a recipe (brainscan.config.Recipe) can switch on (all off by default, which is the
+original recipe): the head crop
 (recorded in the bundle so serving applies it too), a cosine schedule, AdamW weight decay,
 horizontal flips and mixup, label smoothing, an auxiliary tumor loss (a binary head used in
 training only, or a binary cross-entropy on the softmax's own P(tumor)), early stopping on the
@@ -27,6 +29,7 @@ The test split is never read here. Early stopping and the best checkpoint use va
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import io
 import sys
@@ -42,13 +45,10 @@ import tensorflow as tf
 from tqdm import tqdm
 
 from brainscan import modelstore, storage
-from brainscan.network import (DROPOUT, FINE_TUNE_FROM, SCRATCH_BN_MOMENTUM, TARGETS, TrainingError,
-                                               augmenter,
-                                               build_model, class_weights, compile_for_training, export_model,
-                                               learning_rate_schedule, make_optimizer, monitored_metric,
-                                               recipe_callbacks, set_fine_tuning, target_kind, with_short_names,
-                                               with_tumor_head)
-from brainscan.config import DEFAULTS, IO_WORKERS, MIN_IMAGE_SIZE, check_recipe
+from brainscan.config import DEFAULTS, IO_WORKERS, Recipe
+from brainscan.network import (DROPOUT, SCRATCH_BN_MOMENTUM, TARGETS, Fitted, TrainingError, augmenter,
+                               class_weights, export_model, fit_stages, target_kind, training_model,
+                               with_short_names)
 from brainscan.dataset import read_split, splits_fingerprint
 from brainscan.labels import CLASS_INDEX, CLASSES, HEALTHY_INDICES
 from brainscan.preprocessing import METADATA_CROP_KEY, InvalidImageError, check_image_bytes, preprocess_image
@@ -234,67 +234,31 @@ class _EpochLog:
 
 # --------------------------------------------------------------------------- train
 
-def train(splits: str, out: str, image_size: int = DEFAULTS.image_size, epochs: int = DEFAULTS.epochs,
-          fine_tune_epochs: int = DEFAULTS.fine_tune_epochs, batch_size: int = DEFAULTS.batch_size,
-          base_weights: str = DEFAULTS.base_weights, seed: int = DEFAULTS.seed,
-          learning_rate: float = DEFAULTS.learning_rate, fine_tune_learning_rate: float | None = None,
-          patience: int = DEFAULTS.patience, dropout: float = DROPOUT, bn_momentum: float = SCRATCH_BN_MOMENTUM,
-          crop_to_head: bool = DEFAULTS.crop_to_head, lr_schedule: str = DEFAULTS.lr_schedule,
-          warmup_epochs: int = DEFAULTS.warmup_epochs, weight_decay: float = DEFAULTS.weight_decay,
-          augment_flip: bool = DEFAULTS.augment_flip, mixup: float = DEFAULTS.mixup,
-          label_smoothing: float = DEFAULTS.label_smoothing, tumor_aux: str = DEFAULTS.tumor_aux,
-          tumor_aux_weight: float = DEFAULTS.tumor_aux_weight, monitor: str = DEFAULTS.monitor,
-          tta_flip: bool = DEFAULTS.tta_flip, ema: float = DEFAULTS.ema, precise_bn: bool = DEFAULTS.precise_bn,
-          callbacks: list | None = None, deterministic: bool = True, workers: int = IO_WORKERS) -> TrainResult:
-    """Train on {splits}/train.csv with {splits}/val.csv for early stopping; write the bundle to out.
+@dataclass
+class TrainingData:
+    """The train and val splits in memory: each image's bytes and class index, and the class weights."""
 
-    The recipe options (brainscan.config.PipelineParams has a line on each; the defaults are the
-    original recipe) are built by brainscan/network.py. crop_to_head: preprocessing crops
-    to the head (recorded in the bundle). lr_schedule "cosine": stage 1 decays from learning_rate
-    to 0 over `epochs` epochs after `warmup_epochs` of linear warm-up (one stage: fine_tune_epochs
-    must be 0). weight_decay > 0: AdamW. augment_flip: random left-right flips. mixup: Beta alpha
-    (0 = off). tumor_aux "head": a sigmoid tumor head beside the softmax, trained with weight
-    tumor_aux_weight and dropped from the saved model; "softmax": that weight times the binary
-    cross-entropy of the softmax's P(tumor). monitor: what early stopping and the best checkpoint
-    follow ("val_loss", or "val_tumor_auc", the validation ROC-AUC of P(tumor)). tta_flip: the
-    saved model averages its softmax over the image and its mirror image. ema: an exponential
-    moving average of the weights with this momentum (0 = off) for validation, checkpoints and
-    the saved model. precise_bn: before every validation the BatchNorm statistics are recomputed
-    over the un-augmented training images (from scratch only).
-    callbacks: extra Keras callbacks for every fit (e.g. a study's per-epoch measurements).
-    """
-    started = time.monotonic()
-    if epochs < 1 or fine_tune_epochs < 0 or batch_size < 1:
-        raise ValueError("epochs must be >= 1, fine-tune epochs >= 0 and batch size >= 1")
-    if image_size < MIN_IMAGE_SIZE:
-        raise ValueError(f"image size {image_size} is too small: Xception needs at least {MIN_IMAGE_SIZE}")
-    check_recipe(epochs=epochs, fine_tune_epochs=fine_tune_epochs, lr_schedule=lr_schedule,
-                 warmup_epochs=warmup_epochs, weight_decay=weight_decay, mixup=mixup,
-                 label_smoothing=label_smoothing, tumor_aux=tumor_aux, monitor=monitor, ema=ema)
-    base_weights = str(base_weights or "none")
-    from_scratch = base_weights == "none"
-    # Pretrained: the head learns first, then the top of the base at 1/100 the rate.
-    # From scratch: all of it learns from the start, then the whole network again at 1/10.
-    if fine_tune_learning_rate is None:
-        fine_tune_learning_rate = learning_rate / (10 if from_scratch else 100)
-    targets = target_kind(mixup, label_smoothing, tumor_aux)
-    monitored, mode = monitored_metric(monitor, targets)
+    train_images: list[bytes]
+    train_labels: np.ndarray
+    val_images: list[bytes]
+    val_labels: np.ndarray
+    class_weights: dict[int, float]
 
-    keras.utils.set_random_seed(seed)
-    if deterministic:
-        try:
-            tf.config.experimental.enable_op_determinism()
-        except Exception as err:  # older TF or an unsupported device: train anyway
-            _log(f"op determinism not available ({err}); results may vary slightly")
 
+def load_data(splits: str, workers: int = IO_WORKERS) -> TrainingData:
+    """{splits}/train.csv and val.csv read in (every image checked to decode); the test split is never read."""
     train_frame, val_frame = (read_split(splits, name)[["path", "class7"]] for name in ("train", "val"))
     train_labels = train_frame["class7"].map(CLASS_INDEX).to_numpy(np.int32)
     val_labels = val_frame["class7"].map(CLASS_INDEX).to_numpy(np.int32)
     _log(f"{len(train_frame)} training and {len(val_frame)} validation images from {splits}")
-    train_bytes = read_images(train_frame["path"].tolist(), workers, "read train")
-    val_bytes = read_images(val_frame["path"].tolist(), workers, "read val")
-    weights = class_weights(train_labels)
+    train_images = read_images(train_frame["path"].tolist(), workers, "read train")
+    val_images = read_images(val_frame["path"].tolist(), workers, "read val")
+    return TrainingData(train_images, train_labels, val_images, val_labels, class_weights(train_labels))
 
+
+@contextlib.contextmanager
+def device_strategy():
+    """The tf.distribute strategy over this machine's GPUs (mixed precision while it lasts), or the CPU."""
     gpus = tf.config.list_physical_devices("GPU")
     previous_policy = keras.mixed_precision.global_policy()
     if gpus:
@@ -304,107 +268,103 @@ def train(splits: str, out: str, image_size: int = DEFAULTS.image_size, epochs: 
     else:
         strategy = tf.distribute.get_strategy()
         _log("no GPU: training on CPU")
-
-    history: dict[str, list[float]] = {}
-    stage2_start = None
-    steps_per_epoch = -(-len(train_frame) // batch_size)
     try:
-        with tempfile.TemporaryDirectory() as tmp:
-            train_data = make_dataset(train_bytes, train_labels, image_size, batch_size, True, seed, tmp,
-                                      crop_to_head=crop_to_head, flip=augment_flip, mixup=mixup,
-                                      sample_weights=None if targets == "sparse" else weights, targets=targets)
-            val_data = make_dataset(val_bytes, val_labels, image_size, batch_size, False, seed, tmp,
-                                    crop_to_head=crop_to_head, targets=targets)
-            # the training images as validation sees them (no augmentation), in larger batches
-            calibration_data = make_dataset(train_bytes, train_labels, image_size, max(batch_size, 64), False, seed,
-                                            tmp, crop_to_head=crop_to_head, cache_name="calibration") \
-                if precise_bn and from_scratch else None
-            with strategy.scope():
-                model, base = build_model(image_size, fetch_base_weights(base_weights, tmp), dropout, bn_momentum)
-                base.trainable = from_scratch  # a frozen random base learns nothing
-                fit_model = with_tumor_head(model) if targets == "head" else model
-                rate = learning_rate_schedule(learning_rate, lr_schedule, epochs, warmup_epochs, steps_per_epoch)
-                compile_for_training(fit_model, make_optimizer(rate, weight_decay, ema), targets, tumor_aux,
-                                     tumor_aux_weight, label_smoothing)
-            best_path = str(Path(tmp) / "best.weights.h5")
-            # One checkpoint callback for both stages: its `best` carries over between fit calls.
-            checkpoint = keras.callbacks.ModelCheckpoint(best_path, monitor=monitored, mode=mode,
-                                                         save_best_only=True, save_weights_only=True, verbose=0)
-
-            def run_stage(stage: str, stage_epochs: int):
-                offset = len(history.get("loss", []))
-                stopper = keras.callbacks.EarlyStopping(monitor=monitored, mode=mode, patience=patience)
-                # EMA weights / precise BatchNorm statistics are in place before validation and the checkpoint.
-                fitted = fit_model.fit(train_data, validation_data=val_data, epochs=stage_epochs,
-                                       class_weight=weights if targets == "sparse" else None, verbose=0,
-                                       shuffle=False,
-                                       callbacks=recipe_callbacks(model, ema, calibration_data)
-                                       + [checkpoint, stopper, _EpochLog.make(stage, stage_epochs, offset)]
-                                       + list(callbacks or []))
-                for key, values in with_short_names(fitted.history).items():
-                    history.setdefault(key, []).extend(float(v) for v in values)
-
-            _log(f"stage 1: {'whole network from scratch' if from_scratch else 'head, base frozen'}, "
-                 f"lr {learning_rate} ({lr_schedule}), up to {epochs} epochs")
-            run_stage("stage 1", epochs)
-            if fine_tune_epochs:
-                stage2_start = len(history["loss"]) + 1
-                fit_model.load_weights(best_path)  # fine-tune from the best point, not the last
-                if from_scratch:
-                    # Same trainable set: only the rate drops, so the traced train step is reused
-                    # (a recompile costs minutes of retracing on CPU).
-                    fit_model.optimizer.learning_rate.assign(fine_tune_learning_rate)
-                else:
-                    with strategy.scope():
-                        unfrozen = set_fine_tuning(base)
-                        _log(f"stage 2: fine-tuning {unfrozen} base layers from {FINE_TUNE_FROM} on")
-                        compile_for_training(fit_model, make_optimizer(fine_tune_learning_rate, weight_decay, ema),
-                                             targets, tumor_aux, tumor_aux_weight, label_smoothing)
-                _log(f"stage 2: lr {fine_tune_learning_rate}, up to {fine_tune_epochs} epochs")
-                run_stage("stage 2", fine_tune_epochs)
-            fit_model.load_weights(best_path)
-            # The saved model: the softmax alone, uncompiled (no training-only loss or head in it).
-            export = export_model(model, image_size, tta_flip)
+        yield strategy
     finally:
         keras.mixed_precision.set_global_policy(previous_policy)
 
-    scores = np.asarray(history[monitor], dtype=np.float64)
-    best_index = int(np.argmin(scores) if mode == "min" else np.argmax(scores))
-    seconds = time.monotonic() - started
-    history_doc = {"history": history, "stage2_start_epoch": stage2_start, "best_epoch": best_index + 1,
-                   "monitor": monitor}
-    metadata = {
-        "base_weights": base_weights, "seed": seed, "epochs": epochs, "fine_tune_epochs": fine_tune_epochs,
-        "batch_size": batch_size, "learning_rate": learning_rate, "patience": patience,
-        "bn_momentum": bn_momentum if from_scratch else None,
+
+def fit(data: TrainingData, recipe: Recipe, *, dropout: float, bn_momentum: float, fine_tune_learning_rate: float,
+        callbacks: list) -> tuple[Fitted, keras.Model]:
+    """The recipe's fit stages (brainscan.network.fit_stages) on tf.data input; returns them and the model to save."""
+    targets = target_kind(recipe.mixup, recipe.label_smoothing, recipe.tumor_aux)
+    weights = data.class_weights
+    with device_strategy() as strategy, tempfile.TemporaryDirectory() as tmp:
+        train_data = make_dataset(data.train_images, data.train_labels, recipe.image_size, recipe.batch_size, True,
+                                  recipe.seed, tmp, crop_to_head=recipe.crop_to_head, flip=recipe.augment_flip,
+                                  mixup=recipe.mixup, sample_weights=None if targets == "sparse" else weights,
+                                  targets=targets)
+        val_data = make_dataset(data.val_images, data.val_labels, recipe.image_size, recipe.batch_size, False,
+                                recipe.seed, tmp, crop_to_head=recipe.crop_to_head, targets=targets)
+        # the training images as validation sees them (no augmentation), in larger batches
+        calibration_data = make_dataset(data.train_images, data.train_labels, recipe.image_size,
+                                        max(recipe.batch_size, 64), False, recipe.seed, tmp,
+                                        crop_to_head=recipe.crop_to_head, cache_name="calibration") \
+            if recipe.precise_bn and recipe.from_scratch else None
+        steps_per_epoch = -(-len(data.train_labels) // recipe.batch_size)
+        with strategy.scope():
+            training = training_model(recipe, fetch_base_weights(recipe.base_weights, tmp), steps_per_epoch,
+                                      dropout, bn_momentum)
+        fitted = fit_stages(training, recipe, train_data, val_data, str(Path(tmp) / "best.weights.h5"),
+                            fine_tune_learning_rate=fine_tune_learning_rate,
+                            class_weight=weights if targets == "sparse" else None, calibration_data=calibration_data,
+                            callbacks=callbacks, epoch_log=_EpochLog.make, scope=strategy.scope, log=_log,
+                            verbose=0, shuffle=False)
+        # The saved model: the softmax alone, uncompiled (no training-only loss or head in it).
+        return fitted, export_model(training.model, recipe.image_size, recipe.tta_flip)
+
+
+def bundle_metadata(recipe: Recipe, splits: str, data: TrainingData, fitted: Fitted, *, dropout: float,
+                    bn_momentum: float, fine_tune_learning_rate: float) -> dict:
+    """What the bundle records of a training: the recipe, the network's settings, the data, the best epoch."""
+    return {
+        **recipe.metadata(), "dropout": dropout, "bn_momentum": bn_momentum if recipe.from_scratch else None,
         "fine_tune_learning_rate": fine_tune_learning_rate, "splits": splits,
-        "dataset_fingerprint": splits_fingerprint(splits), "train_images": len(train_frame),
-        "val_images": len(val_frame), "best_epoch": best_index + 1,
-        "best_val_loss": history["val_loss"][best_index], "best_val_accuracy": history["val_accuracy"][best_index],
-        "best_val_tumor_auc": (history.get("val_tumor_auc") or [None] * (best_index + 1))[best_index],
-        "dropout": dropout, "lr_schedule": lr_schedule, "warmup_epochs": warmup_epochs,
-        "weight_decay": weight_decay, "augment_flip": augment_flip, "mixup": mixup,
-        "label_smoothing": label_smoothing, "tumor_aux": tumor_aux,
-        "tumor_aux_weight": tumor_aux_weight if tumor_aux != "none" else None, "monitor": monitor,
-        "tta_flip": tta_flip, "ema": ema, "precise_bn": bool(precise_bn and from_scratch),
-        METADATA_CROP_KEY: bool(crop_to_head),
+        "dataset_fingerprint": splits_fingerprint(splits), "train_images": len(data.train_labels),
+        "val_images": len(data.val_labels), "best_epoch": fitted.best_epoch,
+        "best_val_loss": fitted.at_best("val_loss"), "best_val_accuracy": fitted.at_best("val_accuracy"),
+        "best_val_tumor_auc": fitted.at_best("val_tumor_auc"),
+        METADATA_CROP_KEY: bool(recipe.crop_to_head),  # where evaluation and serving read the crop from
         "preprocessing": "brainscan.preprocessing.preprocess_image (RGB, "
-                         + ("crop to the head, aspect-preserving " if crop_to_head else "")
+                         + ("crop to the head, aspect-preserving " if recipe.crop_to_head else "")
                          + "bilinear resize, xception preprocess_input)",
         "trained_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
     }
-    modelstore.save_bundle(export, out, image_size, extra_metadata=metadata)
-    history_uri = storage.write_json(storage.join(out, "history.json"), history_doc)
+
+
+def train(splits: str, out: str, recipe: Recipe | None = None, *, dropout: float = DROPOUT,
+          bn_momentum: float = SCRATCH_BN_MOMENTUM, fine_tune_learning_rate: float | None = None,
+          callbacks: list | None = None, deterministic: bool = True, workers: int = IO_WORKERS,
+          **recipe_options) -> TrainResult:
+    """Train on {splits}/train.csv with {splits}/val.csv for early stopping; write the bundle to out.
+
+    recipe: a brainscan.config.Recipe (its fields have a line each; the defaults are the original
+    recipe), changed by any of its fields given as keywords (`train(splits, out, epochs=3)`).
+    dropout, bn_momentum (BatchNorm from scratch): the network's settings. fine_tune_learning_rate:
+    stage 2's rate (default: recipe.fine_tune_learning_rate()). callbacks: extra Keras callbacks for
+    every fit (e.g. a study's per-epoch measurements).
+    """
+    started = time.monotonic()
+    recipe = (recipe or Recipe()).replace(**recipe_options)  # checked: Recipe refuses what does not fit
+    if fine_tune_learning_rate is None:
+        fine_tune_learning_rate = recipe.fine_tune_learning_rate()
+    keras.utils.set_random_seed(recipe.seed)
+    if deterministic:
+        try:
+            tf.config.experimental.enable_op_determinism()
+        except Exception as err:  # older TF or an unsupported device: train anyway
+            _log(f"op determinism not available ({err}); results may vary slightly")
+
+    data = load_data(splits, workers)
+    fitted, export = fit(data, recipe, dropout=dropout, bn_momentum=bn_momentum,
+                         fine_tune_learning_rate=fine_tune_learning_rate, callbacks=list(callbacks or []))
+    seconds = time.monotonic() - started
+    metadata = bundle_metadata(recipe, splits, data, fitted, dropout=dropout, bn_momentum=bn_momentum,
+                               fine_tune_learning_rate=fine_tune_learning_rate)
+    modelstore.save_bundle(export, out, recipe.image_size, extra_metadata=metadata)
+    history_uri = storage.write_json(storage.join(out, "history.json"), {
+        "history": fitted.history, "stage2_start_epoch": fitted.stage2_start, "best_epoch": fitted.best_epoch,
+        "monitor": recipe.monitor})
     curves_uri = storage.write_bytes(storage.join(out, "training_curves.png"),
-                                     plot_curves(history, stage2_start, best_index + 1), "image/png")
+                                     plot_curves(fitted.history, fitted.stage2_start, fitted.best_epoch), "image/png")
     result = TrainResult(
-        out=str(out), image_size=image_size, base_weights=base_weights, seed=seed,
-        train_images=len(train_frame), val_images=len(val_frame), epochs_run=len(history["loss"]),
-        best_epoch=best_index + 1, best_val_loss=history["val_loss"][best_index],
-        best_val_accuracy=history["val_accuracy"][best_index],
-        class_weights={CLASSES[i]: round(w, 4) for i, w in weights.items()}, seconds=round(seconds, 1),
-        history_uri=history_uri, curves_uri=curves_uri, history=history,
+        out=str(out), image_size=recipe.image_size, base_weights=recipe.base_weights, seed=recipe.seed,
+        train_images=len(data.train_labels), val_images=len(data.val_labels),
+        epochs_run=len(fitted.history["loss"]), best_epoch=fitted.best_epoch,
+        best_val_loss=fitted.at_best("val_loss"), best_val_accuracy=fitted.at_best("val_accuracy"),
+        class_weights={CLASSES[i]: round(w, 4) for i, w in data.class_weights.items()}, seconds=round(seconds, 1),
+        history_uri=history_uri, curves_uri=curves_uri, history=fitted.history,
     )
-    _log(f"best epoch {result.best_epoch} (by {monitor}): val_loss {result.best_val_loss:.4f}, "
+    _log(f"best epoch {result.best_epoch} (by {recipe.monitor}): val_loss {result.best_val_loss:.4f}, "
          f"val_acc {result.best_val_accuracy:.3f}; bundle at {out} ({seconds:.0f}s)")
     return result

@@ -105,6 +105,11 @@ def train_placement_op(gpus: int) -> NamedTuple("Placement", [("node_selector", 
     return collections.namedtuple("Placement", ["node_selector", "tolerations"])(node_selector, tolerations)
 
 
+# The recipe's fields are listed here once more, as KFP needs them: it builds the step's inputs from
+# this signature at compile time, and its executor in the container re-reads the signature of this
+# function's shipped *source text*; a signature built from Recipe (`__signature__` over `**recipe`)
+# would not travel with that text. tests/code/test_pipeline_compile.py holds these names and types
+# equal to brainscan.config.Recipe's fields; the body takes them by name (Recipe.from_dict(locals())).
 @dsl.component(**_COMMON)
 def train_op(splits_uri: str, bucket: str, prefix: str, run_id: str, image_size: int, epochs: int, fine_tune_epochs: int,
              batch_size: int, learning_rate: float, base_weights: str, seed: int, patience: int,
@@ -113,7 +118,7 @@ def train_op(splits_uri: str, bucket: str, prefix: str, run_id: str, image_size:
              tta_flip: bool, ema: float, precise_bn: bool, gpus: int,
              model: Output[Model], metrics: Output[Metrics]) -> str:
     """Xception transfer learning: frozen base, then fine-tuning (or one stage from scratch), with the
-    recipe options of brainscan.config.TRAIN_PARAMS; writes a model bundle at model_uri.
+    recipe (brainscan.config.Recipe, one input per field); writes a model bundle at model_uri.
 
     `gpus` is what the pipeline requested for this step (the resource limit); recorded with the model.
     """
@@ -121,18 +126,16 @@ def train_op(splits_uri: str, bucket: str, prefix: str, run_id: str, image_size:
 
     import tensorflow as tf
 
+    from brainscan.config import Recipe
+
+    recipe = Recipe.from_dict(locals())  # this step's inputs that are Recipe fields
     visible = len(tf.config.list_physical_devices("GPU"))
     print(f"train: {gpus} GPU(s) requested, {visible} visible")
 
     from components.train import train
 
     model_uri = f"s3://{bucket}/{prefix.strip('/')}/runs/{run_id}/model"
-    result = train(splits_uri, model_uri, image_size=image_size, epochs=epochs, fine_tune_epochs=fine_tune_epochs,
-                   batch_size=batch_size, learning_rate=learning_rate, base_weights=base_weights,
-                   seed=seed, patience=patience, crop_to_head=crop_to_head, lr_schedule=lr_schedule,
-                   warmup_epochs=warmup_epochs, weight_decay=weight_decay, augment_flip=augment_flip, mixup=mixup,
-                   label_smoothing=label_smoothing, tumor_aux=tumor_aux, tumor_aux_weight=tumor_aux_weight,
-                   monitor=monitor, tta_flip=tta_flip, ema=ema, precise_bn=precise_bn)
+    result = train(splits_uri, model_uri, recipe)
     summary = result.summary() if hasattr(result, "summary") else dict(vars(result))
     with open(model.path, "w") as handle:
         json.dump(summary, handle, indent=2, sort_keys=True, default=str)

@@ -23,7 +23,7 @@ from types import SimpleNamespace
 from kfp import compiler, dsl, kubernetes
 
 from brainscan.config import (DEFAULTS, GPU_RESOURCE, PIPELINE_NAME, RETRAIN_PIPELINE_NAME, S3_SECRET, TEST_FRACTION,
-                              TRAIN_PARAMS, VAL_FRACTION, param_help, param_names, param_types)
+                              VAL_FRACTION, Recipe, param_help, param_names, param_types)
 from pipelines import ops as c
 
 # Kubernetes settings of the cluster; overridable at compile time.
@@ -62,10 +62,10 @@ def _train_and_deploy(p, fingerprint) -> None:
     split.set_display_name("split").set_caching_options(True)
     _resources(_with_credentials(split), "1", "2Gi", p.pipeline_image)
 
-    # Every parameter train() takes (brainscan.config.TRAIN_PARAMS), under its own name.
+    # The training recipe (every brainscan.config.Recipe field), under its own names.
     train = c.train_op(splits_uri=split.outputs["Output"], bucket=p.bucket, prefix=p.prefix,
                        run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER, gpus=p.gpus,
-                       **{name: getattr(p, name) for name in TRAIN_PARAMS})
+                       **{name: getattr(p, name) for name in param_names(Recipe)})
     # Never cached: a new run is asked for to get a new model (seeds, code, base weights may differ).
     train.set_display_name("train").set_caching_options(False)
     train.set_accelerator_type(GPU_RESOURCE).set_accelerator_limit(p.gpus)

@@ -9,35 +9,37 @@ travel to it. So the work is split in two:
          preprocess_batch (TensorFlow) at S px, quantised to uint8 ((x + 1) * 127.5, at most
          0.004 from the float input), one channel where all three are equal, with labels and
          each fold's train / val / held-out roles, into one compressed .npz.
-  there  `train` (KERAS_BACKEND=jax): the architecture and recipe pieces of
-         brainscan/network.py (Keras only, the same functions components/train.py uses),
-         trained with model.fit on the packed arrays (augmentation per batch outside the
-         compiled step, see augmented_batches); every run's held-out softmax, plain and
+  there  `train` (KERAS_BACKEND=jax): the recipe's network and its two fit stages from
+         brainscan/network.py (Keras only: training_model and fit_stages, as components/train.py),
+         on the packed arrays (augmentation per batch outside the compiled step, see
+         augmented_batches; always from scratch); every run's held-out softmax, plain and
          flip-averaged, into OUT/scores.npz (rewritten after each run, so a run cut off by the
          device's time limit loses only itself), plus the model call's throughput at batch 1-64.
          Back here, `report` scores them with scripts/model_study.py's metrics.
 
-  python scripts/gpu_study.py pack --splits RUN/splits --size 299 --out .gpu/data299.npz
-  KERAS_BACKEND=jax python scripts/gpu_study.py train --data .gpu/data299.npz --out $OUT \
+  python -m scripts.gpu_study pack --splits RUN/splits --size 299 --out .gpu/data299.npz
+  KERAS_BACKEND=jax python -m scripts.gpu_study train --data .gpu/data299.npz --out $OUT \
       --plan gpu-preset:0:0 cpu-preset:0:0 ...
-  python scripts/gpu_study.py report --splits RUN/splits --scores OUT/scores.npz
+  python -m scripts.gpu_study report --splits RUN/splits --scores OUT/scores.npz
+
+(from the checkout's root, here and there: `scripts` is a package beside the brainscan it imports)
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path += [str(ROOT), str(ROOT / "scripts")]  # after PYTHONPATH: a carried copy of the code can stand in
+from brainscan.config import Recipe
+from brainscan.labels import CLASS_INDEX
+from scripts import model_study
 
-RESULTS = ROOT / "docs" / "results" / "model_study"
+RESULTS = model_study.RESULTS
 
 
 def log(message: str) -> None:
@@ -46,10 +48,7 @@ def log(message: str) -> None:
 
 # ----------------------------------------------------------------------------- here: pack
 def pack(splits: str, size: int, out: Path) -> None:
-    import model_study
-
-    from brainscan.labels import CLASS_INDEX
-    from brainscan.preprocessing import preprocess_batch
+    from brainscan.preprocessing import preprocess_batch  # lazy: TensorFlow, here only (the lent machine has none)
 
     frame = model_study.all_images(splits)
     folds = model_study.cv_folds(frame)
@@ -80,8 +79,6 @@ def recipes() -> dict[str, dict]:
     """The recipes trained here, from scripts/model_study.py's own: "gpu-preset" is `--preset gpu`
     (the cluster defaults; trained from scratch, the only start without ImageNet weights),
     "cpu-recipe-299" the `--preset cpu` recipe at the cluster's 299 px."""
-    import model_study
-
     return {"gpu-preset": model_study.preset_recipe("gpu"),
             "cpu-recipe-299": dict(model_study.CONFIGS["cpu"], image_size=299),
             "cpu-preset": model_study.CONFIGS["cpu"],
@@ -96,7 +93,7 @@ def augmented_batches(images, labels, class_weights, batch_size, augment, seed):
     (2,142 ms against 36.8 ms at 96 px, batch 16; measured on the lent machine), as train() on
     TensorFlow keeps them in tf.data.
     """
-    import keras
+    import keras  # lazy: Keras and its backend (JAX there) start up only where the study trains
 
     sample_weight = np.array([class_weights[int(label)] for label in labels], dtype=np.float32)
 
@@ -120,15 +117,23 @@ def augmented_batches(images, labels, class_weights, batch_size, augment, seed):
     return Batches()
 
 
-def fit_one(data: dict, fold: int, recipe: str, params: dict, seed: int) -> tuple[np.ndarray, np.ndarray, dict]:
-    """Train params on fold's train rows, checkpoint on its val rows; held-out softmax (plain, flip-averaged)."""
+def fit_one(data: dict, fold: int, recipe_name: str, params: dict, seed: int) -> tuple[np.ndarray, np.ndarray, dict]:
+    """Train params on fold's train rows, checkpoint on its val rows; held-out softmax (plain, flip-averaged).
+
+    From scratch whatever params say (the lent machine cannot download ImageNet weights), on sparse
+    labels with the class weights as sample weights (augmented_batches).
+    """
+    # lazy: Keras and its backend (JAX there) start up only where the study trains
     import keras
 
-    from components import architecture
+    from brainscan import network
 
+    recipe = Recipe.from_dict(params).replace(base_weights="none")
+    if network.target_kind(recipe.mixup, recipe.label_smoothing, recipe.tumor_aux) != "sparse":
+        raise ValueError(f"{recipe_name}: mixup, label smoothing and tumor_aux need one-hot targets, not packed here")
     keras.utils.set_random_seed(seed)
     keras.mixed_precision.set_global_policy("mixed_float16")  # as components/train.py on a GPU
-    size = params["image_size"]
+    size = recipe.image_size
     roles, labels = data["roles"][fold], data["labels"]
 
     def images(rows):
@@ -138,55 +143,36 @@ def fit_one(data: dict, fold: int, recipe: str, params: dict, seed: int) -> tupl
     train_rows, val_rows, held_rows = (np.flatnonzero(roles == r) for r in (0, 1, 2))
     x_train, x_val, x_held = images(train_rows), images(val_rows), images(held_rows)
     y_train, y_val = labels[train_rows], labels[val_rows]
-    epochs, fine_tune_epochs = params["epochs"], params.get("fine_tune_epochs", 0)
-    steps_per_epoch = -(-len(train_rows) // params["batch_size"])
-    model, base = architecture.build_model(size, "none")
-    base.trainable = True  # from scratch: the whole network
-    rate = architecture.learning_rate_schedule(params["learning_rate"], params.get("lr_schedule", "constant"),
-                                               epochs, params.get("warmup_epochs", 0), steps_per_epoch)
-    optimizer = architecture.make_optimizer(rate, params.get("weight_decay", 0.0))
-    fit_model = model
-    architecture.compile_for_training(fit_model, optimizer)
-    weights = architecture.class_weights(y_train)
-    train_batches = augmented_batches(x_train, y_train, weights, params["batch_size"],
-                                     architecture.augmenter(seed, flip=bool(params.get("augment_flip"))), seed)
-    best = f"/tmp/best-{recipe}-{fold}-{seed}.weights.h5"
-    checkpoint = keras.callbacks.ModelCheckpoint(best, monitor="val_loss", save_best_only=True,
-                                                 save_weights_only=True)
-    history: dict[str, list] = {}
+    steps_per_epoch = -(-len(train_rows) // recipe.batch_size)
+    training = network.training_model(recipe, "none", steps_per_epoch, params.get("dropout", network.DROPOUT),
+                                      params.get("bn_momentum", network.SCRATCH_BN_MOMENTUM))
+    train_batches = augmented_batches(x_train, y_train, network.class_weights(y_train), recipe.batch_size,
+                                      network.augmenter(seed, flip=recipe.augment_flip), seed)
     started = time.monotonic()
-    for stage, stage_epochs in (("stage 1", epochs), ("stage 2", fine_tune_epochs)):
-        if not stage_epochs:
-            continue
-        if stage == "stage 2":
-            fit_model.load_weights(best)
-            fit_model.optimizer.learning_rate.assign(params["learning_rate"] / 10)  # as train() from scratch
-        stopper = keras.callbacks.EarlyStopping(monitor="val_loss", patience=params["patience"])
-        fitted = fit_model.fit(train_batches, epochs=stage_epochs, validation_data=(x_val, y_val),
-                               batch_size=params["batch_size"], verbose=2, callbacks=[checkpoint, stopper])
-        for key, values in fitted.history.items():
-            history.setdefault(key, []).extend(float(v) for v in values)
+    fitted = network.fit_stages(training, recipe, train_batches, (x_val, y_val),
+                                f"/tmp/best-{recipe_name}-{fold}-{seed}.weights.h5", log=log, verbose=2,
+                                batch_size=recipe.batch_size)
     seconds = time.monotonic() - started
-    fit_model.load_weights(best)
-    plain = model.predict(x_held, batch_size=64, verbose=0)
-    tta = architecture.with_flip_averaging(model, size).predict(x_held, batch_size=64, verbose=0)
+    plain = training.model.predict(x_held, batch_size=64, verbose=0)
+    tta = network.with_flip_averaging(training.model, size).predict(x_held, batch_size=64, verbose=0)
     keras.mixed_precision.set_global_policy("float32")
-    run = {"recipe": recipe, "fold": fold, "seed": seed, "params": params, "train_seconds": round(seconds, 1),
-           "epochs_run": len(history.get("loss", [])),
-           "best_epoch": int(np.argmin(history["val_loss"])) + 1, "best_val_loss": float(min(history["val_loss"]))}
+    run = {"recipe": recipe_name, "fold": fold, "seed": seed, "params": params, "train_seconds": round(seconds, 1),
+           "epochs_run": len(fitted.history.get("loss", [])), "best_epoch": fitted.best_epoch,
+           "best_val_loss": fitted.at_best("val_loss")}
     return plain, tta, run
 
 
 def model_call_throughput(sizes=(96, 299), batches=(1, 8, 32, 64), repeats: int = 30) -> list[dict]:
     """Images/s of the served graph's forward pass (float32, compiled predict_on_batch) on this device."""
+    # lazy: Keras and its backend (JAX there) start up only where the study trains
     import keras
 
-    from components import architecture
+    from brainscan.network import build_model
 
     keras.mixed_precision.set_global_policy("float32")
     rows = []
     for size in sizes:
-        model, _ = architecture.build_model(size, "none")
+        model, _ = build_model(size, "none")
         for batch in batches:
             x = np.random.default_rng(0).uniform(-1, 1, (batch, size, size, 3)).astype(np.float32)
             for _ in range(3):
@@ -202,6 +188,7 @@ def model_call_throughput(sizes=(96, 299), batches=(1, 8, 32, 64), repeats: int 
 
 
 def train(data_paths: list[Path], out: Path, plan: list[str], deadline_s: float, throughput: bool = True) -> None:
+    # lazy: JAX and its Keras backend are the lent machine's, not this one's
     import jax
     import keras
 
@@ -237,8 +224,6 @@ def train(data_paths: list[Path], out: Path, plan: list[str], deadline_s: float,
 # ----------------------------------------------------------------------------- here: report
 def report(scores: Path, splits: str) -> list[dict]:
     """Held-out metrics of every run in train's scores.npz, by scripts/model_study.py's own metrics; appended to RUNS."""
-    import model_study
-
     frame = model_study.all_images(splits).set_index("sha256", drop=False)
     data = np.load(scores)
     rows = []

@@ -16,9 +16,11 @@ Every run appends one JSON line (config, every train() argument, seconds, load a
 held-out metrics with and without test-time flip averaging) to RUNS and writes its per-image
 scores. `report` turns RUNS into a markdown table, a JSON summary and a PNG chart.
 
-  python scripts/model_study.py run --splits SPLITS --design cv --config baseline --folds 0 1 2 3 4
-  python scripts/model_study.py run --splits SPLITS --design split --config cpu --seeds 0 1 2
-  python scripts/model_study.py report --work WORK
+  python -m scripts.model_study run --splits SPLITS --design cv --config baseline --folds 0 1 2 3 4
+  python -m scripts.model_study run --splits SPLITS --design split --config cpu --seeds 0 1 2
+  python -m scripts.model_study report --work WORK
+
+(from the checkout's root: `scripts` is a package there, beside the brainscan it imports)
 
 SPLITS: a folder with a pipeline run's train/val/test.csv whose `path` column names local image
 files (the runs in RESULTS used the real sample's split, seed 42, fingerprint 6417725b...).
@@ -37,6 +39,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from brainscan.config import preset
+from brainscan.decision import tumor_probability
+from brainscan.labels import CLASS_INDEX, CLASSES
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "docs" / "results" / "model_study"
 RUNS = RESULTS / "runs.jsonl"
@@ -52,11 +58,10 @@ COMMON = dict(base_weights="none", batch_size=16, learning_rate=1e-3, dropout=0.
 
 
 def preset_recipe(name: str) -> dict:
-    """The train() arguments a pipeline preset (brainscan.config.PRESETS) trains with."""
-    from brainscan.config import TRAIN_PARAMS, preset
-
-    params = preset(name)
-    return dict(COMMON, **{key: getattr(params, key) for key in TRAIN_PARAMS if key != "seed"})
+    """The train() arguments a pipeline preset (brainscan.config.PRESETS) trains with: its Recipe but the seed."""
+    recipe = preset(name).recipe.as_dict()
+    recipe.pop("seed")  # every run sets its own
+    return dict(COMMON, **recipe)
 
 
 CONFIGS: dict[str, dict] = {
@@ -86,6 +91,7 @@ def all_images(splits: str) -> pd.DataFrame:
 
 def cv_folds(frame: pd.DataFrame) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
     """(train, val, held-out) row indices per fold; groups never cross any of the three."""
+    # lazy: scikit-learn, only where folds and metrics are computed
     from sklearn.model_selection import StratifiedGroupKFold
 
     outer = StratifiedGroupKFold(n_splits=N_FOLDS, shuffle=True, random_state=FOLD_SEED)
@@ -108,6 +114,7 @@ def write_fold_splits(frame: pd.DataFrame, fold: int, folder: Path) -> Path:
 # ----------------------------------------------------------------------------- metrics
 def recall_at_precision(y: np.ndarray, score: np.ndarray, min_precision: float = MIN_PRECISION) -> float:
     """The best recall any threshold reaches while precision stays >= min_precision."""
+    # lazy: scikit-learn, only where folds and metrics are computed
     from sklearn.metrics import precision_recall_curve
 
     precision, recall, _ = precision_recall_curve(y, score)
@@ -116,10 +123,8 @@ def recall_at_precision(y: np.ndarray, score: np.ndarray, min_precision: float =
 
 
 def metrics(frame: pd.DataFrame, probabilities: np.ndarray) -> dict:
+    # lazy: scikit-learn, only where folds and metrics are computed
     from sklearn.metrics import average_precision_score, roc_auc_score
-
-    from brainscan.decision import tumor_probability
-    from brainscan.labels import CLASS_INDEX
 
     y = frame["tumor"].to_numpy().astype(int)
     score = tumor_probability(probabilities)
@@ -136,7 +141,7 @@ def metrics(frame: pd.DataFrame, probabilities: np.ndarray) -> dict:
 def score_bundle(bundle_dir: str, frame: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
     """Softmax [N, 7] through load_bundle + the bundle's own preprocessing; also on mirrored images
     (a bundle trained with tta_flip averages over both already: then the two agree)."""
-    from brainscan.modelstore import load_bundle
+    from brainscan.modelstore import load_bundle  # lazy: TensorFlow's start-up, only where bundles are scored
 
     bundle = load_bundle(bundle_dir)
     x = bundle.preprocess([Path(path).read_bytes() for path in frame["path"]])
@@ -146,9 +151,6 @@ def score_bundle(bundle_dir: str, frame: pd.DataFrame) -> tuple[np.ndarray, np.n
 
 
 def score_frame(frame: pd.DataFrame, probabilities: np.ndarray, **columns) -> pd.DataFrame:
-    from brainscan.decision import tumor_probability
-    from brainscan.labels import CLASSES
-
     out = frame[["path", "class7", "modality", "tumor"]].copy()
     for key, value in columns.items():
         out[key] = value
@@ -165,10 +167,10 @@ def held_out_tracker(frame: pd.DataFrame, image_size: int, crop_to_head: bool):
     For the analysis of checkpoint rules only (which epoch would val_loss / val AUC / the last
     epoch pick, and how good is it on held-out images): the reported figures come from the bundle.
     """
+    # lazy: Keras, scikit-learn and TensorFlow (preprocessing) start-up; only --track needs them
     import keras
     from sklearn.metrics import roc_auc_score
 
-    from brainscan.decision import tumor_probability
     from brainscan.preprocessing import preprocess_batch
 
     x = preprocess_batch([Path(p).read_bytes() for p in frame["path"]], image_size, crop_to_head=crop_to_head)
@@ -225,7 +227,7 @@ def recipe(config: str, overrides: list[str]) -> dict:
 
 def run_one(design: str, config: str, name: str, params: dict, seed: int, fold: int | None,
             splits: str, work: Path, keep: bool, track: bool = False) -> dict:
-    from components.train import train
+    from components.train import train  # lazy: TensorFlow's start-up; `report` does not train
 
     run_id = f"{design}-{name}-seed{seed}" + (f"-fold{fold}" if fold is not None else "")
     run_dir = work / "runs" / run_id
@@ -317,6 +319,7 @@ def oof_scores(runs: list[dict], work: Path, tta: bool = False) -> pd.DataFrame 
 
 def pooled_oof(runs: list[dict], work: Path, tta: bool = False) -> dict | None:
     """Metrics over the pooled out-of-fold scores of a complete 5-fold CV (one seed per fold)."""
+    # lazy: scikit-learn, only where folds and metrics are computed
     from sklearn.metrics import average_precision_score, roc_auc_score
 
     scores = oof_scores(runs, work, tta)
@@ -340,7 +343,7 @@ def report(work: Path) -> None:
     for r in runs:
         groups.setdefault((r["design"], r["name"]), []).append(r)
     lines = ["# Model study: runs", "",
-             "Generated by `python scripts/model_study.py report` from `runs.jsonl` (one line per training run).",
+             "Generated by `python -m scripts.model_study report` from `runs.jsonl` (one line per training run).",
              "Held-out figures: cv = the fold's 140 held-out images (never trained on, never used for early",
              "stopping); split = the pipeline split's 105 test images. P(tumor) = 1 - P(ct_healthy) - P(mri_healthy).",
              "recall@P80 = the best recall any threshold reaches on the held-out images with precision >= 0.80.",
@@ -418,10 +421,11 @@ def report(work: Path) -> None:
 
 
 def chart(summary: list[dict]) -> None:
+    # pyplot needs its headless backend chosen before the import; only when a chart is drawn
     import matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # after the backend is chosen
 
     fig, axes = plt.subplots(1, 3, figsize=(15, 0.5 * len(summary) + 2), sharey=True)
     labels = [f"{row['design']}/{row['name']} (n={row['runs']})" for row in summary]

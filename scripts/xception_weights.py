@@ -58,6 +58,7 @@ def standin(folder: Path) -> Path:
     path = folder / NAME
     if path.is_file():
         return path
+    # lazy: Keras (and its backend's start-up) and h5py only when a stand-in is built, not for a download
     import h5py
     import keras
     from keras.src.legacy.saving import legacy_h5_format

@@ -354,19 +354,20 @@ def test_cli_run_without_local_says_where_cluster_runs_go():
 
 
 def test_every_train_parameter_reaches_train_under_its_own_name(train_yaml, monkeypatch):
-    """brainscan.config.TRAIN_PARAMS (the recipe options included): pipeline parameter -> train step input of
-    the same name -> train() keyword with the pipeline's default; `brainscan train` has an option for each
-    and takes a preset."""
+    """brainscan.config.Recipe's fields (the recipe options included): pipeline parameter -> train step input
+    of the same name -> train()'s Recipe with the pipeline's default; `brainscan train` has an option for
+    each and takes a preset."""
     import inspect
 
     from components import train as train_module
-    from brainscan.config import DEFAULTS, PRESETS, TRAIN_PARAMS
+    from brainscan.config import DEFAULTS, PRESETS, Recipe, param_names
 
+    TRAIN_PARAMS = param_names(Recipe)
     spec, _ = train_yaml
     inputs = _all_tasks(spec)["train-op"]["inputs"]["parameters"]
     for name in TRAIN_PARAMS:
         assert inputs[name]["componentInputParameter"] == name, name
-    signature = inspect.signature(train_module.train).parameters
+    signature = inspect.signature(Recipe).parameters  # train(splits, out, recipe: Recipe)
     for name in TRAIN_PARAMS:
         assert signature[name].default == getattr(DEFAULTS, name), name
 
@@ -377,7 +378,7 @@ def test_every_train_parameter_reaches_train_under_its_own_name(train_yaml, monk
         seconds = best_val_loss = best_val_accuracy = 0.0
         out = curves_uri = "x"
 
-    monkeypatch.setattr(train_module, "train", lambda splits, out, **kwargs: seen.update(kwargs) or Result())
+    monkeypatch.setattr(train_module, "train", lambda splits, out, recipe: seen.update(recipe.as_dict()) or Result())
     result = CliRunner().invoke(app, ["train", "--splits", "s", "--out", "o", "--preset", "cpu", "--epochs", "3"])
     assert result.exit_code == 0, result.output
     assert seen == {**{n: getattr(DEFAULTS, n) for n in TRAIN_PARAMS}, **{k: v for k, v in PRESETS["cpu"].items()
@@ -389,6 +390,23 @@ def test_every_train_parameter_reaches_train_under_its_own_name(train_yaml, monk
                                       "--fine-tune-epochs", "0", "--augment-flip", "--tta-flip"])
     assert result.exit_code == 0, result.output
     assert seen["lr_schedule"] == "cosine" and seen["augment_flip"] is True and seen["tta_flip"] is True
+
+
+def test_the_train_step_takes_every_recipe_field_under_its_own_name_and_type():
+    """KFP needs train_op's signature written out (it ships the function's source text): it lists
+    exactly Recipe's fields, with Recipe's types, besides the step's own inputs."""
+    import inspect
+    import typing
+
+    from brainscan.config import Recipe, param_names, param_types
+    from pipelines.ops import train_op
+
+    own = {"splits_uri", "bucket", "prefix", "run_id", "gpus", "model", "metrics"}
+    signature = inspect.signature(train_op.python_func).parameters
+    recipe_inputs = [name for name in signature if name not in own]
+    assert recipe_inputs == param_names(Recipe)
+    hints = typing.get_type_hints(train_op.python_func)
+    assert {name: hints[name] for name in recipe_inputs} == param_types(Recipe)
 
 
 def test_the_cpu_preset_is_the_measured_recipe():
