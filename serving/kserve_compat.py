@@ -10,8 +10,8 @@ works around:
 1. Binary BYTES over REST (`BinarySafeDataPlane`): `InferRequest.from_bytes`
    (kserve/protocol/infer_type.py) turns every binary-extension input into JSON data with
    `set_data_from_numpy(..., binary_data=False)`, which decodes BYTES elements as UTF-8: raw
-   JPEG/PNG bytes sent by `tritonclient.http` end in a 500 (the REST twin of
-   kserve/kserve#3731, a UnicodeDecodeError on raw bytes). `DataPlane.decode_inference_request`
+   JPEG/PNG bytes sent by `tritonclient.http` end in a 500 (the same UTF-8 decoding of raw
+   BYTES that kserve/kserve#3731 reports on the gRPC side). `DataPlane.decode_inference_request`
    (kserve/protocol/dataplane.py) also refuses a byte body without the
    Inference-Header-Content-Length header, which the binary-data extension makes optional.
    The override keeps the raw buffer, as kserve already does for gRPC raw contents.
@@ -28,8 +28,8 @@ works around:
    `kserve.model_server.app` and offers no hook to add either (kserve/kserve#3142; the
    middleware PR kserve/kserve#2954 was closed unmerged), so they go onto that global.
 5. Raw contents of an input (`raw_contents`): `InferInput` keeps gRPC `raw_input_contents`
-   and binary-extension buffers in `_raw_data` with no public accessor; `data` cannot tell
-   them apart (it is `[]` for gRPC raw contents).
+   and binary-extension buffers in `_raw_data` with no public accessor, and `data` does not
+   tell them from an empty tensor (it is `[]` for gRPC raw contents).
 
 Upgrading kserve: the import below refuses any other version. Re-read the files named above,
 remove each adaptation the new version covers (a public option or a fix), then change
