@@ -18,10 +18,8 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 import sys
 import time
-import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, TextIO
@@ -33,14 +31,11 @@ from brainscan import storage
 
 from brainscan.local import stack
 from brainscan.config import DEFAULT_WORKDIR, LOCAL_DEPLOY_ENV, PipelineParams, champion_uri
+from pipelines import kfp_compat
 from pipelines.pipeline import retrain_pipeline, training_pipeline
 from serving.client import predict
 
 log = logging.getLogger(__name__)
-
-_ANSI = re.compile(r"\x1b\[[0-9;]*m")
-_START = re.compile(r"Executing task '([^']+)'")
-_END = re.compile(r"Task '([^']+)' finished with status (\w+)")
 
 # kfp.local names task directories after the component functions; the summary uses step names.
 STEP_OF_TASK = {
@@ -67,13 +62,11 @@ def step_line(step: str, record: StepRecord | dict) -> str:
     return f"  {step:<22}{record['status']:<10}{seconds}"
 
 
-class StepLogs(logging.Filter):
+class StepLogs(kfp_compat.TaskWatcher):
     """Routes a kfp.local run's output into one log file per step, and reports each step once.
 
-    It stands in for sys.stdout while the pipeline runs (kfp.local prints its subprocesses'
-    output there and points its own log handler at it) and filters the root logger, where
-    kfp.local's "Executing task" / "finished with status" records say which step is running.
-    A filter, not a handler: kfp.local swaps the root handlers while it runs.
+    The sink of kfp_compat.captured_output while the pipeline runs (everything kfp.local and
+    its step subprocesses print), and its task watcher: each task start switches the file.
     """
 
     def __init__(self, folder: Path, report: Callable[[str], None]):
@@ -86,31 +79,27 @@ class StepLogs(logging.Filter):
         self.files: dict[str, Path] = {}
         self._out: TextIO = open(self.folder / "pipeline.log", "a")
 
-    def filter(self, record: logging.LogRecord) -> bool:
-        message = _ANSI.sub("", str(record.getMessage()))
-        if match := _START.search(message):
-            task = match.group(1)
-            self.started[task] = record.created
-            self._switch(self.folder / f"{STEP_OF_TASK.get(task, task)}.log", task)
-        elif match := _END.search(message):
-            task, status = match.group(1), match.group(2)
-            self.finished[task] = (record.created, status)
-            begin = self.started.get(task, record.created)
-            step = STEP_OF_TASK.get(task, task)
-            self.report(step_line(step, StepRecord(status=status, seconds=round(record.created - begin, 1))))
-            if status != "SUCCESS":
-                self._out.flush()
-                self.report(f"    log: {self.files.get(task)}\n" + _tail(self.files.get(task)))
-        return True
+    def task_started(self, task: str, at: float) -> None:
+        self.started[task] = at
+        self._switch(self.folder / f"{STEP_OF_TASK.get(task, task)}.log", task)
+
+    def task_finished(self, task: str, status: str, at: float) -> None:
+        self.finished[task] = (at, status)
+        begin = self.started.get(task, at)
+        step = STEP_OF_TASK.get(task, task)
+        self.report(step_line(step, StepRecord(status=status, seconds=round(at - begin, 1))))
+        if status != "SUCCESS":
+            self._out.flush()
+            self.report(f"    log: {self.files.get(task)}\n" + _tail(self.files.get(task)))
 
     def _switch(self, path: Path, task: str) -> None:
         self._out.close()
         self.files[task] = path
         self._out = open(path, "a")
 
-    # the file-like side (sys.stdout during the run)
+    # the file-like side (kfp.local's stdout during the run)
     def write(self, text: str) -> int:
-        return self._out.write(_ANSI.sub("", text))
+        return self._out.write(kfp_compat.plain(text))
 
     def flush(self) -> None:
         self._out.flush()
@@ -124,19 +113,6 @@ class StepLogs(logging.Filter):
 
 def _tail(path: Path | None, lines: int = 12) -> str:
     return "\n".join(f"    | {line}" for line in stack.log_tail(path, lines).splitlines())
-
-
-def _task_outputs(run_dir: Path) -> dict[str, dict]:
-    """Parameter outputs and artifact metadata of every task that ran, from executor_output.json."""
-    outputs = {}
-    for path in sorted(run_dir.glob("*/executor_output.json")):
-        data = json.loads(path.read_text())
-        values = dict(data.get("parameterValues", {}))
-        for name, entry in data.get("artifacts", {}).items():
-            for artifact in entry.get("artifacts", []):
-                values[name] = {"path": artifact.get("uri"), **artifact.get("metadata", {})}
-        outputs[path.parent.name] = values
-    return outputs
 
 
 def _predict_one(url: str, splits_uri: str, workdir: Path) -> dict:
@@ -178,27 +154,19 @@ def run_local(params: PipelineParams, workdir: str | os.PathLike = DEFAULT_WORKD
 
     run_name = time.strftime("run-%Y%m%d-%H%M%S")
     steps_log = StepLogs(workdir / "logs" / run_name, report)
-    root_logger = logging.getLogger()
-    root_logger.addFilter(steps_log)
-    before = set(pipeline_root.glob("*")) if pipeline_root.exists() else set()
+    before = kfp_compat.run_dirs(pipeline_root)
     started = time.time()
     error = None
-    saved_stdout, saved_deploy = sys.stdout, os.environ.get(LOCAL_DEPLOY_ENV)
+    saved_deploy = os.environ.get(LOCAL_DEPLOY_ENV)
     os.environ[LOCAL_DEPLOY_ENV] = str(workdir)  # the deploy step serves locally, from this work dir
-    sys.stdout = steps_log
     try:
-        with warnings.catch_warnings():
-            # kfp.local's warnings (cluster-only settings ignored, "custom image" hints) belong
-            # to the step they concern: into its log, not onto the console.
-            warnings.simplefilter("always")
-            warnings.showwarning = lambda message, category, filename, lineno, file=None, line=None: steps_log.write(
-                warnings.formatwarning(message, category, filename, lineno, line))
+        # kfp.local's output, warnings included (cluster-only settings ignored, "custom image"
+        # hints), belongs to the step it concerns: into its log, not onto the console.
+        with kfp_compat.captured_output(steps_log, steps_log):
             pipeline(**params.as_dict())
     except Exception as err:  # a failed step: recorded in the summary, re-raised after writing it
-        error = RuntimeError(_ANSI.sub("", str(err)))
+        error = RuntimeError(kfp_compat.plain(str(err)))
     finally:
-        sys.stdout = saved_stdout
-        root_logger.removeFilter(steps_log)
         steps_log.close()
         if saved_deploy is None:
             os.environ.pop(LOCAL_DEPLOY_ENV, None)
@@ -206,9 +174,8 @@ def run_local(params: PipelineParams, workdir: str | os.PathLike = DEFAULT_WORKD
             os.environ[LOCAL_DEPLOY_ENV] = saved_deploy
     elapsed = time.time() - started
 
-    new_dirs = sorted(set(pipeline_root.glob("*")) - before, key=lambda p: p.stat().st_mtime)
-    run_dir = new_dirs[-1] if new_dirs else None
-    outputs = _task_outputs(run_dir) if run_dir else {}
+    run_dir = kfp_compat.new_run_dir(pipeline_root, before)
+    outputs = kfp_compat.task_outputs(run_dir) if run_dir else {}
 
     steps: dict[str, StepRecord] = {}
     for task, step in STEP_OF_TASK.items():

@@ -36,6 +36,7 @@ from prometheus_client import Info
 from brainscan.config import MODEL_NAME, ServeSettings
 from brainscan.decision import check_modality
 from brainscan.explain import gradcam_overlay
+from serving import kserve_compat
 from serving.runtime import ServedModel, cpu_count
 from brainscan.labels import CLASSES
 from brainscan.modelstore import load_bundle
@@ -162,7 +163,7 @@ class BrainTumorModel(kserve.Model):
             raise InvalidInput(f"input '{IMAGE_INPUT}' is empty (shape [0])")
         if count > self.limits.max_images:
             raise InvalidInput(f"{count} images in one request; at most {self.limits.max_images}")
-        if tensor._raw_data is not None:  # gRPC raw contents, REST binary extension
+        if kserve_compat.raw_contents(tensor) is not None:  # gRPC raw contents, REST binary extension
             try:
                 elements = [bytes(e) for e in tensor.as_numpy().reshape(-1)]
             except Exception as err:  # malformed length-prefixed BYTES buffer

@@ -1,12 +1,12 @@
 """Build and run the KServe model server for `brain-tumor`: binding, batching, limits, metrics.
 
-What this module adds to `kserve.ModelServer` (0.21), and why:
+What this module adds to `kserve.ModelServer` (0.21), and why (the kserve adaptations it needs,
+and the upstream behaviour each works around, are all in serving.kserve_compat):
 - bind address: kserve binds REST to 0.0.0.0 and gRPC to [::] unconditionally; brainscan binds
   127.0.0.1 unless `--host` says otherwise (container images pass `--host 0.0.0.0`).
 - binary BYTES: kserve's `InferRequest.from_bytes` turns binary-extension BYTES inputs into
-  UTF-8 text (`set_data_from_numpy(..., binary_data=False)`), so raw JPEG/PNG bytes sent by
-  `tritonclient.http` end in a 500. `BinarySafeDataPlane` parses those requests itself and
-  keeps the raw buffer (the same thing kserve already does for gRPC raw contents).
+  UTF-8 text, so raw JPEG/PNG bytes sent by `tritonclient.http` end in a 500;
+  `kserve_compat.BinarySafeDataPlane` keeps the raw buffer (as kserve does for gRPC).
 - dynamic batching (serving.batching): concurrent requests share one model call,
   with a bounded queue (503 when full), a maximum batch size and a maximum wait.
 - request size: REST bodies over `max_request_bytes` get 413 before they are read whole;
@@ -17,92 +17,22 @@ What this module adds to `kserve.ModelServer` (0.21), and why:
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import logging
-from concurrent.futures import ThreadPoolExecutor
 
 import kserve
 import orjson
 from fastapi.responses import JSONResponse
-from grpc import aio
-from kserve.errors import InvalidInput
-from kserve.model_server import app as fastapi_app
-from kserve.protocol.dataplane import DataPlane
-from kserve.protocol.grpc import grpc_predict_v2_pb2_grpc
-from kserve.protocol.grpc.interceptors import ExceptionToStatusInterceptor, LoggingInterceptor
-from kserve.protocol.grpc.server import GRPCServer
-from kserve.protocol.grpc.servicer import InferenceServicer
-from kserve.protocol.infer_type import InferInput, InferRequest, RequestedOutput
-from kserve.protocol.rest.server import RESTServer
 from prometheus_client import Counter
 
 from brainscan.config import ServeSettings
+from serving import kserve_compat
 from serving.batching import ServerOverloaded
 from serving.model import BrainTumorModel, Limits
 
 log = logging.getLogger("serving")
 
 REJECTED_BODIES = Counter("brainscan_rejected_oversized_requests_total", "REST bodies refused for their size")
-
-
-# --------------------------------------------------------------------------- binary BYTES fix
-class BinarySafeDataPlane(DataPlane):
-    """DataPlane whose REST binary-extension parsing keeps BYTES inputs as raw bytes.
-
-    Only `decode_inference_request` for byte bodies changes (kserve 0.21's
-    `InferRequest.from_bytes` decodes BYTES as UTF-8 and fails on image files, and it
-    refuses a byte body without the Inference-Header-Content-Length header, which the v2
-    binary extension makes optional); bodies FastAPI parsed as JSON and gRPC go through
-    kserve untouched. The result is what kserve builds for gRPC raw
-    contents: an InferInput whose `_raw_data` holds the length-prefixed buffer, which
-    `as_numpy()` turns into an object array of bytes.
-    """
-
-    def decode_inference_request(self, body, headers, model_name):
-        if not isinstance(body, bytes):
-            return super().decode_inference_request(body, headers, model_name)
-        # No header: the whole body is the JSON request (tritonclient sends JSON this way too).
-        header = (headers or {}).get("inference-header-content-length", str(len(body)))
-        try:
-            json_length = int(header)
-        except ValueError:
-            raise InvalidInput(f"Inference-Header-Content-Length is not a number: {header!r}") from None
-        if not 0 < json_length <= len(body):
-            raise InvalidInput(f"Inference-Header-Content-Length {json_length} does not fit a "
-                               f"{len(body)}-byte body")
-        try:
-            spec = orjson.loads(body[:json_length])
-        except orjson.JSONDecodeError as err:
-            raise InvalidInput(f"malformed JSON request header: {err}") from None
-        if not isinstance(spec, dict) or not isinstance(spec.get("inputs"), list):
-            raise InvalidInput('request JSON must be an object with an "inputs" list')
-        inputs, offset = [], json_length
-        for entry in spec["inputs"]:
-            if not isinstance(entry, dict) or not {"name", "shape", "datatype"} <= entry.keys():
-                raise InvalidInput("each input needs name, shape and datatype")
-            parameters = entry.get("parameters") or {}
-            tensor = InferInput(name=entry["name"], shape=entry["shape"], datatype=entry["datatype"],
-                                parameters=parameters)
-            if entry.get("data") is not None:
-                tensor.data = entry["data"]
-            elif "binary_data_size" in parameters:
-                size = parameters["binary_data_size"]
-                if not isinstance(size, int) or size < 0 or offset + size > len(body):
-                    raise InvalidInput(f"input '{entry['name']}': binary_data_size {size!r} runs past "
-                                       "the end of the request body")
-                tensor._raw_data = body[offset:offset + size]  # raw, as kserve keeps gRPC raw contents
-                offset += size
-            else:
-                raise InvalidInput(f"input '{entry['name']}' has neither 'data' nor 'binary_data_size'")
-            inputs.append(tensor)
-        outputs = None
-        if isinstance(spec.get("outputs"), list):
-            outputs = [RequestedOutput(name=o.get("name"), parameters=o.get("parameters"))
-                       for o in spec["outputs"] if isinstance(o, dict)]
-        return InferRequest(model_name=model_name, request_id=spec.get("id"),
-                            parameters=spec.get("parameters"), infer_inputs=inputs,
-                            request_outputs=outputs)
 
 
 # --------------------------------------------------------------------------- request size
@@ -178,55 +108,19 @@ def build_model(options: ServeOptions) -> BrainTumorModel:
 def run(options: ServeOptions) -> None:
     """Load the model and serve it until SIGTERM/SIGINT (blocking)."""
     model = build_model(options)
+    # Every setting kserve's ModelServer has an option for is given here, explicitly: its
+    # defaults otherwise come from kserve's own parsing of this process's command line.
     server = kserve.ModelServer(http_port=options.http_port, grpc_port=options.grpc_port,
-                                enable_grpc=options.enable_grpc, workers=1)
-    server.dataplane = BinarySafeDataPlane(model_registry=server.registered_models)
+                                enable_grpc=options.enable_grpc, workers=1, grace_period=5,
+                                access_log_format=None, event_loop="auto", timeout_keep_alive=65,
+                                ssl_certfile=None, ssl_keyfile=None)
+    server.dataplane = kserve_compat.BinarySafeDataPlane(model_registry=server.registered_models)
     server.register_model(model)
 
-    fastapi_app.add_middleware(BodySizeLimit, max_bytes=options.max_request_bytes)
-    fastapi_app.add_exception_handler(
+    kserve_compat.add_rest_middleware(BodySizeLimit, max_bytes=options.max_request_bytes)
+    kserve_compat.add_rest_exception_handler(
         ServerOverloaded, lambda request, exc: JSONResponse({"error": str(exc)}, status_code=503,
                                                             headers={"Retry-After": "1"}))
-    # Same construction as ModelServer.start (single worker), but on our host.
-    rest = RESTServer("kserve.model_server:app", server.dataplane, server.model_repository_extension,
-                      options.http_port, workers=1, grace_period=5)
-    rest.config.host = options.host
-    servers = [rest.start()]
-    if options.enable_grpc:
-        grpc = HostGRPCServer(options.host, options.grpc_port, server.dataplane, server.model_repository_extension,
-                              kwargs={"grpc_max_send_message_length": options.max_request_bytes,
-                                      "grpc_max_receive_message_length": options.max_request_bytes},
-                              grace_period=5)
-        servers.append(grpc.start(server.max_threads))
-        # uvicorn handles SIGTERM itself, then re-raises it to ModelServer.stop, which stops this.
-        server._grpc_server = grpc
     log.info("serving %s as '%s' on http://%s:%d (v2 REST) and %s:%d (gRPC)", options.model_uri, model.name,
              options.host, options.http_port, options.host, options.grpc_port)
-    server.servers = servers
-    server.setup_event_loop()
-    server.register_signal_handler()
-    asyncio.run(server._serve())
-
-
-class HostGRPCServer(GRPCServer):
-    """kserve's GRPCServer bound to `host` instead of [::] (same servicer and interceptors)."""
-
-    def __init__(self, host: str, port: int, data_plane, repository_extension, kwargs: dict, grace_period: int):
-        super().__init__(port, data_plane, repository_extension, kwargs=kwargs, grace_period=grace_period)
-        self._host = host
-
-    async def start(self, max_workers):
-        servicer = InferenceServicer(self._data_plane, self._model_repository_extension)
-        self._server = aio.server(
-            ThreadPoolExecutor(max_workers=max_workers),
-            interceptors=(LoggingInterceptor(), ExceptionToStatusInterceptor()),
-            options=[("grpc.max_send_message_length", self._kwargs["grpc_max_send_message_length"]),
-                     ("grpc.max_receive_message_length", self._kwargs["grpc_max_receive_message_length"]),
-                     # a port already in use must fail, not be silently shared with another server
-                     ("grpc.so_reuseport", 0)])
-        grpc_predict_v2_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, self._server)
-        address = f"[{self._host}]:{self._port}" if ":" in self._host else f"{self._host}:{self._port}"
-        if self._server.add_insecure_port(address) == 0:
-            raise RuntimeError(f"cannot bind gRPC to {address}")
-        await self._server.start()
-        await self._server.wait_for_termination()
+    kserve_compat.serve(server, options.host, max_grpc_message_bytes=options.max_request_bytes)

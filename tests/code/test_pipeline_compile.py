@@ -347,6 +347,58 @@ def test_step_logs_go_to_files_and_the_console_gets_one_line_per_step(tmp_path):
     assert len(lines) == 3
 
 
+def test_kfp_local_output_is_captured_for_the_run_only(tmp_path):
+    """What kfp.local prints, logs (through its handler on sys.stdout) or warns reaches the sink."""
+    import io
+    import logging
+    import sys
+    import warnings
+
+    from pipelines import kfp_compat
+
+    class Watcher(kfp_compat.TaskWatcher):
+        def __init__(self):
+            super().__init__()
+            self.events = []
+
+        def task_started(self, task, at):
+            self.events.append(("started", task))
+
+        def task_finished(self, task, status, at):
+            self.events.append(("finished", task, status))
+
+    sink, watcher, root = io.StringIO(), Watcher(), logging.getLogger()
+    level = root.level
+    root.setLevel(logging.INFO)
+    try:
+        with kfp_compat.captured_output(sink, watcher):
+            handler = logging.StreamHandler(sys.stdout)  # what kfp.local installs around each task
+            root.addHandler(handler)
+            try:
+                logging.info("Executing task \x1b[96m'split-op'\x1b[0m")
+                print("split: 3 files")
+                warnings.warn("custom image", RuntimeWarning)
+                logging.info("Task \x1b[96m'split-op'\x1b[0m finished with status \x1b[92mSUCCESS\x1b[0m")
+            finally:
+                root.removeHandler(handler)
+    finally:
+        root.setLevel(level)
+    assert watcher.events == [("started", "split-op"), ("finished", "split-op", "SUCCESS")]
+    assert "split: 3 files" in sink.getvalue() and "RuntimeWarning: custom image" in sink.getvalue()
+    assert watcher not in root.filters and sys.stdout is not sink
+
+
+def test_kfp_adaptations_refuse_another_kfp_version(monkeypatch):
+    from importlib import metadata
+
+    from pipelines import kfp_compat
+
+    kfp_compat.check_version()  # the installed one is the one it was written for
+    monkeypatch.setattr(metadata, "version", lambda name: "2.18.0")
+    with pytest.raises(ImportError, match=r"written for kfp 2\.17\.0, found 2\.18\.0.*re-check"):
+        kfp_compat.check_version()
+
+
 def test_cli_run_without_local_says_where_cluster_runs_go():
     result = CliRunner().invoke(app, ["pipeline", "run", "--source", "src"])
     assert result.exit_code != 0

@@ -155,7 +155,7 @@ def test_stock_kserve_cannot_parse_raw_image_bytes_but_ours_can(serving_images):
     from kserve.protocol.dataplane import DataPlane
     from kserve.model_repository import ModelRepository
 
-    from serving.server import BinarySafeDataPlane
+    from serving.kserve_compat import BinarySafeDataPlane
 
     body, headers = _tritonclient_binary_body(serving_images)
     with pytest.raises(Exception) as stock_error:  # the trap the server works around
@@ -172,7 +172,7 @@ def test_binary_parser_refuses_broken_framing(serving_images):
     from kserve.errors import InvalidInput
     from kserve.model_repository import ModelRepository
 
-    from serving.server import BinarySafeDataPlane
+    from serving.kserve_compat import BinarySafeDataPlane
 
     plane = BinarySafeDataPlane(ModelRepository())
     body, headers = _tritonclient_binary_body(serving_images[:1])
@@ -225,3 +225,14 @@ def test_per_modality_thresholds(tmp_path, serving_images):
     forced = model.postprocess((PreparedBatch(images=np.zeros((2, 1, 1, 3)), modality="ct"),
                                 np.stack([ct_like, mri_like])))
     assert [p["tumor"] for p in forced["predictions"]] == [True, True]
+
+
+def test_kserve_adaptations_refuse_another_kserve_version(monkeypatch):
+    from importlib import metadata
+
+    from serving import kserve_compat
+
+    kserve_compat.check_version()  # the installed one is the one it was written for
+    monkeypatch.setattr(metadata, "version", lambda name: "0.22.0")
+    with pytest.raises(ImportError, match=r"written for kserve 0\.21\.0, found 0\.22\.0.*re-check"):
+        kserve_compat.check_version()

@@ -1,0 +1,220 @@
+"""Every adaptation of kserve that brainscan's model server needs, in one place (kserve 0.21.0).
+
+Everything else in serving/ uses kserve's public API only: `kserve.Model`, `kserve.ModelServer`
+and its options (ports, gRPC on/off, workers, gRPC threads, grace period, keep-alive, event
+loop, access log), `ModelServer.register_model`, `setup_event_loop` and `stop`, the v2
+types (`InferRequest`, `InferInput`, `InferOutput`, `InferResponse`) and `kserve.errors`.
+What kserve 0.21.0 offers no public way to do is here, each with the upstream behaviour it
+works around:
+
+1. Binary BYTES over REST (`BinarySafeDataPlane`): `InferRequest.from_bytes`
+   (kserve/protocol/infer_type.py) turns every binary-extension input into JSON data with
+   `set_data_from_numpy(..., binary_data=False)`, which decodes BYTES elements as UTF-8: raw
+   JPEG/PNG bytes sent by `tritonclient.http` end in a 500 (the same UTF-8 decoding of raw
+   BYTES that kserve/kserve#3731 reports on the gRPC side). `DataPlane.decode_inference_request`
+   (kserve/protocol/dataplane.py) also refuses a byte body without the
+   Inference-Header-Content-Length header, which the binary-data extension makes optional.
+   The override keeps the raw buffer, as kserve already does for gRPC raw contents.
+2. Bind address (`serve`): `RESTServer.__init__` (kserve/protocol/rest/server.py) hard-codes
+   uvicorn's host to 0.0.0.0 (kserve/kserve#4558) and `GRPCServer.start`
+   (kserve/protocol/grpc/server.py) listens on [::]; `ModelServer` has no host option, so
+   `ModelServer.start` cannot be used and `serve` does what it does, on the given host.
+3. gRPC server options (`HostGRPCServer`): `ModelServer.start` passes the gRPC message limits
+   from kserve's own command-line parser (`kwargs=vars(args)`, kserve/kserve#3717 made them
+   flags, not constructor options); and grpc's default SO_REUSEPORT lets a second server bind
+   a port already in use without an error (grpc/grpc#16005), which kserve leaves on.
+4. REST middleware and exception handlers (`add_rest_middleware`,
+   `add_rest_exception_handler`): kserve builds its FastAPI app as the module global
+   `kserve.model_server.app` and offers no hook to add either (kserve/kserve#3142; the
+   middleware PR kserve/kserve#2954 was closed unmerged), so they go onto that global.
+5. Raw contents of an input (`raw_contents`): `InferInput` keeps gRPC `raw_input_contents`
+   and binary-extension buffers in `_raw_data` with no public accessor, and `data` does not
+   tell them from an empty tensor (it is `[]` for gRPC raw contents).
+
+Upgrading kserve: the import below refuses any other version. Re-read the files named above,
+remove each adaptation the new version covers (a public option or a fix), then change
+KSERVE_VERSION.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from concurrent.futures import ThreadPoolExecutor
+from importlib import metadata
+
+KSERVE_VERSION = "0.21.0"
+
+
+def check_version() -> None:
+    """Refuse a kserve this module was not written for (its adaptations may silently break)."""
+    installed = metadata.version("kserve")
+    if installed != KSERVE_VERSION:
+        raise ImportError(
+            f"serving.kserve_compat was written for kserve {KSERVE_VERSION}, found {installed}: re-check each "
+            "adaptation listed in serving/kserve_compat.py against the new kserve (drop those it now covers), "
+            "then update KSERVE_VERSION")
+
+
+check_version()
+
+import kserve  # noqa: E402  (after the version check, on purpose)
+import orjson  # noqa: E402
+from grpc import aio  # noqa: E402
+from kserve.errors import InvalidInput  # noqa: E402
+from kserve.model_server import app as _kserve_app  # noqa: E402
+from kserve.protocol.dataplane import DataPlane  # noqa: E402
+from kserve.protocol.grpc import grpc_predict_v2_pb2_grpc  # noqa: E402
+from kserve.protocol.grpc.interceptors import ExceptionToStatusInterceptor, LoggingInterceptor  # noqa: E402
+from kserve.protocol.grpc.servicer import InferenceServicer  # noqa: E402
+from kserve.protocol.infer_type import InferInput, InferRequest, RequestedOutput  # noqa: E402
+from kserve.protocol.rest.server import RESTServer  # noqa: E402
+
+_log = logging.getLogger("kserve")  # the logger kserve's servers log to
+
+# kserve.model_server's FASTAPI_APP_IMPORT_STRING: RESTServer imports the app by this name.
+_APP_IMPORT_STRING = "kserve.model_server:app"
+
+
+# --------------------------------------------------------------------------- 1. binary BYTES
+class BinarySafeDataPlane(DataPlane):
+    """DataPlane whose REST binary-extension parsing keeps BYTES inputs as raw bytes.
+
+    Only `decode_inference_request` for byte bodies changes; bodies FastAPI parsed as JSON and
+    gRPC go through kserve untouched. The result is what kserve builds for gRPC raw contents:
+    an InferRequest made with `raw_inputs`, whose inputs' `as_numpy()` turns the
+    length-prefixed buffer into an object array of bytes.
+    """
+
+    def decode_inference_request(self, body, headers, model_name):
+        if not isinstance(body, bytes):
+            return super().decode_inference_request(body, headers, model_name)
+        # No header: the whole body is the JSON request (tritonclient sends JSON this way too).
+        header = (headers or {}).get("inference-header-content-length", str(len(body)))
+        try:
+            json_length = int(header)
+        except ValueError:
+            raise InvalidInput(f"Inference-Header-Content-Length is not a number: {header!r}") from None
+        if not 0 < json_length <= len(body):
+            raise InvalidInput(f"Inference-Header-Content-Length {json_length} does not fit a "
+                               f"{len(body)}-byte body")
+        try:
+            spec = orjson.loads(body[:json_length])
+        except orjson.JSONDecodeError as err:
+            raise InvalidInput(f"malformed JSON request header: {err}") from None
+        if not isinstance(spec, dict) or not isinstance(spec.get("inputs"), list):
+            raise InvalidInput('request JSON must be an object with an "inputs" list')
+        inputs, raw, offset = [], [], json_length
+        for entry in spec["inputs"]:
+            if not isinstance(entry, dict) or not {"name", "shape", "datatype"} <= entry.keys():
+                raise InvalidInput("each input needs name, shape and datatype")
+            parameters = entry.get("parameters") or {}
+            tensor = InferInput(name=entry["name"], shape=entry["shape"], datatype=entry["datatype"],
+                                parameters=parameters)
+            if entry.get("data") is not None:
+                tensor.data = entry["data"]
+                raw.append(None)
+            elif "binary_data_size" in parameters:
+                size = parameters["binary_data_size"]
+                if not isinstance(size, int) or size < 0 or offset + size > len(body):
+                    raise InvalidInput(f"input '{entry['name']}': binary_data_size {size!r} runs past "
+                                       "the end of the request body")
+                raw.append(body[offset:offset + size])
+                offset += size
+            else:
+                raise InvalidInput(f"input '{entry['name']}' has neither 'data' nor 'binary_data_size'")
+            inputs.append(tensor)
+        outputs = None
+        if isinstance(spec.get("outputs"), list):
+            outputs = [RequestedOutput(name=o.get("name"), parameters=o.get("parameters"))
+                       for o in spec["outputs"] if isinstance(o, dict)]
+        # raw_inputs pairs with inputs by position (None: that input came as JSON data). It also
+        # marks the request for raw outputs, which kserve applies to gRPC requests only.
+        return InferRequest(model_name=model_name, request_id=spec.get("id"),
+                            parameters=spec.get("parameters"), infer_inputs=inputs,
+                            raw_inputs=raw if any(r is not None for r in raw) else None,
+                            request_outputs=outputs)
+
+
+# --------------------------------------------------------------------------- 5. raw contents
+def raw_contents(tensor: InferInput) -> bytes | None:
+    """The input's raw buffer (gRPC raw_input_contents, REST binary extension), or None."""
+    return tensor._raw_data
+
+
+# --------------------------------------------------------------------------- 4. the REST app
+def add_rest_middleware(middleware_class, **options) -> None:
+    """Wrap kserve's REST app (every route) in an ASGI middleware."""
+    _kserve_app.add_middleware(middleware_class, **options)
+
+
+def add_rest_exception_handler(exception_class, handler) -> None:
+    """Answer `exception_class` raised on a REST route with `handler(request, exc)`."""
+    _kserve_app.add_exception_handler(exception_class, handler)
+
+
+# --------------------------------------------------------------------------- 3. gRPC
+class HostGRPCServer:
+    """kserve's gRPC inference service (its servicer and interceptors) on `host`, with the
+    given message limit and without SO_REUSEPORT (a port in use fails instead of being shared)."""
+
+    def __init__(self, server: kserve.ModelServer, host: str, max_message_bytes: int):
+        self.servicer = InferenceServicer(server.dataplane, server.model_repository_extension)
+        self.address = f"[{host}]:{server.grpc_port}" if ":" in host else f"{host}:{server.grpc_port}"
+        self.max_message_bytes = max_message_bytes
+        self.grace_period = server.grace_period
+        self.grpc_server: aio.Server | None = None
+
+    async def start(self, max_workers: int) -> None:
+        self.grpc_server = aio.server(
+            ThreadPoolExecutor(max_workers=max_workers),
+            interceptors=(LoggingInterceptor(), ExceptionToStatusInterceptor()),
+            options=[("grpc.max_send_message_length", self.max_message_bytes),
+                     ("grpc.max_receive_message_length", self.max_message_bytes),
+                     ("grpc.so_reuseport", 0)])
+        grpc_predict_v2_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(self.servicer, self.grpc_server)
+        if self.grpc_server.add_insecure_port(self.address) == 0:
+            raise RuntimeError(f"cannot bind gRPC to {self.address}")
+        await self.grpc_server.start()
+        await self.grpc_server.wait_for_termination()
+
+    async def stop(self, sig: int | None = None) -> None:
+        if self.grpc_server is not None:
+            _log.info("Stopping the grpc server")  # kserve's own lines for its gRPC server
+            _log.info("Waiting for gRPC server shutdown")
+            await self.grpc_server.stop(grace=self.grace_period)
+            _log.info("gRPC server shutdown complete")
+
+
+# --------------------------------------------------------------------------- 2. serve on a host
+def serve(server: kserve.ModelServer, host: str, max_grpc_message_bytes: int) -> None:
+    """What `ModelServer.start` does for its registered models (one worker), bound to `host`.
+
+    REST and gRPC are built from the server's own settings (ports, grace period, keep-alive,
+    event loop, access log, gRPC threads); blocks until SIGINT/SIGTERM/SIGQUIT.
+    """
+    rest = RESTServer(_APP_IMPORT_STRING, server.dataplane, server.model_repository_extension,
+                      server.http_port, access_log_format=server.access_log_format, workers=1,
+                      grace_period=server.grace_period, event_loop=server.event_loop,
+                      timeout_keep_alive=server.timeout_keep_alive)
+    rest.config.host = host  # the uvicorn.Config its server reads when it starts
+    services = [rest.start()]
+    grpc = None
+    if server.enable_grpc:
+        grpc = HostGRPCServer(server, host, max_grpc_message_bytes)
+        services.append(grpc.start(server.max_threads))
+
+    def on_signal(sig, frame):
+        # uvicorn handles SIGINT/SIGTERM itself while it runs, then raises them again: here.
+        server.stop(sig)  # unloads the models
+        if grpc is not None:
+            asyncio.get_running_loop().create_task(grpc.stop(sig))
+
+    async def run_all():
+        await asyncio.gather(*services)
+
+    server.setup_event_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGQUIT):  # ModelServer.register_signal_handler's
+        signal.signal(sig, on_signal)
+    asyncio.run(run_all())
