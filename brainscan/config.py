@@ -25,6 +25,16 @@ def champion_uri(name: str = MODEL_NAME) -> str:
     return f"models:/{name}@{CHAMPION_ALIAS}"
 
 
+def version_uri(name: str, version: str) -> str:
+    """The MLflow URI of one version of a registered model."""
+    return f"models:/{name}/{version}"
+
+
+def version_of(uri: str) -> str:
+    """The version of a `models:/NAME/VERSION` URI."""
+    return uri.rsplit("/", 1)[-1]
+
+
 CHAMPION_URI = champion_uri()
 EXPERIMENT = "brainscan"  # MLflow experiment of the register runs
 KAGGLE_DATASET = "murtozalikhon/brain-tumor-multimodal-image-ct-and-mri"

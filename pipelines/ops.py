@@ -42,9 +42,10 @@ def ingest_op(source: str, bucket: str, prefix: str, source_fingerprint: str, da
     import collections
     import json
 
+    from brainscan import layout
     from components.ingest import ingest
 
-    dataset_uri = f"s3://{bucket}/{prefix.strip('/')}/dataset"
+    dataset_uri = layout.dataset_uri(bucket, prefix)
 
     result = ingest(source, dataset_uri)
     summary = result.summary() if hasattr(result, "summary") else dict(vars(result))
@@ -62,10 +63,10 @@ def validate_op(data_uri: str, fingerprint: str, report: Output[HTML], metrics: 
 
     `fingerprint` keys the cache: the same data is validated once.
     """
-    from brainscan import storage
+    from brainscan import layout, storage
     from components.validate import validate
 
-    report_dir = storage.join(data_uri, "validation")
+    report_dir = layout.validation_uri(data_uri)
     result = validate(data_uri, report_dir)
     with open(report.path, "w") as handle:
         handle.write(storage.read_text(storage.join(report_dir, "validation.html")))
@@ -82,9 +83,10 @@ def split_op(data_uri: str, fingerprint: str, val: float, test: float, seed: int
     """Stratified train/val/test split; duplicates never cross splits. One split per data version."""
     import json
 
+    from brainscan import layout
     from components.split import split
 
-    splits_uri = f"{data_uri.rsplit('/', 1)[0]}/splits/{fingerprint[:16]}-seed{seed}"
+    splits_uri = layout.splits_uri(data_uri, fingerprint, seed)
 
     result = split(data_uri, splits_uri, val=val, test=test, seed=seed)
     with open(splits.path, "w") as handle:
@@ -197,12 +199,12 @@ def evaluate_op(model_uri: str, splits_uri: str, target_recall: float, min_recal
 def register_op(model_uri: str, model_name: str, pipeline_run: str, fingerprint: str,
                 registered: Output[Model]) -> str:
     """Register the model in MLflow and move the `champion` alias to it; returns `models:/NAME/VERSION`."""
-    from components.register import register
+    from brainscan import layout
     from brainscan.config import CHAMPION_ALIAS
+    from components.register import register
 
-    evaluation_uri = f"{model_uri.rsplit('/', 1)[0]}/evaluation"
-    # The dataset fingerprint tag comes from evaluation.json; `fingerprint` orders this step after ingest's.
-    result = register(model_uri, evaluation_uri, name=model_name, pipeline_run=pipeline_run)
+    # The dataset fingerprint tag comes from the evaluation report; `fingerprint` orders this step after ingest's.
+    result = register(model_uri, layout.evaluation_uri(model_uri), name=model_name, pipeline_run=pipeline_run)
     if not result.registered:
         raise RuntimeError(result.reason)
     registered_uri = result.model_uri
