@@ -156,7 +156,7 @@ def evaluate_cmd(
     test = result.test
     typer.echo(f"threshold {result.threshold:.4g} (validation, target recall {target_recall}); test recall "
                f"{test['recall']:.4f} {test['recall_ci95']}, precision {test['precision']:.4f} {test['precision_ci95']}, "
-               f"ROC-AUC {test['roc_auc']:.4f}; gate {result.gate['reason']}; report {result.report_uri}", err=True)
+               f"ROC-AUC {test['roc_auc']:.4f}; gate {result.gate['reason']}; report {result.uri}", err=True)
     typer.echo(result.promise["statement"], err=True)
     if as_json:
         emit_json(result.summary())

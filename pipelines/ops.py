@@ -156,31 +156,30 @@ def evaluate_op(model_uri: str, splits_uri: str, target_recall: float, min_recal
     """
     import base64
 
-    from brainscan import storage
-    from components.evaluate import evaluate
+    from brainscan import layout, storage
     from brainscan.config import champion_uri
+    from components.evaluate import evaluate
 
-    evaluation_uri = f"{model_uri.rsplit('/', 1)[0]}/evaluation"
-    # A missing champion (first run) is a note in the report, not an error.
-    result = evaluate(model_uri, splits_uri, evaluation_uri, target_recall=target_recall, min_recall=min_recall,
-                      min_auc=min_auc, champion=champion_uri(model_name))
-    evaluation = storage.read_json(storage.join(evaluation_uri, "evaluation.json"))
+    evaluation_uri = layout.evaluation_uri(model_uri)
+    # A missing champion (first run) is a note in the report, not an error. The champion tolerance is
+    # brainscan.config's default: the pipeline has no parameter for it.
+    evaluation = evaluate(model_uri, splits_uri, evaluation_uri, target_recall=target_recall,
+                          min_recall=min_recall, min_auc=min_auc, champion=champion_uri(model_name))
 
-    for key, value in evaluation.get("test", {}).items():
+    for key, value in evaluation.test.items():
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             metrics.log_metric(f"test_{key}", float(value))
-    metrics.log_metric("threshold", float(evaluation["threshold"]))
+    metrics.log_metric("threshold", float(evaluation.threshold))
 
     # The Kubeflow UI draws these two from ClassificationMetrics.
-    classification.log_confusion_matrix(list(evaluation["classes"]),
-                                        [[int(n) for n in row] for row in evaluation["confusion_matrix"]])
-    roc = evaluation.get("curves", {}).get("roc", [])
+    classification.log_confusion_matrix(list(evaluation.classes),
+                                        [[int(n) for n in row] for row in evaluation.confusion_matrix])
+    roc = evaluation.curves.get("roc", [])
     if roc:
         classification.log_roc_curve([p["fpr"] for p in roc], [p["tpr"] for p in roc],
                                      [p["threshold"] for p in roc])
 
-    gate = evaluation.get("gate", {})
-    passed = result.passed
+    passed = evaluation.passed
     images = []
     for name in ("confusion_matrix.png", "roc_curve.png", "pr_curve.png"):
         uri = storage.join(evaluation_uri, name)
@@ -189,8 +188,8 @@ def evaluate_op(model_uri: str, splits_uri: str, target_recall: float, min_recal
             images.append(f'<figure><img src="data:image/png;base64,{encoded}"><figcaption>{name}</figcaption></figure>')
     with open(report.path, "w") as handle:
         handle.write(f"<h1>Evaluation: gate {'passed' if passed else 'FAILED'}</h1>"
-                     f"<p><b>{evaluation.get('promise', {}).get('statement', '')}</b></p>"
-                     f"<p>{gate.get('reason', '')}</p>" + "".join(images))
+                     f"<p><b>{evaluation.promise.get('statement', '')}</b></p>"
+                     f"<p>{evaluation.gate.get('reason', '')}</p>" + "".join(images))
     metrics.metadata["gate_passed"] = passed
     return passed
 
