@@ -42,7 +42,6 @@ import re
 import shutil
 import signal
 import struct
-import subprocess
 import sys
 import tempfile
 import time
@@ -64,7 +63,7 @@ from brainscan import registry, storage
 from brainscan.local import mlserver, predictor, stack
 from components.register import register
 from brainscan.network import build_model
-from brainscan.config import EXPERIMENT, MODEL_NAME
+from brainscan.config import EXPERIMENT, MODEL_NAME, version_of
 from serving.runtime import ServedModel, cpu_count
 from brainscan.modelstore import load_bundle, save_bundle
 
@@ -375,7 +374,7 @@ def start_mlserver(model_uri: str, workdir: Path, environment: Path, args) -> tu
     model_dir = workdir / "mlserver-model"
     shutil.rmtree(model_dir, ignore_errors=True)
     started = time.perf_counter()
-    source = registry.connect()[0].get_model_version_download_uri(MODEL_NAME, model_uri.rsplit("/", 1)[1])
+    source = registry.connect()[0].get_model_version_download_uri(MODEL_NAME, version_of(model_uri))
     storage.download_dir(source, model_dir)
     downloaded = time.perf_counter() - started
     server = mlserver.start(model_dir, workdir / "mlserver", environment, max_batch_size=args.max_batch_size,

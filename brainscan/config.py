@@ -28,6 +28,16 @@ def champion_uri(name: str = MODEL_NAME) -> str:
     return f"models:/{name}@{CHAMPION_ALIAS}"
 
 
+def version_uri(name: str, version: str) -> str:
+    """The MLflow URI of one version of a registered model."""
+    return f"models:/{name}/{version}"
+
+
+def version_of(uri: str) -> str:
+    """The version of a `models:/NAME/VERSION` URI."""
+    return uri.rsplit("/", 1)[-1]
+
+
 CHAMPION_URI = champion_uri()
 EXPERIMENT = "brainscan"  # MLflow experiment of the register runs
 KAGGLE_DATASET = "murtozalikhon/brain-tumor-multimodal-image-ct-and-mri"
@@ -87,6 +97,22 @@ def canonical_deployment_mode(name: str) -> str:
     if name not in DEPLOYMENT_MODES:
         raise ValueError(f"deployment mode {name!r}: expected one of {', '.join(DEPLOYMENT_MODES)}")
     return DEPLOYMENT_MODES[name]
+
+
+def check_canary(percent: int | None, deployment_mode: str | None, name: str = "canary_percent",
+                 lowest: int = 1) -> None:
+    """ValueError unless a canary of `percent` % of the traffic (None: no canary) fits: a share from `lowest`
+    to 100, in a deployment mode with revisions to split traffic between. An unknown mode is an error
+    whether or not there is a canary; None: the mode is checked later."""
+    serverless = deployment_mode is None or canonical_deployment_mode(deployment_mode) == SERVERLESS
+    if percent is None:
+        return
+    if not lowest <= percent <= 100:
+        raise ValueError(f"{name} must be within {lowest}..100, got {percent}")
+    if not serverless:
+        raise ValueError(f"{name} needs deployment_mode Serverless (Knative splits traffic between revisions; "
+                         "a RawDeployment has none)")
+
 
 PIPELINE_NAME = "brainscan-train"
 RETRAIN_PIPELINE_NAME = "brainscan-retrain-if-new-data"
@@ -253,9 +279,7 @@ class PipelineParams(Recipe):
 
     def __post_init__(self):  # clear errors before anything runs
         super().__post_init__()
-        if canonical_deployment_mode(self.deployment_mode) != SERVERLESS and self.canary_percent:
-            raise ValueError("canary_percent needs deployment_mode Serverless (Knative splits traffic between "
-                             "revisions; a RawDeployment has none)")
+        check_canary(self.canary_percent or None, self.deployment_mode)  # 0: no canary
 
     @property
     def recipe(self) -> Recipe:
@@ -287,12 +311,16 @@ PRESETS: dict[str, dict] = {
 }
 
 
-def preset(name: str | None) -> PipelineParams:
-    if name is None:
-        return DEFAULTS
-    if name not in PRESETS:
+def preset(name: str | None, given: dict | None = None) -> PipelineParams:
+    """The parameters of a preset (None: the defaults) with those `given` over them."""
+    return DEFAULTS.replace(**preset_arguments(name, given))
+
+
+def preset_arguments(name: str | None, given: dict | None = None) -> dict:
+    """The parameters that differ from the defaults: a preset's (None: none), with those `given` over them."""
+    if name is not None and name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; expected one of {', '.join(PRESETS)}")
-    return DEFAULTS.replace(**PRESETS[name])
+    return {**(PRESETS[name] if name else {}), **(given or {})}
 
 
 @dataclass(frozen=True)
@@ -328,3 +356,34 @@ def param_help(name: str, cls=PipelineParams) -> str:
 
 def param_field(name: str, cls=PipelineParams) -> dataclasses.Field:
     return next(f for f in dataclasses.fields(cls) if f.name == name)
+
+
+# ----------------------------------------------------------------------------- gate, deploy and watch
+# How much worse than the champion's test recall and ROC-AUC a candidate may be (the evaluate step's
+# gate). The pipeline has no parameter for it: its runs use this; `brainscan evaluate --tolerance` sets it.
+CHAMPION_TOLERANCE = 0.02
+
+
+@dataclass(frozen=True)
+class DeploySettings:
+    """How a model is rolled out (`brainscan deploy`); the pipeline's deploy step uses the defaults."""
+
+    timeout_s: float = _param(600, "Seconds to wait for Ready before rolling back.")
+    poll_interval_s: float = _param(5.0, "Seconds between status polls.")
+    min_replicas: int = _param(1, "Fewest predictor replicas.", min=0)
+    max_replicas: int = _param(3, "Most predictor replicas.", min=1)
+
+
+DEPLOY = DeploySettings()
+
+
+@dataclass(frozen=True)
+class WatchSettings:
+    """How the retrain watcher (`brainscan retrain watch`, pipelines/watcher.py) checks the source."""
+
+    interval_s: float = _param(300, "Seconds between checks.", min=1)
+    settle_checks: int = _param(2, "Start a run once the same data was seen on this many checks in a row "
+                                   "(an upload in progress changes it from check to check).", min=1)
+
+
+WATCH = WatchSettings()

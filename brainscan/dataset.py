@@ -18,6 +18,7 @@ import pandas as pd
 
 from brainscan import storage
 from brainscan.labels import CLASSES
+from brainscan.layout import folder_of
 
 MANIFEST_COLUMNS = ("path", "sha256", "bytes", "modality", "class7", "tumor", "width", "height", "mode",
                     "format", "decodable")
@@ -65,7 +66,7 @@ def splits_fingerprint(splits: str) -> str | None:
     report = storage.join(splits, "split_report.json")
     manifest = storage.read_json(report).get("manifest") if storage.exists(report) else None
     if manifest:
-        ingest = storage.join(manifest.rsplit("/", 1)[0], "ingest.json")
+        ingest = storage.join(folder_of(manifest), "ingest.json")
         value = storage.read_json(ingest).get("fingerprint") if storage.exists(ingest) else None
         if value:
             return value

@@ -28,9 +28,10 @@ from kubernetes.client import (ApiClient, V1Capabilities, V1Container, V1Contain
                                V1HTTPGetAction, V1ObjectMeta, V1Probe, V1ResourceRequirements, V1SeccompProfile,
                                V1SecretEnvSource, V1SecurityContext, V1Toleration)
 
-from brainscan.config import (CHAMPION_URI, GPU_NODE_SELECTOR, GPU_RESOURCE, GPU_TOLERATIONS, MODEL_NAME, NAMESPACE,
-                              RAW_DEPLOYMENT, S3_SECRET, SERVERLESS, SERVING_IMAGE, SERVING_SERVICE_ACCOUNT,
-                              ServeSettings, canonical_deployment_mode, gpu_placement)
+from brainscan.config import (CHAMPION_URI, DEFAULTS, DEPLOY, GPU_NODE_SELECTOR, GPU_RESOURCE, GPU_TOLERATIONS,
+                              MODEL_NAME, NAMESPACE, RAW_DEPLOYMENT, S3_SECRET, SERVERLESS, SERVING_IMAGE,
+                              SERVING_SERVICE_ACCOUNT, ServeSettings, canonical_deployment_mode, check_canary,
+                              gpu_placement)
 
 API_VERSION = "serving.kserve.io/v1beta1"
 KIND = "InferenceService"
@@ -60,12 +61,12 @@ def build_inference_service(
     namespace: str = NAMESPACE,
     image: str = DEFAULT_IMAGE,
     model_uri: str = CHAMPION_URI,
-    gpus: int = 1,
+    gpus: int = DEFAULTS.serving_gpus,
     node_selector: Mapping[str, str] | None = None,
     tolerations: Sequence[Mapping[str, Any]] | None = None,
     service_account: str | None = DEFAULT_SERVICE_ACCOUNT,
-    min_replicas: int = 1,
-    max_replicas: int = 3,
+    min_replicas: int = DEPLOY.min_replicas,
+    max_replicas: int = DEPLOY.max_replicas,
     canary_traffic_percent: int | None = None,
     resources: Mapping[str, Mapping[str, str]] | None = None,
     probes: bool = True,
@@ -103,15 +104,12 @@ def build_inference_service(
     if min_replicas < 0 or max_replicas < max(min_replicas, 1):
         raise ValueError(f"need 0 <= min_replicas <= max_replicas and max_replicas >= 1, "
                          f"got {min_replicas}..{max_replicas}")
-    if canary_traffic_percent is not None and not 0 <= canary_traffic_percent <= 100:
-        raise ValueError(f"canary_traffic_percent must be within 0..100, got {canary_traffic_percent}")
     try:
         deployment_mode = canonical_deployment_mode(deployment_mode)
     except ValueError as err:
         raise ValueError(f"deployment_mode: {err}") from None
-    if canary_traffic_percent is not None and deployment_mode != SERVERLESS:
-        # KServe splits traffic between revisions through Knative; a plain Deployment has no revisions
-        raise ValueError("canary_traffic_percent needs deployment_mode Serverless")
+    # 0 here is a new revision that gets no traffic yet (deploy and the pipeline say "no canary" with None / 0)
+    check_canary(canary_traffic_percent, deployment_mode, name="canary_traffic_percent", lowest=0)
 
     limits = dict((resources or DEFAULT_RESOURCES).get("limits", {}))
     requests = dict((resources or DEFAULT_RESOURCES).get("requests", {}))

@@ -26,7 +26,7 @@ import requests
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
-from brainscan.config import CHAMPION_ALIAS, DEFAULT_WORKDIR, EXPERIMENT, MODEL_NAME, champion_uri
+from brainscan.config import CHAMPION_ALIAS, DEFAULT_WORKDIR, EXPERIMENT, MODEL_NAME, champion_uri, version_uri
 
 log = logging.getLogger(__name__)
 
@@ -158,7 +158,7 @@ def champion_info(name: str = MODEL_NAME, tracking_uri: str | None = None,
     threshold = tags.get("threshold")
     return {"name": name, "version": version, "tags": tags,
             "threshold": float(threshold) if threshold else None,
-            "model_uri": f"models:/{name}/{version}", "champion_uri": champion_uri(name),
+            "model_uri": version_uri(name, version), "champion_uri": champion_uri(name),
             "run_id": mv.run_id, "dataset_fingerprint": tags.get("dataset_fingerprint"),
             "history": history(client, name), "tracking_uri": uri}
 

@@ -73,7 +73,7 @@ def with_settings(cls=PipelineParams, names: tuple[str, ...] | None = None):
 
 def pipeline_params(preset: str | None, given: dict) -> PipelineParams:
     try:
-        return config.preset(preset).replace(**given)
+        return config.preset(preset, given)
     except ValueError as err:
         fail(str(err))
 

@@ -11,7 +11,7 @@ from typing import Optional
 import typer
 
 from brainscan import config
-from brainscan.config import DEFAULT_WORKDIR, DEFAULTS, DEMO_WORKDIR, PRESETS
+from brainscan.config import DEFAULT_WORKDIR, DEFAULTS, DEMO_WORKDIR
 from cli.common import JSON_OPTION, PRESET_OPTION, emit_json, fail, pipeline_params, setting, with_settings
 
 
@@ -121,7 +121,7 @@ def pipeline_submit(
     from pipelines import kfp_client  # lazy: loads kfp
 
     pipeline_params(preset, given)  # an unknown preset or value: a clear error before the cluster is asked
-    arguments = {**(PRESETS[preset] if preset else {}), **given, **({"namespace": namespace} if namespace else {})}
+    arguments = config.preset_arguments(preset, {**given, **({"namespace": namespace} if namespace else {})})
     try:
         result = kfp_client.submit(host, arguments, which="retrain" if retrain else "train", run_name=run_name,
                                    namespace=namespace)

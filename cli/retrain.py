@@ -10,7 +10,7 @@ from typing import Optional
 
 import typer
 
-from brainscan.config import DEFAULT_WORKDIR, PRESETS
+from brainscan.config import DEFAULT_WORKDIR, WatchSettings, preset_arguments
 from cli.common import JSON_OPTION, PRESET_OPTION, emit_json, fail, pipeline_params, setting, with_settings
 
 
@@ -54,14 +54,12 @@ def retrain_check(
 @with_settings()
 def retrain_watch(
     given: dict,
-    interval: float = typer.Option(300, "--interval", min=1, help="Seconds between checks."),
+    interval: float = setting("interval_s", WatchSettings, flag="--interval"),
     host: Optional[str] = typer.Option(None, "--host", help="Submit a cluster run here (else run locally)."),
     workdir: Path = typer.Option(Path(DEFAULT_WORKDIR), "--workdir", help="Local runs: the work dir."),
     preset: Optional[str] = PRESET_OPTION,
     max_checks: Optional[int] = typer.Option(None, "--max-checks", min=1, help="Stop after this many checks."),
-    settle_checks: int = typer.Option(2, "--settle-checks", min=1,
-                                      help="Start a run once the same data was seen on this many checks in a row "
-                                           "(an upload in progress changes it from check to check)."),
+    settle_checks: int = setting("settle_checks", WatchSettings),
 ) -> None:
     """Check on an interval; when the data changed, submit a run (--host) or run the pipeline locally.
 
@@ -83,7 +81,7 @@ def retrain_watch(
             from pipelines import kfp_client  # lazy: only when submitting
 
             result = kfp_client.submit_once(host, watcher.run_name(decision.fingerprint),
-                                            {**(PRESETS[preset] if preset else {}), **given}, which="retrain",
+                                            preset_arguments(preset, given), which="retrain",
                                             namespace=given.get("namespace"))
             typer.echo(f"{'submitted' if result.action == 'submit' else 'already submitted:'} run {result.run_id} "
                        f"({result.name})", err=True)

@@ -135,7 +135,8 @@ def evaluate_cmd(
     champion: Optional[str] = typer.Option(None, "--champion",
                                            help=f"Compare with this model (e.g. {config.CHAMPION_URI}); "
                                                 "a missing champion means no comparison."),
-    tolerance: float = typer.Option(0.02, "--tolerance", help="Gate: how much worse than the champion is allowed."),
+    tolerance: float = typer.Option(config.CHAMPION_TOLERANCE, "--tolerance",
+                                    help="Gate: how much worse than the champion is allowed."),
     explain: bool = typer.Option(True, "--explain/--no-explain", help="Grad-CAM and LIME images (default on)."),
     fail_on_gate: bool = typer.Option(False, "--fail-on-gate", help="Exit 2 when the gate fails (default: exit 0)."),
     as_json: bool = JSON_OPTION,
@@ -155,7 +156,7 @@ def evaluate_cmd(
     test = result.test
     typer.echo(f"threshold {result.threshold:.4g} (validation, target recall {target_recall}); test recall "
                f"{test['recall']:.4f} {test['recall_ci95']}, precision {test['precision']:.4f} {test['precision_ci95']}, "
-               f"ROC-AUC {test['roc_auc']:.4f}; gate {result.gate['reason']}; report {result.report_uri}", err=True)
+               f"ROC-AUC {test['roc_auc']:.4f}; gate {result.gate['reason']}; report {result.uri}", err=True)
     typer.echo(result.promise["statement"], err=True)
     if as_json:
         emit_json(result.summary())
@@ -200,7 +201,7 @@ def deploy_cmd(
                                          help="Send only this percent of traffic to the new model (canary rollout)."),
     local: bool = typer.Option(False, "--local", help="(Re)start the local model server instead of a cluster deploy."),
     workdir: Path = typer.Option(Path(DEFAULT_WORKDIR), "--workdir", help="Local server state (with --local)."),
-    timeout: float = typer.Option(600, "--timeout", help="Seconds to wait for Ready before rolling back."),
+    timeout: float = setting("timeout_s", config.DeploySettings, flag="--timeout"),
     image: Optional[str] = typer.Option(None, "--image", help="Serving image (default: $BRAINSCAN_SERVING_IMAGE)."),
     gpus: int = setting("serving_gpus", flag="--gpus"),
     deployment_mode: str = setting("deployment_mode"),
@@ -208,11 +209,11 @@ def deploy_cmd(
         None, "--gpu-node-selection/--no-gpu-node-selection", show_default="RawDeployment: yes, Serverless: no",
         help="GPU node selector and toleration on a GPU predictor. A stock Knative refuses them: turn on its "
              "podspec flags first (infra/k8s/knative/) for Serverless."),
-    min_replicas: int = typer.Option(1, "--min-replicas", min=0, help="Fewest predictor replicas."),
-    max_replicas: int = typer.Option(3, "--max-replicas", min=1, help="Most predictor replicas."),
+    min_replicas: int = setting("min_replicas", config.DeploySettings),
+    max_replicas: int = setting("max_replicas", config.DeploySettings),
     kubeconfig: Optional[Path] = typer.Option(None, "--kubeconfig",
                                               help="Kubeconfig (default: $KUBECONFIG, ~/.kube/config or in-cluster)."),
-    poll_interval: float = typer.Option(5.0, "--poll-interval", help="Seconds between status polls.", hidden=True),
+    poll_interval: float = setting("poll_interval_s", config.DeploySettings, flag="--poll-interval", hidden=True),
     as_json: bool = JSON_OPTION,
 ) -> None:
     """Deploy a model: create or patch the KServe InferenceService and wait until Ready (rolls back if

@@ -26,7 +26,8 @@ from urllib3.exceptions import HTTPError
 
 from brainscan.local import predictor
 from brainscan import inferenceservice as isvc_builder
-from brainscan.config import DEFAULT_WORKDIR, MODEL_NAME, NAMESPACE, default_serving_image
+from brainscan.config import (DEFAULT_WORKDIR, DEFAULTS, DEPLOY, MODEL_NAME, NAMESPACE, check_canary,
+                              default_serving_image)
 
 log = logging.getLogger(__name__)
 
@@ -60,11 +61,11 @@ def deploy(
     name: str = MODEL_NAME,
     canary_percent: int | None = None,
     local: bool = False,
-    timeout_s: float = 600,
+    timeout_s: float = DEPLOY.timeout_s,
     image: str | None = None,
-    gpus: int = 1,
+    gpus: int = DEFAULTS.serving_gpus,
     kubeconfig: str | os.PathLike | None = None,
-    poll_interval_s: float = 5.0,
+    poll_interval_s: float = DEPLOY.poll_interval_s,
     workdir: str | os.PathLike = DEFAULT_WORKDIR,
     **isvc_options: Any,
 ) -> DeployResult:
@@ -77,8 +78,7 @@ def deploy(
     """
     if not model_uri:
         raise ValueError("no model URI: give --model models:/brain-tumor@champion, an s3:// URI or a path")
-    if canary_percent is not None and not 0 < canary_percent <= 100:
-        raise ValueError(f"canary percent must be within 1..100, got {canary_percent}")
+    check_canary(canary_percent, None, name="canary percent")  # the mode: checked by the InferenceService builder
     if timeout_s <= 0:
         raise ValueError(f"timeout must be positive, got {timeout_s}")
     if local:

@@ -18,7 +18,6 @@ from __future__ import annotations
 import logging
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -28,45 +27,13 @@ from sklearn.metrics import (average_precision_score, confusion_matrix, precisio
 from brainscan import calibration
 from brainscan import explain as explanations_of
 from brainscan import storage
-from brainscan.config import DEFAULTS
+from brainscan.config import CHAMPION_TOLERANCE, DEFAULTS
 from brainscan.dataset import read_split, splits_fingerprint
+from brainscan.evaluation_report import EvaluationReport, file_uri
 from brainscan.labels import CLASSES, MODALITIES, is_tumor
 from brainscan.modelstore import BundleError, ModelBundle, load_bundle
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class EvaluationResult:
-    out: str
-    report_uri: str
-    threshold: float
-    thresholds: dict
-    validation: dict
-    test: dict
-    per_class: dict
-    confusion_matrix: list
-    gate: dict
-    champion: dict | None
-    promise: dict = field(default_factory=dict)
-    calibration: dict = field(default_factory=dict)
-    plots: list = field(default_factory=list)
-    explanations: list = field(default_factory=list)
-
-    @property
-    def passed(self) -> bool:
-        return bool(self.gate["passed"])
-
-    def summary(self) -> dict:
-        test = self.test
-        return {
-            "report_uri": self.report_uri, "threshold": self.threshold, "thresholds": self.thresholds,
-            "gate_passed": self.passed, "gate_decided_by": self.gate["decided_by"], "gate_reason": self.gate["reason"],
-            "recall": test["recall"], "precision": test["precision"], "roc_auc": test["roc_auc"],
-            "pr_auc": test["pr_auc"], "f2": test["f2"], "specificity": test["specificity"], "accuracy": test["accuracy"],
-            "recall_ci95": test["recall_ci95"], "precision_ci95": test["precision_ci95"],
-            "recall_lower_bound": test["recall_lower_bound"], "promise": self.promise.get("statement"),
-        }
 
 
 # ----------------------------------------------------------------------------- metrics on score arrays
@@ -302,7 +269,7 @@ def _champion_scores(champion: str, frame, files, y, target_recall: float, val_f
 
 def evaluate(model, splits: str, out: str, target_recall: float = DEFAULTS.target_recall,
              min_recall: float = DEFAULTS.min_recall, min_auc: float = DEFAULTS.min_auc, champion: str | None = None,
-             tolerance: float = 0.02, explain: bool = True, n_boot: int = 1000) -> EvaluationResult:
+             tolerance: float = CHAMPION_TOLERANCE, explain: bool = True, n_boot: int = 1000) -> EvaluationReport:
     """Evaluate a bundle (URI or ModelBundle) on {splits}/val.csv and {splits}/test.csv; write the report to out."""
     bundle = model if isinstance(model, ModelBundle) else load_bundle(str(model))
     val_frame, test_frame = read_split(splits, "val", SPLIT_COLUMNS), read_split(splits, "test", SPLIT_COLUMNS)
@@ -339,40 +306,23 @@ def evaluate(model, splits: str, out: str, target_recall: float = DEFAULTS.targe
              policy.threshold, dict(policy.thresholds), test["recall"], test["precision"], test["roc_auc"],
              gate["reason"], promised["statement"])
 
-    report_uri = storage.join(out, "evaluation.json")
+    report = EvaluationReport(
+        model_uri=bundle.uri, splits=str(splits), image_size=bundle.image_size, target_recall=target_recall,
+        **policy.to_metadata(), threshold_source="validation split", calibration=calibrated.report(),
+        promise=promised,
+        decision="P(tumor) >= the threshold of the scan's modality (the model's own CT/MRI call) where "
+                 "`thresholds` has one, else `threshold` (brainscan.decision)",
+        dataset_fingerprint=splits_fingerprint(splits) or bundle.metadata.get("dataset_fingerprint"),
+        validation=validation, test=test, test_per_modality=per_modality, per_class=per_class,
+        classes=list(CLASSES), confusion_matrix=matrix, curves=roc_points(test_y, test_scores), gate=gate,
+        champion=champion_report, uri=file_uri(str(out)))
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
-        plots = _plots(folder, test_y, test_scores, test_decision.threshold, matrix, test)
-        written = _explanations(folder, bundle, test_frame, test_files, test_probs) if explain else []
-        result = EvaluationResult(out=str(out), report_uri=report_uri, threshold=policy.threshold,
-                                  thresholds=dict(policy.thresholds), validation=validation, test=test,
-                                  per_class=per_class, confusion_matrix=matrix, gate=gate, champion=champion_report,
-                                  promise=promised, calibration=calibrated.report(), plots=plots,
-                                  explanations=written)
-        report = {
-            "model_uri": bundle.uri, "splits": str(splits), "image_size": bundle.image_size,
-            "target_recall": target_recall, **policy.to_metadata(),
-            "threshold_source": "validation split", "calibration": calibrated.report(), "promise": promised,
-            "decision": "P(tumor) >= the threshold of the scan's modality (the model's own CT/MRI call) where "
-                        "`thresholds` has one, else `threshold` (brainscan.decision)",
-            "dataset_fingerprint": splits_fingerprint(splits) or bundle.metadata.get("dataset_fingerprint"),
-            "validation": validation, "test": test, "test_per_modality": per_modality,
-            "per_class": per_class, "classes": list(CLASSES), "confusion_matrix": matrix,
-            "curves": roc_points(test_y, test_scores), "gate": gate, "champion": champion_report,
-            "plots": plots, "explanations": written,
-        }
-        storage.write_json(str(folder / "evaluation.json"), report)
+        report.plots = _plots(folder, test_y, test_scores, test_decision.threshold, matrix, test)
+        report.explanations = _explanations(folder, bundle, test_frame, test_files, test_probs) if explain else []
+        report.save(folder)
         if storage.is_s3(str(out)):
             storage.upload_dir(folder, str(out))
         else:
             storage.download_dir(str(folder), str(out))  # a local copy of the folder
-    return result
-
-
-def load_evaluation(uri: str) -> dict:
-    """evaluation.json from a file URI or from the folder holding it."""
-    if not str(uri).endswith(".json"):
-        uri = storage.join(uri, "evaluation.json")
-    if not storage.exists(uri):
-        raise FileNotFoundError(f"{uri} not found: run `brainscan evaluate` first")
-    return storage.read_json(uri)
+    return report

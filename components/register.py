@@ -27,8 +27,8 @@ import numpy as np
 
 import brainscan
 from brainscan import bundle, pyfunc, registry, storage
-from components.evaluate import EvaluationResult, load_evaluation
-from brainscan.config import DEFAULT_WORKDIR, MODEL_NAME, champion_uri
+from brainscan.config import DEFAULT_WORKDIR, MODEL_NAME, champion_uri, version_uri
+from brainscan.evaluation_report import EvaluationReport
 from brainscan.modelstore import ModelBundle, fetch_bundle
 
 log = logging.getLogger(__name__)
@@ -63,62 +63,61 @@ def code_version() -> str:
     return f"brainscan=={brainscan.__version__}"
 
 
-def _evaluation_doc(evaluation) -> tuple[dict, str | None]:
-    """(evaluation.json content, the folder URI holding it and the plots) from a URI, result or dict."""
-    if isinstance(evaluation, EvaluationResult):
-        return load_evaluation(evaluation.report_uri), evaluation.out
+def _report(evaluation) -> EvaluationReport:
+    """The evaluation report from a report, the URI of evaluation.json or its folder, or the parsed dict."""
+    if isinstance(evaluation, EvaluationReport):
+        return evaluation
     if isinstance(evaluation, dict):
-        return evaluation, None
-    uri = str(evaluation)
-    folder = uri.rsplit("/", 1)[0] if uri.endswith(".json") else uri
-    return load_evaluation(uri), folder
+        return EvaluationReport.from_dict(evaluation)
+    return EvaluationReport.load(str(evaluation))
 
 
-def _metrics(doc: dict) -> dict[str, float]:
+def _metrics(report: EvaluationReport) -> dict[str, float]:
     out = {}
     for split_name in ("validation", "test"):
         for key in ("recall", "precision", "specificity", "f2", "roc_auc", "pr_auc", "accuracy"):
-            value = doc.get(split_name, {}).get(key)
+            value = getattr(report, split_name).get(key)
             if isinstance(value, (int, float)) and np.isfinite(value):
                 out[f"{split_name}_{key}"] = float(value)
     for key in ("recall_ci95", "precision_ci95"):
-        interval = doc.get("test", {}).get(key)
+        interval = report.test.get(key)
         if interval:
             out[f"test_{key}_low"], out[f"test_{key}_high"] = float(interval[0]), float(interval[1])
-    for name, values in doc.get("per_class", {}).items():
+    for name, values in report.per_class.items():
         if values.get("recall") is not None:
             out[f"test_recall_{name}"] = float(values["recall"])
-    out["threshold"] = float(doc["threshold"])
+    out["threshold"] = float(report.threshold)
     return out
 
 
-def _stage_bundle(model_uri: str, doc: dict, gate: dict, folder: Path) -> dict:
+def _stage_bundle(model_uri: str, report: EvaluationReport, folder: Path) -> dict:
     """The bundle as it is registered: the model, and metadata with the calibrated thresholds."""
     source = fetch_bundle(model_uri)
     folder.mkdir()
     shutil.copy2(source / bundle.MODEL_FILE, folder / bundle.MODEL_FILE)
     meta = bundle.read_metadata(source)
-    meta.update(threshold=float(doc["threshold"]), thresholds=doc.get("thresholds") or None,
-                threshold_source="validation split", target_recall=doc.get("target_recall"),
-                dataset_fingerprint=doc.get("dataset_fingerprint") or meta.get("dataset_fingerprint"),
-                evaluation={"gate": gate["reason"], "recall": doc["test"]["recall"],
-                            "roc_auc": doc["test"]["roc_auc"]})
+    meta.update(threshold=float(report.threshold), thresholds=report.thresholds or None,
+                threshold_source="validation split", target_recall=report.target_recall,
+                dataset_fingerprint=report.dataset_fingerprint or meta.get("dataset_fingerprint"),
+                evaluation={"gate": report.gate["reason"], "recall": report.test["recall"],
+                            "roc_auc": report.test["roc_auc"]})
     bundle.write_metadata(folder, meta)
     return meta
 
 
-def _log_run(experiment_id: str, name: str, model_uri: str, doc: dict, gate: dict, meta: dict, tags: dict,
+def _log_run(experiment_id: str, name: str, model_uri: str, report: EvaluationReport, meta: dict, tags: dict,
              bundle_dir: Path, evidence: Path, code_dir: Path) -> tuple[str, str]:
     """The run with its parameters, metrics, evidence and the logged pyfunc; (run id, logged model URI)."""
+    gate = report.gate
     with mlflow.start_run(experiment_id=experiment_id, run_name=f"register-{name}") as run:
-        params = {"image_size": meta["image_size"], "target_recall": doc.get("target_recall"),
+        params = {"image_size": meta["image_size"], "target_recall": report.target_recall,
                   "min_recall": gate.get("min_recall"), "min_auc": gate.get("min_auc"),
-                  "tolerance": gate.get("tolerance"), "threshold": doc["threshold"], "model_uri": model_uri,
-                  "splits": doc.get("splits")}
+                  "tolerance": gate.get("tolerance"), "threshold": report.threshold, "model_uri": model_uri,
+                  "splits": report.splits}
         params.update({f"train_{k}": v for k, v in meta.items()
                        if isinstance(v, (int, float, str)) and k not in ("image_size", "threshold")})
         mlflow.log_params({k: str(v)[:500] for k, v in params.items() if v is not None})
-        mlflow.log_metrics(_metrics(doc))
+        mlflow.log_metrics(_metrics(report))
         mlflow.set_tags({k: v for k, v in tags.items() if k != "gate"})
         mlflow.log_artifacts(str(evidence), artifact_path="evaluation")
         info = mlflow.pyfunc.log_model(
@@ -131,36 +130,36 @@ def _log_run(experiment_id: str, name: str, model_uri: str, doc: dict, gate: dic
 def register(model, evaluation, name: str = MODEL_NAME, pipeline_run: str | None = None,
              tracking_uri: str | None = None, workdir: str | Path = DEFAULT_WORKDIR) -> RegisterResult:
     """Register the bundle at `model` with its evaluation (URI of evaluation.json or its folder,
-    an EvaluationResult, or the parsed dict); moves `champion` to the new version.
+    an EvaluationReport, or the parsed dict); moves `champion` to the new version.
 
     Raises registry.RegistryUnavailable when MLflow stops answering; the registry is then as it was.
     """
-    doc, eval_folder = _evaluation_doc(evaluation)
-    gate = doc.get("gate") or {}
-    if not gate.get("passed"):
+    report = _report(evaluation)
+    gate = report.gate or {}
+    if not report.passed:
         return RegisterResult(False, name, f"not registered: the evaluation gate did not pass "
                                             f"({gate.get('reason', 'no gate in the evaluation report')})")
     model_uri = model.uri if isinstance(model, ModelBundle) else str(model)
     client, uri = registry.connect(tracking_uri, workdir)
-    fingerprint = doc.get("dataset_fingerprint") or ""
-    threshold = float(doc["threshold"])
+    fingerprint = report.dataset_fingerprint or ""
+    threshold = float(report.threshold)
     tags = {"dataset_fingerprint": fingerprint, "pipeline_run": pipeline_run or "", "code_version": code_version(),
-            "threshold": f"{threshold:.6g}", "thresholds": json.dumps(doc.get("thresholds") or {}),
+            "threshold": f"{threshold:.6g}", "thresholds": json.dumps(report.thresholds or {}),
             "source_model": model_uri, "gate": gate["reason"][:4000]}
     version = None
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        meta = _stage_bundle(model_uri, doc, gate, tmp / "bundle")
+        meta = _stage_bundle(model_uri, report, tmp / "bundle")
         evidence = tmp / "evaluation"
-        if eval_folder is not None:
-            storage.download_dir(eval_folder, evidence)
+        if report.folder is not None:  # the report with its plots and explanations
+            storage.download_dir(report.folder, evidence)
         else:
             evidence.mkdir()
-            storage.write_json(str(evidence / "evaluation.json"), doc)
+            report.save(evidence)
         code_dir = pyfunc.code_package(tmp / "code")
         try:
             experiment_id = registry.experiment_id(client, uri)
-            run_id, logged_uri = _log_run(experiment_id, name, model_uri, doc, gate, meta, tags, tmp / "bundle",
+            run_id, logged_uri = _log_run(experiment_id, name, model_uri, report, meta, tags, tmp / "bundle",
                                           evidence, code_dir)
             # The registry changes from here on.
             version = str(mlflow.register_model(logged_uri, name, await_registration_for=60).version)
@@ -175,7 +174,7 @@ def register(model, evaluation, name: str = MODEL_NAME, pipeline_run: str | None
             raise
     log.info("registered %s version %s (run %s); champion: %s -> %s", name, version, run_id, previous, version)
     return RegisterResult(True, name, f"registered version {version}; champion moved from {previous or 'none'}",
-                          version=version, model_uri=f"models:/{name}/{version}",
+                          version=version, model_uri=version_uri(name, version),
                           champion_uri=champion_uri(name), run_id=run_id, previous_champion=previous,
                           threshold=threshold, tracking_uri=uri)
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import io
 import logging
-from collections import Counter, defaultdict
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 

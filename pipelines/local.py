@@ -27,10 +27,10 @@ from typing import Callable, TextIO
 import pandas as pd
 from kfp import local as kfp_local
 
-from brainscan import storage
-
+from brainscan import layout, storage
+from brainscan.config import DEFAULT_WORKDIR, LOCAL_DEPLOY_ENV, PipelineParams, champion_uri, version_of
+from brainscan.evaluation_report import EvaluationReport
 from brainscan.local import stack
-from brainscan.config import DEFAULT_WORKDIR, LOCAL_DEPLOY_ENV, PipelineParams, champion_uri
 from pipelines import kfp_compat
 from pipelines.pipeline import retrain_pipeline, training_pipeline
 from serving.client import predict
@@ -215,14 +215,13 @@ def _summarise(params, steps, elapsed, error, run_dir, tracking_uri, only_if_new
     evaluation = None
     model_uri = out("train", "Output")
     if model_uri:
-        evaluation_uri = f"{model_uri.rsplit('/', 1)[0]}/evaluation"
+        evaluation_uri = layout.evaluation_uri(model_uri)
         try:
-            evaluation = storage.read_json(storage.join(evaluation_uri, "evaluation.json"))
+            evaluation = EvaluationReport.load(evaluation_uri)
         except Exception:
             evaluation = None
     registered = out("register", "Output")
-    version = registered.rsplit("/", 1)[-1] if registered else None
-    gate = (evaluation or {}).get("gate")
+    version = version_of(registered) if registered else None
     return {
         "status": "failed" if error else "succeeded",
         "error": str(error) if error else None,
@@ -236,12 +235,12 @@ def _summarise(params, steps, elapsed, error, run_dir, tracking_uri, only_if_new
         "trained": "train" in steps and steps["train"].status == "SUCCESS",
         "model_bundle_uri": model_uri,
         "evaluation_uri": evaluation_uri,
-        "metrics": (evaluation or {}).get("test"),
-        "threshold": (evaluation or {}).get("threshold"),
-        "thresholds": (evaluation or {}).get("thresholds"),
-        "promise": ((evaluation or {}).get("promise") or {}).get("statement"),
+        "metrics": evaluation.test if evaluation else None,
+        "threshold": evaluation.threshold if evaluation else None,
+        "thresholds": evaluation.thresholds if evaluation else None,
+        "promise": evaluation.promise.get("statement") if evaluation else None,
         "gate_passed": out("evaluate", "Output"),
-        "gate": gate,
+        "gate": evaluation.gate if evaluation else None,
         "model_name": params.model_name,
         "model_version": version,
         "model_uri": registered,

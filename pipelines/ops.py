@@ -42,9 +42,10 @@ def ingest_op(source: str, bucket: str, prefix: str, source_fingerprint: str, da
     import collections
     import json
 
+    from brainscan import layout
     from components.ingest import ingest
 
-    dataset_uri = f"s3://{bucket}/{prefix.strip('/')}/dataset"
+    dataset_uri = layout.dataset_uri(bucket, prefix)
 
     result = ingest(source, dataset_uri)
     summary = result.summary() if hasattr(result, "summary") else dict(vars(result))
@@ -62,10 +63,10 @@ def validate_op(data_uri: str, fingerprint: str, report: Output[HTML], metrics: 
 
     `fingerprint` keys the cache: the same data is validated once.
     """
-    from brainscan import storage
+    from brainscan import layout, storage
     from components.validate import validate
 
-    report_dir = storage.join(data_uri, "validation")
+    report_dir = layout.validation_uri(data_uri)
     result = validate(data_uri, report_dir)
     with open(report.path, "w") as handle:
         handle.write(storage.read_text(storage.join(report_dir, "validation.html")))
@@ -82,9 +83,10 @@ def split_op(data_uri: str, fingerprint: str, val: float, test: float, seed: int
     """Stratified train/val/test split; duplicates never cross splits. One split per data version."""
     import json
 
+    from brainscan import layout
     from components.split import split
 
-    splits_uri = f"{data_uri.rsplit('/', 1)[0]}/splits/{fingerprint[:16]}-seed{seed}"
+    splits_uri = layout.splits_uri(data_uri, fingerprint, seed)
 
     result = split(data_uri, splits_uri, val=val, test=test, seed=seed)
     with open(splits.path, "w") as handle:
@@ -126,6 +128,7 @@ def train_op(splits_uri: str, bucket: str, prefix: str, run_id: str, image_size:
 
     import tensorflow as tf
 
+    from brainscan import layout
     from brainscan.config import Recipe
 
     recipe = Recipe.from_dict(locals())  # this step's inputs that are Recipe fields
@@ -134,7 +137,7 @@ def train_op(splits_uri: str, bucket: str, prefix: str, run_id: str, image_size:
 
     from components.train import train
 
-    model_uri = f"s3://{bucket}/{prefix.strip('/')}/runs/{run_id}/model"
+    model_uri = layout.model_uri(bucket, prefix, run_id)
     result = train(splits_uri, model_uri, recipe)
     summary = result.summary() if hasattr(result, "summary") else dict(vars(result))
     with open(model.path, "w") as handle:
@@ -156,31 +159,30 @@ def evaluate_op(model_uri: str, splits_uri: str, target_recall: float, min_recal
     """
     import base64
 
-    from brainscan import storage
-    from components.evaluate import evaluate
+    from brainscan import layout, storage
     from brainscan.config import champion_uri
+    from components.evaluate import evaluate
 
-    evaluation_uri = f"{model_uri.rsplit('/', 1)[0]}/evaluation"
-    # A missing champion (first run) is a note in the report, not an error.
-    result = evaluate(model_uri, splits_uri, evaluation_uri, target_recall=target_recall, min_recall=min_recall,
-                      min_auc=min_auc, champion=champion_uri(model_name))
-    evaluation = storage.read_json(storage.join(evaluation_uri, "evaluation.json"))
+    evaluation_uri = layout.evaluation_uri(model_uri)
+    # A missing champion (first run) is a note in the report, not an error. The champion tolerance is
+    # brainscan.config's default: the pipeline has no parameter for it.
+    evaluation = evaluate(model_uri, splits_uri, evaluation_uri, target_recall=target_recall,
+                          min_recall=min_recall, min_auc=min_auc, champion=champion_uri(model_name))
 
-    for key, value in evaluation.get("test", {}).items():
+    for key, value in evaluation.test.items():
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             metrics.log_metric(f"test_{key}", float(value))
-    metrics.log_metric("threshold", float(evaluation["threshold"]))
+    metrics.log_metric("threshold", float(evaluation.threshold))
 
     # The Kubeflow UI draws these two from ClassificationMetrics.
-    classification.log_confusion_matrix(list(evaluation["classes"]),
-                                        [[int(n) for n in row] for row in evaluation["confusion_matrix"]])
-    roc = evaluation.get("curves", {}).get("roc", [])
+    classification.log_confusion_matrix(list(evaluation.classes),
+                                        [[int(n) for n in row] for row in evaluation.confusion_matrix])
+    roc = evaluation.curves.get("roc", [])
     if roc:
         classification.log_roc_curve([p["fpr"] for p in roc], [p["tpr"] for p in roc],
                                      [p["threshold"] for p in roc])
 
-    gate = evaluation.get("gate", {})
-    passed = result.passed
+    passed = evaluation.passed
     images = []
     for name in ("confusion_matrix.png", "roc_curve.png", "pr_curve.png"):
         uri = storage.join(evaluation_uri, name)
@@ -189,8 +191,8 @@ def evaluate_op(model_uri: str, splits_uri: str, target_recall: float, min_recal
             images.append(f'<figure><img src="data:image/png;base64,{encoded}"><figcaption>{name}</figcaption></figure>')
     with open(report.path, "w") as handle:
         handle.write(f"<h1>Evaluation: gate {'passed' if passed else 'FAILED'}</h1>"
-                     f"<p><b>{evaluation.get('promise', {}).get('statement', '')}</b></p>"
-                     f"<p>{gate.get('reason', '')}</p>" + "".join(images))
+                     f"<p><b>{evaluation.promise.get('statement', '')}</b></p>"
+                     f"<p>{evaluation.gate.get('reason', '')}</p>" + "".join(images))
     metrics.metadata["gate_passed"] = passed
     return passed
 
@@ -199,12 +201,12 @@ def evaluate_op(model_uri: str, splits_uri: str, target_recall: float, min_recal
 def register_op(model_uri: str, model_name: str, pipeline_run: str, fingerprint: str,
                 registered: Output[Model]) -> str:
     """Register the model in MLflow and move the `champion` alias to it; returns `models:/NAME/VERSION`."""
-    from components.register import register
+    from brainscan import layout
     from brainscan.config import CHAMPION_ALIAS
+    from components.register import register
 
-    evaluation_uri = f"{model_uri.rsplit('/', 1)[0]}/evaluation"
-    # The dataset fingerprint tag comes from evaluation.json; `fingerprint` orders this step after ingest's.
-    result = register(model_uri, evaluation_uri, name=model_name, pipeline_run=pipeline_run)
+    # The dataset fingerprint tag comes from the evaluation report; `fingerprint` orders this step after ingest's.
+    result = register(model_uri, layout.evaluation_uri(model_uri), name=model_name, pipeline_run=pipeline_run)
     if not result.registered:
         raise RuntimeError(result.reason)
     registered_uri = result.model_uri

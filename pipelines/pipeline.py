@@ -8,10 +8,7 @@ brainscan.config.PipelineParams, with its defaults and its one-line help as the 
 the Kubeflow UI shows. The Kubernetes settings (GPU, secrets, node selection) are platform
 config that the local runner ignores.
 
-Where data lives (bucket/prefix on the store):
-    {prefix}/dataset/...                 ingest output + validation report (one copy per source)
-    {prefix}/splits/<fingerprint>/...    split CSVs (a pure function of the data)
-    {prefix}/runs/<run id>/model/...     the model bundle and its evaluation of this run
+Where a run's data lives on the store (bucket/prefix): brainscan/layout.py.
 """
 
 # No `from __future__ import annotations`: KFP reads the real annotation objects.

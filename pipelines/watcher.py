@@ -21,7 +21,7 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Callable
 
-from brainscan.config import MODEL_NAME
+from brainscan.config import MODEL_NAME, WATCH
 from components.fingerprint import champion_fingerprint, source_fingerprint
 
 log = logging.getLogger(__name__)
@@ -66,8 +66,8 @@ def _first_line(err: Exception) -> str:
     return str(err).splitlines()[0] if str(err).strip() else type(err).__name__
 
 
-def watch(source: str, on_change: Callable[[RetrainDecision], object], interval_s: float = 300,
-          model_name: str = MODEL_NAME, max_checks: int | None = None, settle_checks: int = 2) -> int:
+def watch(source: str, on_change: Callable[[RetrainDecision], object], interval_s: float = WATCH.interval_s,
+          model_name: str = MODEL_NAME, max_checks: int | None = None, settle_checks: int = WATCH.settle_checks) -> int:
     """Check every `interval_s` seconds; call `on_change` (submit a run / run locally) when due.
 
     Returns the number of runs started. A run starts once the source showed the same data on

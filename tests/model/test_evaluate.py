@@ -19,6 +19,7 @@ import pytest
 
 from brainscan import calibration, storage
 from components import evaluate as ev
+from brainscan.evaluation_report import EvaluationReport
 from brainscan.modelstore import load_bundle
 
 LIMITS = {"min_recall": 0.85, "min_auc": 0.9}
@@ -101,9 +102,9 @@ def test_gate_passes_for_a_trained_model(trained_eval):
 def test_gate_fails_for_an_untrained_model_with_a_readable_report(tiny_bundle_dir, eval_splits, s3_prefix):
     result = ev.evaluate(str(tiny_bundle_dir), eval_splits, s3_prefix + "/eval", explain=False, **LIMITS)
     assert not result.passed  # a result, not an exception
-    assert result.report_uri == s3_prefix + "/eval/evaluation.json"  # the report lands in S3 with its plots
+    assert result.uri == s3_prefix + "/eval/evaluation.json"  # the report lands in S3 with its plots
     assert storage.exists(s3_prefix + "/eval/roc_curve.png")
-    gate = ev.load_evaluation(s3_prefix + "/eval")["gate"]
+    gate = EvaluationReport.load(s3_prefix + "/eval").gate
     assert gate["reason"].startswith("FAILED:") and gate["decided_by"] in ("min_recall", "min_auc")
     decided = next(r for r in gate["rules"] if r["rule"] == gate["decided_by"])
     assert decided["value"] < decided["limit"] and f"{decided['value']:.4f}" in gate["reason"]

@@ -1,0 +1,35 @@
+"""The run layout's URIs and the evaluation report's file: the contracts other steps and the Kubeflow UI read."""
+
+from __future__ import annotations
+
+import json
+
+from brainscan import layout
+from brainscan.evaluation_report import FILE_NAME, EvaluationReport
+
+
+def test_the_run_layout():
+    data = layout.dataset_uri("bucket", "/pipeline/")
+    assert data == "s3://bucket/pipeline/dataset"
+    assert layout.validation_uri(data) == "s3://bucket/pipeline/dataset/validation"
+    assert layout.splits_uri(data, "ab" * 32, 42) == f"s3://bucket/pipeline/splits/{'ab' * 8}-seed42"
+    model = layout.model_uri("bucket", "pipeline", "run-7")
+    assert model == "s3://bucket/pipeline/runs/run-7/model"
+    assert layout.evaluation_uri(model) == "s3://bucket/pipeline/runs/run-7/evaluation"
+    assert layout.folder_of("s3://bucket/a/manifest.csv") == "s3://bucket/a"
+
+
+def test_a_report_saves_and_loads_as_the_same_json(tmp_path):
+    older = {"gate": {"passed": True, "reason": "passed: ..."}, "threshold": 0.25, "test": {"recall": 0.98},
+             "champion": None, "threshold_method": "a key of another version"}
+    (tmp_path / FILE_NAME).write_text(json.dumps(older))
+    report = EvaluationReport.load(str(tmp_path))  # the folder, or the file itself
+    assert report.uri == str(tmp_path / FILE_NAME) and report.folder == str(tmp_path)
+    assert report.passed and report.threshold == 0.25 and report.thresholds == {}  # absent: empty
+    assert report.extra == {"threshold_method": "a key of another version"}
+    saved = report.save(tmp_path / "copy")
+    again = json.loads((tmp_path / "copy" / FILE_NAME).read_text())
+    assert saved == str(tmp_path / "copy" / FILE_NAME)
+    assert {k: again[k] for k in older} == older  # nothing lost, nothing renamed
+    assert EvaluationReport.load(saved) == report
+    assert not EvaluationReport.from_dict({"threshold": 0.5}).passed  # no gate: not passed
