@@ -103,25 +103,25 @@ def test_first_start_serves_compiled_tensorflow_then_switches_to_onnx(bundle, se
 
 
 def test_a_runtime_that_disagrees_with_keras_is_refused(bundle, monkeypatch):
-    from serving import runtime
+    from serving import runtime as served_runtime
 
-    probe = inference._probe(bundle.image_size)
+    probe = served_runtime._probe(bundle.image_size)
     reference = bundle.predict(probe)
-    off = inference.Runtime("off", lambda x: bundle.predict(x) + 1e-4, "off by 1e-4")
+    off = served_runtime.Runtime("off", lambda x: bundle.predict(x) + 1e-4, "off by 1e-4")
     with pytest.raises(ValueError, match="differs from Keras"):
-        inference.verified(off, reference, probe)
-    nan = inference.Runtime("nan", lambda x: np.full((len(x), 7), np.nan, np.float32), "NaN")
+        served_runtime.verified(off, reference, probe)
+    nan = served_runtime.Runtime("nan", lambda x: np.full((len(x), 7), np.nan, np.float32), "NaN")
     with pytest.raises(ValueError, match="differs from Keras"):
-        inference.verified(nan, reference, probe)
+        served_runtime.verified(nan, reference, probe)
 
     # "auto" moves on to compiled TensorFlow when the ONNX runtime cannot be had or is wrong ...
-    monkeypatch.setattr(inference, "onnx_runtime", lambda b: off)
-    assert inference.load_runtime(bundle, "auto").name == "tf"
+    monkeypatch.setattr(served_runtime, "onnx_runtime", lambda b: off)
+    assert served_runtime.load_runtime(bundle, "auto").name == "tf"
     # ... and an explicit choice fails loudly instead.
     with pytest.raises(ValueError, match="differs from Keras"):
-        inference.load_runtime(bundle, "onnx")
+        served_runtime.load_runtime(bundle, "onnx")
     with pytest.raises(ValueError, match="unknown runtime"):
-        inference.load_runtime(bundle, "tensorrt")
+        served_runtime.load_runtime(bundle, "tensorrt")
 
 
 def test_a_failed_conversion_says_why(bundle, tmp_path):
@@ -129,11 +129,11 @@ def test_a_failed_conversion_says_why(bundle, tmp_path):
     with the child's last words (load_runtime("auto") then serves compiled TensorFlow)."""
     import dataclasses
 
-    from serving import runtime
+    from serving import runtime as served_runtime
 
     broken = dataclasses.replace(bundle, local_dir=tmp_path / "no-bundle-here")
     with pytest.raises(RuntimeError, match="ONNX conversion exited with code 1: .*no model.keras"):
-        inference.convert_in_child(broken, tmp_path / "out.onnx")
+        served_runtime.convert_in_child(broken, tmp_path / "out.onnx")
     assert not (tmp_path / "out.onnx").exists()
 
 
