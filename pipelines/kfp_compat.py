@@ -35,21 +35,17 @@ import json
 import logging
 import re
 import warnings
-from importlib import metadata
 from pathlib import Path
 from typing import Iterator, TextIO
+
+from brainscan.versions import require_version
 
 KFP_VERSION = "2.17.0"
 
 
 def check_version() -> None:
     """Refuse a kfp this module was not written for (its adaptations may silently break)."""
-    installed = metadata.version("kfp")
-    if installed != KFP_VERSION:
-        raise ImportError(
-            f"pipelines.kfp_compat was written for kfp {KFP_VERSION}, found {installed}: re-check each adaptation "
-            "listed in pipelines/kfp_compat.py against the new kfp.local (drop those it now covers), then update "
-            "KFP_VERSION")
+    require_version("kfp", KFP_VERSION, __name__, "kfp.local")
 
 
 check_version()

@@ -42,19 +42,15 @@ import asyncio
 import logging
 import signal
 from concurrent.futures import ThreadPoolExecutor
-from importlib import metadata
+
+from brainscan.versions import require_version
 
 KSERVE_VERSION = "0.21.0"
 
 
 def check_version() -> None:
     """Refuse a kserve this module was not written for (its adaptations may silently break)."""
-    installed = metadata.version("kserve")
-    if installed != KSERVE_VERSION:
-        raise ImportError(
-            f"serving.kserve_compat was written for kserve {KSERVE_VERSION}, found {installed}: re-check each "
-            "adaptation listed in serving/kserve_compat.py against the new kserve (drop those it now covers), "
-            "then update KSERVE_VERSION")
+    require_version("kserve", KSERVE_VERSION, __name__, "kserve")
 
 
 check_version()
