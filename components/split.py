@@ -90,9 +90,126 @@ def perceptual_hashes(paths: list[str], workers: int = IO_WORKERS) -> list[np.nd
                          unit="img", disable=len(paths) < 50, mininterval=2))
 
 
+def _components(n: int, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Connected components of n nodes joined by edges a[i]-b[i]: each node's label is its component's
+    smallest index (what _UnionFind gives, as it always keeps the smaller root), computed with numpy."""
+    labels = np.arange(n, dtype=np.int64)
+    a, b = np.asarray(a, dtype=np.int64), np.asarray(b, dtype=np.int64)
+    while a.size:
+        la, lb = labels[a], labels[b]
+        differ = la != lb
+        # labels are fully compressed here (every label is a root), so an edge whose ends agree stays agreed
+        a, b, la, lb = a[differ], b[differ], la[differ], lb[differ]
+        if not a.size:
+            break
+        np.minimum.at(labels, np.maximum(la, lb), np.minimum(la, lb))  # hook the larger root under the smaller
+        while True:  # pointer jumping until every node points at its root
+            jumped = labels[labels]
+            if np.array_equal(jumped, labels):
+                break
+            labels = jumped
+    return labels
+
+
+def _block_keys(words: np.ndarray, start: int, stop: int) -> list[np.ndarray]:
+    """Bits [start, stop) of each row (bit p = bit p % 64 of word p // 64), packed into as few uint64 columns as fit."""
+    columns, value, width = [], None, 0
+    for w in range(start // 64, (stop - 1) // 64 + 1):
+        lo, hi = max(start, 64 * w) - 64 * w, min(stop, 64 * (w + 1)) - 64 * w
+        bits = hi - lo
+        part = words[:, w] >> np.uint64(lo)
+        if bits < 64:
+            part = part & np.uint64((1 << bits) - 1)
+        if value is not None and width + bits > 64:
+            columns.append(value)
+            value, width = None, 0
+        value = part if value is None else value | (part << np.uint64(width))
+        width += bits
+    columns.append(value)
+    return columns
+
+
+_PAIR_CHUNK = 1 << 20  # candidate pairs confirmed at a time: bounds memory however large a bucket is
+
+
+def _near_pairs(words: np.ndarray, max_distance: int) -> tuple[np.ndarray, np.ndarray]:
+    """All pairs of rows of `words` (distinct hashes) within max_distance bits, by multi-index hashing.
+
+    Pigeonhole: split the B bits into max_distance + 1 disjoint blocks; two hashes that differ in at
+    most max_distance bits agree exactly on at least one block. So the candidates are the pairs that
+    share a (block, value) bucket, found by sorting each block's values, and each candidate is
+    confirmed by its full Hamming distance: the same pairs as comparing all with all.
+
+    Cost: m log m sorting per block plus one check per candidate. Random-looking hashes of B = 256
+    bits in 11 blocks of ~23 bits make few candidates (about m^2 / 2^24 per block). Worst case: hashes
+    that are distinct yet share a block value (e.g. many near-blank slices that differ in a few bits)
+    fill one bucket, and a bucket of s hashes costs s^2 / 2 checks: quadratic again in the size of
+    the largest such bucket (memory stays bounded by _PAIR_CHUNK).
+    """
+    m, bits = words.shape[0], words.shape[1] * 64
+    empty = np.empty(0, dtype=np.int64)
+    if m < 2 or max_distance < 0:
+        return empty, empty
+    if max_distance >= bits:  # every pair is within the distance
+        return np.zeros(m - 1, dtype=np.int64), np.arange(1, m, dtype=np.int64)
+    blocks = max_distance + 1
+    edges = np.linspace(0, bits, blocks + 1).round().astype(int)
+    lefts, rights = [empty], [empty]
+    for start, stop in zip(edges[:-1], edges[1:]):
+        keys = _block_keys(words, int(start), int(stop))
+        order = np.lexsort(keys[::-1])
+        sorted_keys = [k[order] for k in keys]
+        new_run = np.ones(m, dtype=bool)
+        new_run[1:] = np.logical_or.reduce([k[1:] != k[:-1] for k in sorted_keys])
+        run_start = np.flatnonzero(new_run)
+        run_end = np.append(run_start[1:], m)
+        # position p in the sorted order pairs with every later position of its run
+        later = np.repeat(run_end, run_end - run_start) - 1 - np.arange(m)
+        cum = np.cumsum(later)
+        total = int(cum[-1])
+        for first in range(0, total, _PAIR_CHUNK):
+            t = np.arange(first, min(first + _PAIR_CHUNK, total), dtype=np.int64)
+            p = np.searchsorted(cum, t, side="right")
+            q = p + 1 + (t - (cum[p] - later[p]))
+            left, right = order[p], order[q]
+            near = np.bitwise_count(words[left] ^ words[right]).sum(axis=1) <= max_distance
+            lefts.append(left[near])
+            rights.append(right[near])
+    return np.concatenate(lefts), np.concatenate(rights)
+
+
 def group_duplicates(sha256: list[str], hashes: list[np.ndarray | None],
                      max_distance: int = MAX_DISTANCE) -> tuple[list[int], int, int]:
-    """Group ids (union-find over exact and near duplicates); (groups, exact extras, near-only extras)."""
+    """Group ids (the index of each group's first row; union of exact and near duplicates);
+    (groups, exact extras, near-only extras). Near-linear: see _near_pairs."""
+    n = len(sha256)
+    if n == 0:
+        return [], 0, 0
+    codes, digests = pd.factorize(pd.Series(sha256))
+    first_row = np.empty(len(digests), dtype=np.int64)
+    first_row[codes[::-1]] = np.arange(n - 1, -1, -1)  # the smallest index wins: written last
+    exact_a, exact_b = np.arange(n), first_row[codes]
+    exact_groups = len(digests)
+    have = np.array([i for i, h in enumerate(hashes) if h is not None], dtype=np.int64)
+    near_a = near_b = np.empty(0, dtype=np.int64)
+    if have.size:
+        words = np.stack([hashes[i] for i in have])
+        # identical hashes (exact copies, re-encodes that hash the same, blank slices) are one
+        # candidate: joined here, so each bucket holds distinct hashes only
+        distinct, first, inverse = np.unique(words, axis=0, return_index=True, return_inverse=True)
+        inverse = inverse.reshape(-1)
+        left, right = _near_pairs(distinct, max_distance)
+        near_a = np.concatenate([have, have[first[left]]])
+        near_b = np.concatenate([have[first[inverse]], have[first[right]]])
+    roots = _components(n, np.concatenate([exact_a, near_a]), np.concatenate([exact_b, near_b]))
+    near_extra = exact_groups - len(np.unique(roots))
+    return roots.tolist(), n - exact_groups, near_extra
+
+
+def group_duplicates_all_pairs(sha256: list[str], hashes: list[np.ndarray | None],
+                               max_distance: int = MAX_DISTANCE) -> tuple[list[int], int, int]:
+    """The quadratic reference group_duplicates must equal (all pairs, XOR + popcount row by row).
+    Split never calls it: it is kept for the equivalence tests and benchmarks/dedup.py."""
     n = len(sha256)
     uf = _UnionFind(n)
     first_of: dict[str, int] = {}
@@ -103,7 +220,7 @@ def group_duplicates(sha256: list[str], hashes: list[np.ndarray | None],
             first_of[digest] = i
     exact_roots = [uf.find(i) for i in range(n)]
     exact_extra = n - len(set(exact_roots))
-    # near duplicates: all pairs within max_distance bits (n is thousands: XOR + popcount row by row is fine)
+    # near duplicates: every pair within max_distance bits, XOR + popcount row by row (quadratic)
     have = [i for i, h in enumerate(hashes) if h is not None]
     if have:
         words = np.stack([hashes[i] for i in have])
