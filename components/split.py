@@ -192,7 +192,7 @@ def group_duplicates(sha256: list[str], hashes: list[np.ndarray | None],
     exact_groups = len(digests)
     have = np.array([i for i, h in enumerate(hashes) if h is not None], dtype=np.int64)
     near_a = near_b = np.empty(0, dtype=np.int64)
-    if have.size:
+    if have.size and max_distance >= 0:  # below 0 not even identical hashes are near
         words = np.stack([hashes[i] for i in have])
         # identical hashes (exact copies, re-encodes that hash the same, blank slices) are one
         # candidate: joined here, so each bucket holds distinct hashes only
