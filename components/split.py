@@ -90,10 +90,9 @@ def perceptual_hashes(paths: list[str], workers: int = IO_WORKERS) -> list[np.nd
                          unit="img", disable=len(paths) < 50, mininterval=2))
 
 
-def _components(n: int, a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Connected components of n nodes joined by edges a[i]-b[i]: each node's label is its component's
-    smallest index (what _UnionFind gives, as it always keeps the smaller root), computed with numpy."""
-    labels = np.arange(n, dtype=np.int64)
+def _join(labels: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Join edges a[i]-b[i] into `labels` (each node's label: its component's smallest index, as
+    _UnionFind's roots are). `labels` must come from np.arange or an earlier _join."""
     a, b = np.asarray(a, dtype=np.int64), np.asarray(b, dtype=np.int64)
     while a.size:
         la, lb = labels[a], labels[b]
@@ -129,32 +128,19 @@ def _block_keys(words: np.ndarray, start: int, stop: int) -> list[np.ndarray]:
     return columns
 
 
-_PAIR_CHUNK = 1 << 20  # candidate pairs confirmed at a time: bounds memory however large a bucket is
+_PAIR_CHUNK = 1 << 20  # candidate pairs checked at a time: bounds memory however large a bucket is
 
 
-def _near_pairs(words: np.ndarray, max_distance: int) -> tuple[np.ndarray, np.ndarray]:
-    """All pairs of rows of `words` (distinct hashes) within max_distance bits, by multi-index hashing.
+def _candidates(words: np.ndarray, max_distance: int):
+    """Chunks (left, right) of row pairs of `words` that agree exactly on one of max_distance + 1 blocks.
 
-    Pigeonhole: split the B bits into max_distance + 1 disjoint blocks; two hashes that differ in at
-    most max_distance bits agree exactly on at least one block. So the candidates are the pairs that
-    share a (block, value) bucket, found by sorting each block's values, and each candidate is
-    confirmed by its full Hamming distance: the same pairs as comparing all with all.
-
-    Cost: m log m sorting per block plus one check per candidate. Random-looking hashes of B = 256
-    bits in 11 blocks of ~23 bits make few candidates (about m^2 / 2^24 per block). Worst case: hashes
-    that are distinct yet share a block value (e.g. many near-blank slices that differ in a few bits)
-    fill one bucket, and a bucket of s hashes costs s^2 / 2 checks: quadratic again in the size of
-    the largest such bucket (memory stays bounded by _PAIR_CHUNK).
+    Multi-index hashing, by the pigeonhole principle: split the B bits into max_distance + 1 disjoint
+    blocks; two hashes at most max_distance bits apart agree exactly on at least one block. So every
+    near pair is among these candidates (found by sorting each block's values), and a check of the
+    full distance keeps exactly the pairs that comparing all with all would keep.
     """
     m, bits = words.shape[0], words.shape[1] * 64
-    empty = np.empty(0, dtype=np.int64)
-    if m < 2 or max_distance < 0:
-        return empty, empty
-    if max_distance >= bits:  # every pair is within the distance
-        return np.zeros(m - 1, dtype=np.int64), np.arange(1, m, dtype=np.int64)
-    blocks = max_distance + 1
-    edges = np.linspace(0, bits, blocks + 1).round().astype(int)
-    lefts, rights = [empty], [empty]
+    edges = np.linspace(0, bits, min(max_distance + 1, bits) + 1).round().astype(int)
     for start, stop in zip(edges[:-1], edges[1:]):
         keys = _block_keys(words, int(start), int(stop))
         order = np.lexsort(keys[::-1])
@@ -166,44 +152,59 @@ def _near_pairs(words: np.ndarray, max_distance: int) -> tuple[np.ndarray, np.nd
         # position p in the sorted order pairs with every later position of its run
         later = np.repeat(run_end, run_end - run_start) - 1 - np.arange(m)
         cum = np.cumsum(later)
-        total = int(cum[-1])
-        for first in range(0, total, _PAIR_CHUNK):
-            t = np.arange(first, min(first + _PAIR_CHUNK, total), dtype=np.int64)
+        for first in range(0, int(cum[-1]), _PAIR_CHUNK):
+            t = np.arange(first, min(first + _PAIR_CHUNK, int(cum[-1])), dtype=np.int64)
             p = np.searchsorted(cum, t, side="right")
-            q = p + 1 + (t - (cum[p] - later[p]))
-            left, right = order[p], order[q]
-            near = np.bitwise_count(words[left] ^ words[right]).sum(axis=1) <= max_distance
-            lefts.append(left[near])
-            rights.append(right[near])
-    return np.concatenate(lefts), np.concatenate(rights)
+            yield order[p], order[p + 1 + (t - (cum[p] - later[p]))]
+
+
+def _near_groups(words: np.ndarray, max_distance: int) -> np.ndarray:
+    """Labels (smallest row of each group) of distinct hashes joined when within max_distance bits.
+
+    Cost: a sort per block (m log m) plus one check per candidate pair. Random-looking 256-bit hashes
+    in 11 blocks of ~23 bits make few candidates (about m^2 / 2^24 per block); on the real sample 52
+    of its 237,705 pairs were candidates farther than 10 bits (2e-4: ~1e8 checks at 1M such hashes,
+    seconds). Worst case: many distinct hashes sharing a block value (near-blank slices differing in
+    a few bits) fill one bucket, and a bucket of s hashes costs s^2 / 2 checks: quadratic in the
+    largest such bucket, though pairs already in one group are skipped and memory stays
+    O(m + _PAIR_CHUNK).
+    """
+    m = words.shape[0]
+    labels = np.arange(m, dtype=np.int64)
+    if m < 2 or max_distance < 0:
+        return labels
+    if max_distance >= words.shape[1] * 64:  # every pair is within the distance
+        return np.zeros(m, dtype=np.int64)
+    for left, right in _candidates(words, max_distance):
+        todo = labels[left] != labels[right]  # already one group: nothing to learn from this pair
+        left, right = left[todo], right[todo]
+        near = np.bitwise_count(words[left] ^ words[right]).sum(axis=1) <= max_distance
+        labels = _join(labels, left[near], right[near])
+    return labels
 
 
 def group_duplicates(sha256: list[str], hashes: list[np.ndarray | None],
                      max_distance: int = MAX_DISTANCE) -> tuple[list[int], int, int]:
     """Group ids (the index of each group's first row; union of exact and near duplicates);
-    (groups, exact extras, near-only extras). Near-linear: see _near_pairs."""
+    (groups, exact extras, near-only extras). Near-linear: see _near_groups."""
     n = len(sha256)
     if n == 0:
         return [], 0, 0
     codes, digests = pd.factorize(pd.Series(sha256))
     first_row = np.empty(len(digests), dtype=np.int64)
     first_row[codes[::-1]] = np.arange(n - 1, -1, -1)  # the smallest index wins: written last
-    exact_a, exact_b = np.arange(n), first_row[codes]
+    labels = _join(np.arange(n, dtype=np.int64), np.arange(n), first_row[codes])
     exact_groups = len(digests)
     have = np.array([i for i, h in enumerate(hashes) if h is not None], dtype=np.int64)
-    near_a = near_b = np.empty(0, dtype=np.int64)
     if have.size and max_distance >= 0:  # below 0 not even identical hashes are near
         words = np.stack([hashes[i] for i in have])
         # identical hashes (exact copies, re-encodes that hash the same, blank slices) are one
-        # candidate: joined here, so each bucket holds distinct hashes only
+        # row of the index, so each bucket holds distinct hashes only
         distinct, first, inverse = np.unique(words, axis=0, return_index=True, return_inverse=True)
-        inverse = inverse.reshape(-1)
-        left, right = _near_pairs(distinct, max_distance)
-        near_a = np.concatenate([have, have[first[left]]])
-        near_b = np.concatenate([have[first[inverse]], have[first[right]]])
-    roots = _components(n, np.concatenate([exact_a, near_a]), np.concatenate([exact_b, near_b]))
-    near_extra = exact_groups - len(np.unique(roots))
-    return roots.tolist(), n - exact_groups, near_extra
+        near = _near_groups(distinct, max_distance)
+        labels = _join(labels, have, have[first[near[inverse.reshape(-1)]]])
+    near_extra = exact_groups - len(np.unique(labels))
+    return labels.tolist(), n - exact_groups, near_extra
 
 
 def group_duplicates_all_pairs(sha256: list[str], hashes: list[np.ndarray | None],
