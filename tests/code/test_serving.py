@@ -471,6 +471,54 @@ def test_grpc_multi_frame_or_other_format_gets_invalid_argument(model_server, se
     assert_still_serving(model_server, serving_images)
 
 
+# --------------------------------------------------------------------------- the data plane only
+# Issue 17: kserve's model repository extension let any client unload the model, after which the
+# server still said ready and answered every infer with 404.
+GRPC_REPOSITORY_SCRIPT = textwrap.dedent("""
+    import json, sys
+    import numpy as np
+    import tritonclient.grpc as grpcclient
+
+    client = grpcclient.InferenceServerClient(sys.argv[1])
+    out = {}
+    for name, call in (("unload", client.unload_model), ("load", client.load_model)):
+        try:
+            call("brain-tumor")
+            out[name] = "accepted"
+        except grpcclient.InferenceServerException as err:
+            out[name] = [str(err.status()), err.message()]
+    out["ready"] = [client.is_server_ready(), client.is_model_ready("brain-tumor")]
+    tensor = grpcclient.InferInput("image", [1], "BYTES")
+    tensor.set_data_from_numpy(np.array([open(sys.argv[2], "rb").read()], dtype=object))
+    out["infer"] = client.infer("brain-tumor", [tensor]).as_numpy("tumor_probability").tolist()
+    print(json.dumps(out))
+""")
+
+
+def test_no_client_can_unload_or_load_the_model_over_rest(model_server, serving_images):
+    for verb in ("unload", "load"):
+        status, answer = post(model_server, f"/v2/repository/models/{MODEL}/{verb}", b"{}")
+        assert status in (404, 405), (verb, status, answer)
+    assert http_client(model_server).get_server_metadata()["extensions"] == []
+    assert get(model_server, "/v2/health/ready")[0] == 200
+    assert_still_serving(model_server, serving_images)
+
+
+def test_no_client_can_unload_or_load_the_model_over_grpc(model_server, serving_images, tmp_path):
+    image = tmp_path / "scan.png"
+    image.write_bytes(serving_images[0])
+    run = subprocess.run([sys.executable, "-c", GRPC_REPOSITORY_SCRIPT, model_server.grpc_address, str(image)],
+                         capture_output=True, text=True, timeout=180)
+    assert run.returncode == 0, run.stderr[-3000:]
+    out = json.loads(run.stdout.strip().splitlines()[-1])
+    for verb in ("unload", "load"):
+        assert out[verb] != "accepted", verb
+        status, message = out[verb]
+        assert "UNIMPLEMENTED" in status and "repository" in message, (verb, out[verb])
+    assert out["ready"] == [True, True] and len(out["infer"]) == 1
+    assert_still_serving(model_server, serving_images)
+
+
 def test_unknown_model_is_404(model_server, serving_images):
     got, _ = post(model_server, "/v2/models/no-such-model/infer", v2_json([b64_images(serving_images[:1])]))
     assert got == 404
