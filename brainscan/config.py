@@ -143,7 +143,7 @@ class ValidationLimits:
     min_per_class: int = field(default=20, metadata={"help": "Minimum images in each class."})
     max_class_ratio: float = field(default=5.0, metadata={"help": "Largest class / smallest class, at most."})
     min_side: int = field(default=64, metadata={"help": "Smallest image side allowed (px)."})
-    max_side: int = field(default=4096, metadata={"help": "Largest image side allowed (px)."})
+    max_side: int = field(default=limits.MAX_IMAGE_SIDE, metadata={"help": "Largest image side allowed (px)."})
     allow_corrupt: float = field(default=0.0, metadata={"help": "Fraction of undecodable files tolerated."})
     max_duplicate_fraction: float = field(default=0.2, metadata={"help": "Fraction of exact duplicates tolerated."})
 

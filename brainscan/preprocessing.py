@@ -8,9 +8,9 @@ The crop is a switch recorded in the bundle metadata (``crop_to_head``): the tra
 what it applied, every consumer reads it back with ``preprocessing_options(metadata)``, and a
 bundle without the key is preprocessed as before (no crop).
 
-Every image is checked before it is decoded: its header must name a JPEG/PNG/GIF/BMP of at
-most MAX_IMAGE_PIXELS pixels (decompression bombs are refused from the header alone), then it
-must decode whole (truncated files are refused).
+Every image is checked before it is decoded: its header must name a single-frame JPEG or PNG
+(IMAGE_FORMATS, what training reads) of at most MAX_IMAGE_PIXELS pixels (decompression bombs are
+refused from the header alone), then it must decode whole (truncated files are refused).
 
 Shipped inside the registered MLflow model (see brainscan/pyfunc.py).
 """
@@ -22,7 +22,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from brainscan.limits import MAX_IMAGE_PIXELS
+from brainscan.limits import IMAGE_FORMATS, MAX_IMAGE_PIXELS
 
 
 class InvalidImageError(ValueError):
@@ -90,7 +90,7 @@ def preprocess_image(image_bytes, image_size: int, crop_to_head: bool = False):
     import tensorflow as tf
 
     # channels=3: greyscale is replicated, RGBA loses its alpha; expand_animations=False keeps
-    # a GIF to its first frame so every image is rank 3.
+    # every image rank 3 (check_image_bytes refuses the animated formats before this decodes).
     image = tf.io.decode_image(image_bytes, channels=3, expand_animations=False, dtype=tf.uint8)
     image.set_shape([None, None, 3])
     if crop_to_head:
@@ -106,8 +106,9 @@ def preprocess_image(image_bytes, image_size: int, crop_to_head: bool = False):
 
 
 def check_image_bytes(data: bytes, index: int | None = None, max_pixels: int = MAX_IMAGE_PIXELS) -> None:
-    """Raise InvalidImageError with a readable reason when data is not a JPEG/PNG/... image, has more
-    than max_pixels pixels (judged from the header, before decoding) or does not decode whole."""
+    """Raise InvalidImageError with a readable reason when data is not a single-frame JPEG or PNG,
+    has more than max_pixels pixels (both judged from the header, before decoding) or does not
+    decode whole."""
     from PIL import Image, UnidentifiedImageError  # Pillow only where images are checked
 
     if not isinstance(data, (bytes, bytearray, memoryview)):
@@ -120,6 +121,16 @@ def check_image_bytes(data: bytes, index: int | None = None, max_pixels: int = M
             width, height = image.size
             if width * height > max_pixels:
                 raise InvalidImageError(index, f"{width}x{height} = {width * height} pixels; at most {max_pixels}")
+            # Only the first frame's header is read above, while TensorFlow's decode_image sizes a
+            # GIF's canvas by its largest frame (an 8x8 first frame, a 65535-square second one):
+            # any format but training's, and any file of more than one frame (APNG), is refused.
+            if fmt not in IMAGE_FORMATS:
+                raise InvalidImageError(index, f"unsupported image format {fmt}; send a single-frame "
+                                               f"{' or '.join(IMAGE_FORMATS)}")
+            frames = getattr(image, "n_frames", 1)  # PNG: acTL's count, read from the header
+            if frames != 1:
+                raise InvalidImageError(index, f"animated {fmt} of {frames} frames; send a single-frame "
+                                               f"{' or '.join(IMAGE_FORMATS)}")
             image.load()  # verify() misses truncated pixel data; load() reads it all
     except InvalidImageError:
         raise
@@ -130,8 +141,6 @@ def check_image_bytes(data: bytes, index: int | None = None, max_pixels: int = M
                                        f"(starts with {bytes(data[:8])!r})") from None
     except (OSError, SyntaxError, ValueError) as err:
         raise InvalidImageError(index, f"corrupt or truncated image file: {err}") from None
-    if fmt not in ("JPEG", "PNG", "GIF", "BMP"):
-        raise InvalidImageError(index, f"unsupported image format {fmt}; send JPEG or PNG")
 
 
 def preprocess_files(images: Sequence[bytes], image_size: int, preprocess_one: Callable[[bytes], np.ndarray],

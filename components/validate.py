@@ -41,11 +41,11 @@ from brainscan import storage  # noqa: E402
 from brainscan.config import IO_WORKERS, VALIDATION  # noqa: E402
 from brainscan.dataset import MANIFEST_COLUMNS, read_manifest  # noqa: E402
 from brainscan.labels import CLASSES, MODALITIES, UnknownLabelError, is_tumor, label_from_path
+from brainscan.limits import IMAGE_FORMATS  # noqa: E402  (the formats serving accepts too)
 
 log = logging.getLogger(__name__)
 
 IMAGE_MODES = ("L", "LA", "RGB", "RGBA", "P")  # what preprocessing turns into RGB
-IMAGE_FORMATS = ("JPEG", "PNG")
 UNKNOWN = "<unknown>"
 
 

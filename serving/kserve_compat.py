@@ -30,6 +30,16 @@ works around:
 5. Raw contents of an input (`raw_contents`): `InferInput` keeps gRPC `raw_input_contents`
    and binary-extension buffers in `_raw_data` with no public accessor, and `data` does not
    tell them from an empty tensor (it is `[]` for gRPC raw contents).
+6. The data plane only (`DataPlaneOnly`, `NoRepositoryRoutes`, `DataPlaneOnlyServicer`):
+   `RESTServer._register_endpoints` (kserve/protocol/rest/server.py, through
+   `register_v2_endpoints` in protocol/rest/v2_endpoints.py) always adds the model repository
+   extension's `POST /v2/repository/models/{name}/load|unload`, and `InferenceServicer`
+   (protocol/grpc/servicer.py) always serves `RepositoryModelLoad|Unload`: any client could
+   unload the model. Those paths answer 404 (a middleware, ahead of kserve's routes), those
+   gRPC methods UNIMPLEMENTED, neither is given the extension, and `DataPlane.metadata` stops
+   advertising it. `DataPlane.ready` (protocol/dataplane.py) answers True whatever the models'
+   state (it only asks a transformer's predictor): here the server is ready when every model
+   it serves is.
 
 Upgrading kserve: the import below refuses any other version. Re-read the files named above,
 remove each adaptation the new version covers (a public option or a fix), then change
@@ -57,7 +67,9 @@ check_version()
 
 import kserve  # noqa: E402  (after the version check, on purpose)
 import orjson  # noqa: E402
+from fastapi.responses import JSONResponse  # noqa: E402
 from grpc import aio  # noqa: E402
+from grpc_interceptor.exceptions import Unimplemented  # noqa: E402
 from kserve.errors import InvalidInput  # noqa: E402
 from kserve.model_server import app as _kserve_app  # noqa: E402
 from kserve.protocol.dataplane import DataPlane  # noqa: E402
@@ -133,6 +145,49 @@ class BinarySafeDataPlane(DataPlane):
                             request_outputs=outputs)
 
 
+# --------------------------------------------------------------------------- 6. the data plane only
+# The model repository extension's REST paths (kserve's V2_ROUTE_PREFIX + its routes).
+REPOSITORY_PATH_PREFIX = "/v2/repository"
+REPOSITORY_REFUSED = "the model repository extension is off: this server does not load or unload models"
+
+
+class DataPlaneOnly(BinarySafeDataPlane):
+    """The data plane brainscan serves: readiness that follows the models, no extension advertised."""
+
+    async def ready(self) -> bool:
+        names = list(self.model_registry.get_models())
+        return bool(names) and all([await self.model_registry.is_model_ready(name) for name in names])
+
+    def metadata(self) -> dict:
+        return {**super().metadata(), "extensions": []}
+
+
+class NoRepositoryRoutes:
+    """ASGI middleware: 404 for the repository extension's REST paths, before kserve's routes see
+    them (FastAPI 0.165 keeps included routers wrapped: its route list cannot be edited safely)."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope["path"].startswith(REPOSITORY_PATH_PREFIX):
+            return await JSONResponse({"error": REPOSITORY_REFUSED}, status_code=404)(scope, receive, send)
+        return await self.app(scope, receive, send)
+
+
+class DataPlaneOnlyServicer(InferenceServicer):
+    """kserve's gRPC servicer whose repository methods answer UNIMPLEMENTED."""
+
+    def __init__(self, data_plane: DataPlane):
+        super().__init__(data_plane, model_repository_extension=None)
+
+    async def RepositoryModelLoad(self, request, context):
+        raise Unimplemented(REPOSITORY_REFUSED)  # kserve's interceptor sets the status from it
+
+    async def RepositoryModelUnload(self, request, context):
+        raise Unimplemented(REPOSITORY_REFUSED)
+
+
 # --------------------------------------------------------------------------- 5. raw contents
 def raw_contents(tensor: InferInput) -> bytes | None:
     """The input's raw buffer (gRPC raw_input_contents, REST binary extension), or None."""
@@ -156,7 +211,7 @@ class HostGRPCServer:
     given message limit and without SO_REUSEPORT (a port in use fails instead of being shared)."""
 
     def __init__(self, server: kserve.ModelServer, host: str, max_message_bytes: int):
-        self.servicer = InferenceServicer(server.dataplane, server.model_repository_extension)
+        self.servicer = DataPlaneOnlyServicer(server.dataplane)
         self.address = f"[{host}]:{server.grpc_port}" if ":" in host else f"{host}:{server.grpc_port}"
         self.max_message_bytes = max_message_bytes
         self.grace_period = server.grace_period
@@ -188,10 +243,12 @@ def serve(server: kserve.ModelServer, host: str, max_grpc_message_bytes: int) ->
     """What `ModelServer.start` does for its registered models (one worker), bound to `host`.
 
     REST and gRPC are built from the server's own settings (ports, grace period, keep-alive,
-    event loop, access log, gRPC threads); blocks until SIGINT/SIGTERM/SIGQUIT.
+    event loop, access log, gRPC threads), without the model repository extension (6.); blocks
+    until SIGINT/SIGTERM/SIGQUIT.
     """
-    rest = RESTServer(_APP_IMPORT_STRING, server.dataplane, server.model_repository_extension,
-                      server.http_port, access_log_format=server.access_log_format, workers=1,
+    add_rest_middleware(NoRepositoryRoutes)
+    rest = RESTServer(_APP_IMPORT_STRING, server.dataplane, None, server.http_port,
+                      access_log_format=server.access_log_format, workers=1,
                       grace_period=server.grace_period, event_loop=server.event_loop,
                       timeout_keep_alive=server.timeout_keep_alive)
     rest.config.host = host  # the uvicorn.Config its server reads when it starts

@@ -7,6 +7,9 @@ and the upstream behaviour each works around, are all in serving.kserve_compat):
 - binary BYTES: kserve's `InferRequest.from_bytes` turns binary-extension BYTES inputs into
   UTF-8 text, so raw JPEG/PNG bytes sent by `tritonclient.http` end in a 500;
   `kserve_compat.BinarySafeDataPlane` keeps the raw buffer (as kserve does for gRPC).
+- the data plane only: kserve serves its model repository extension (load / unload a model)
+  to any client over REST and gRPC; brainscan serves neither (404, UNIMPLEMENTED), and its
+  readiness (/v2/health/ready, gRPC ServerReady) follows the model's (`kserve_compat.DataPlaneOnly`).
 - dynamic batching (serving.batching): concurrent requests share one model call,
   with a bounded queue (503 when full), a maximum batch size and a maximum wait.
 - request size: REST bodies over `max_request_bytes` get 413 before they are read whole;
@@ -114,7 +117,7 @@ def run(options: ServeOptions) -> None:
                                 enable_grpc=options.enable_grpc, workers=1, grace_period=5,
                                 access_log_format=None, event_loop="auto", timeout_keep_alive=65,
                                 ssl_certfile=None, ssl_keyfile=None)
-    server.dataplane = kserve_compat.BinarySafeDataPlane(model_registry=server.registered_models)
+    server.dataplane = kserve_compat.DataPlaneOnly(model_registry=server.registered_models)
     server.register_model(model)
 
     kserve_compat.add_rest_middleware(BodySizeLimit, max_bytes=options.max_request_bytes)

@@ -138,3 +138,34 @@ def test_bundle_metadata_decides_the_crop_and_old_bundles_keep_todays_preprocess
     files = [encode(scan_with_border_and_text(), "RGB", "PNG")]
     np.testing.assert_array_equal(preprocess_batch(files, SIZE, **preprocessing_options({})),
                                   preprocess_batch(files, SIZE))
+
+
+def test_multi_frame_and_other_formats_are_refused_before_any_decode():
+    """Only a single-frame JPEG or PNG reaches TensorFlow: its decode_image sizes a GIF by its
+    largest frame (the crafted one decodes to 3000 x 3000 past a 1000-pixel limit)."""
+    import tensorflow as tf
+
+    from brainscan.preprocessing import preprocess_files
+    from tests.fixtures.serving import gif_with_large_second_frame, refused_images
+
+    crafted = gif_with_large_second_frame(8, 3000)
+    assert tf.io.decode_image(crafted, channels=3, expand_animations=False).shape == (3000, 3000, 3)
+
+    def no_decode(data):
+        raise AssertionError("decoded a file the check should have refused")
+
+    for name, (data, named) in refused_images().items():
+        with pytest.raises(InvalidImageError) as info:
+            preprocess_files([data], SIZE, no_decode, max_pixels=1000)
+        assert info.value.index == 0 and named in str(info.value) and "JPEG or PNG" in str(info.value), name
+
+
+def test_the_pyfunc_refuses_the_crafted_gif_before_its_model():
+    """The registered MLflow model (MLServer) runs the same check."""
+    from brainscan.pyfunc import BrainscanPyfunc
+    from tests.fixtures.serving import gif_with_large_second_frame
+
+    pyfunc = BrainscanPyfunc()
+    pyfunc.image_size, pyfunc.preprocessing, pyfunc.model = SIZE, {}, None  # never reached
+    with pytest.raises(ValueError, match="unsupported image format GIF"):
+        pyfunc.predict(None, [gif_with_large_second_frame(8, 3000)])

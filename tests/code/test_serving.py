@@ -21,7 +21,8 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 
-from tests.fixtures.serving import IMAGE_FORMATS, SERVER_LIMITS, declaring_size, encode
+from tests.fixtures.serving import (ACCEPTED_FORMATS, IMAGE_FORMATS, SERVER_LIMITS, declaring_size, encode,
+                                    refused_images)
 
 MODEL = "brain-tumor"
 CLASSES = ["ct_healthy", "ct_tumor", "mri_glioma", "mri_healthy", "mri_meningioma", "mri_pituitary", "mri_tumor"]
@@ -368,9 +369,12 @@ def test_image_over_max_pixels_gets_400_before_decoding(model_server, serving_im
     import tritonclient.http as httpclient
     from tritonclient.utils import InferenceServerException
 
-    honest = declaring_size(fmt, 8, 8)  # the same file with its true size header is served
+    honest = declaring_size(fmt, 8, 8)  # the same file with its true size header: served if JPEG or PNG
     status, answer = post(model_server, f"/v2/models/{MODEL}/infer", v2_json([b64_images([honest])]))
-    assert status == 200, answer
+    if fmt in ACCEPTED_FORMATS:
+        assert status == 200, answer
+    else:  # GIF and BMP: refused since issue 17 (a GIF's later frames escape the pixel check)
+        assert status == 400 and f"unsupported image format {fmt}" in json.dumps(answer), answer
     for case, (width, height) in OVERSIZED.items():
         image = declaring_size(fmt, width, height)
         assert len(image) < 1000, case
@@ -421,6 +425,97 @@ def test_grpc_image_over_max_pixels_gets_invalid_argument(model_server, serving_
         assert out[path] != "accepted", where
         status, message = out[path]
         assert "INVALID_ARGUMENT" in status and "pixels" in message, (where, out[path])
+    assert_still_serving(model_server, serving_images)
+
+
+# --------------------------------------------------------------------------- formats and frame counts
+REFUSED = refused_images()
+
+
+@pytest.mark.parametrize("name", list(REFUSED))
+def test_multi_frame_or_other_format_gets_400_on_every_rest_transport(model_server, serving_images, name):
+    """Only single-frame JPEG and PNG reach the decoder: TensorFlow sizes a GIF by its largest frame
+    (issue 17: an 8x8 first frame passes the pixel check, a 3000x3000 second one is decoded)."""
+    import tritonclient.http as httpclient
+    from tritonclient.utils import InferenceServerException
+
+    image, named = REFUSED[name]
+    status, answer = post(model_server, f"/v2/models/{MODEL}/infer", v2_json([b64_images([image])]))
+    assert status == 400 and named in json.dumps(answer), (status, answer)
+    tensor = httpclient.InferInput("image", [1], "BYTES")
+    tensor.set_data_from_numpy(np.array([image], dtype=object), binary_data=True)
+    with pytest.raises(InferenceServerException) as err:
+        http_client(model_server).infer(MODEL, [tensor])
+    assert err.value.status() == "400" and named in err.value.message()
+    for verb in ("predict", "explain"):
+        status, answer = post(model_server, f"/v1/models/{MODEL}:{verb}",
+                              json.dumps({"instances": [{"b64": base64.b64encode(image).decode()}]}).encode())
+        assert status == 400 and named in json.dumps(answer), (verb, status, answer)
+    assert_still_serving(model_server, serving_images)
+
+
+def test_grpc_multi_frame_or_other_format_gets_invalid_argument(model_server, serving_images, tmp_path):
+    paths = {}
+    for i, (name, (image, named)) in enumerate(REFUSED.items()):
+        path = tmp_path / f"refused{i}"
+        path.write_bytes(image)
+        paths[str(path)] = (name, named)
+    run = subprocess.run([sys.executable, "-c", GRPC_OVERSIZED_SCRIPT, model_server.grpc_address, *paths],
+                         capture_output=True, text=True, timeout=180)
+    assert run.returncode == 0, run.stderr[-3000:]
+    out = json.loads(run.stdout.strip().splitlines()[-1])
+    for path, (name, named) in paths.items():
+        assert out[path] != "accepted", name
+        status, message = out[path]
+        assert "INVALID_ARGUMENT" in status and named in message, (name, out[path])
+    assert_still_serving(model_server, serving_images)
+
+
+# --------------------------------------------------------------------------- the data plane only
+# Issue 17: kserve's model repository extension let any client unload the model, after which the
+# server still said ready and answered every infer with 404.
+GRPC_REPOSITORY_SCRIPT = textwrap.dedent("""
+    import json, sys
+    import numpy as np
+    import tritonclient.grpc as grpcclient
+
+    client = grpcclient.InferenceServerClient(sys.argv[1])
+    out = {}
+    for name, call in (("unload", client.unload_model), ("load", client.load_model)):
+        try:
+            call("brain-tumor")
+            out[name] = "accepted"
+        except grpcclient.InferenceServerException as err:
+            out[name] = [str(err.status()), err.message()]
+    out["ready"] = [client.is_server_ready(), client.is_model_ready("brain-tumor")]
+    tensor = grpcclient.InferInput("image", [1], "BYTES")
+    tensor.set_data_from_numpy(np.array([open(sys.argv[2], "rb").read()], dtype=object))
+    out["infer"] = client.infer("brain-tumor", [tensor]).as_numpy("tumor_probability").tolist()
+    print(json.dumps(out))
+""")
+
+
+def test_no_client_can_unload_or_load_the_model_over_rest(model_server, serving_images):
+    for verb in ("unload", "load"):
+        status, answer = post(model_server, f"/v2/repository/models/{MODEL}/{verb}", b"{}")
+        assert status in (404, 405), (verb, status, answer)
+    assert http_client(model_server).get_server_metadata()["extensions"] == []
+    assert get(model_server, "/v2/health/ready")[0] == 200
+    assert_still_serving(model_server, serving_images)
+
+
+def test_no_client_can_unload_or_load_the_model_over_grpc(model_server, serving_images, tmp_path):
+    image = tmp_path / "scan.png"
+    image.write_bytes(serving_images[0])
+    run = subprocess.run([sys.executable, "-c", GRPC_REPOSITORY_SCRIPT, model_server.grpc_address, str(image)],
+                         capture_output=True, text=True, timeout=180)
+    assert run.returncode == 0, run.stderr[-3000:]
+    out = json.loads(run.stdout.strip().splitlines()[-1])
+    for verb in ("unload", "load"):
+        assert out[verb] != "accepted", verb
+        status, message = out[verb]
+        assert "UNIMPLEMENTED" in status and "repository" in message, (verb, out[verb])
+    assert out["ready"] == [True, True] and len(out["infer"]) == 1
     assert_still_serving(model_server, serving_images)
 
 

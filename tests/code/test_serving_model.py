@@ -1,5 +1,5 @@
 """In-process pieces of the model server: the dynamic batcher, the binary-BYTES request parser
-(against kserve's own, which fails), the threshold rules and start-up refusal.
+(against kserve's own, which fails), readiness, the threshold rules and start-up refusal.
 
 This module imports kserve; it never imports tritonclient.grpc (see test_serving.py).
 """
@@ -184,6 +184,40 @@ def test_binary_parser_refuses_broken_framing(serving_images):
     ):
         with pytest.raises(InvalidInput, match=message):
             plane.decode_inference_request(bad_body, bad_headers, "brain-tumor")
+
+
+# --------------------------------------------------------------------------- readiness
+def test_readiness_follows_the_model_on_rest_and_grpc():
+    """kserve's server readiness is True whatever its models' state; ours follows the model (the
+    real server's /v2/health/ready and gRPC ServerReady read this data plane, see test_serving)."""
+    import kserve
+    from kserve.model_repository import ModelRepository
+    from kserve.protocol.grpc import grpc_predict_v2_pb2 as pb
+    from kserve.protocol.rest.v2_endpoints import V2Endpoints
+    from kserve.errors import ServerNotReady
+
+    from serving.kserve_compat import DataPlaneOnly, DataPlaneOnlyServicer
+
+    async def check():
+        registry = ModelRepository()
+        plane = DataPlaneOnly(registry)
+        assert not await plane.ready()  # no model yet
+        model = kserve.Model("brain-tumor")
+        registry.update(model)
+        rest, grpc = V2Endpoints(plane), DataPlaneOnlyServicer(plane)
+        states = []
+        for ready in (False, True, False):
+            model.ready = ready
+            try:
+                states.append((await rest.ready()).ready)
+            except ServerNotReady:  # REST: 503
+                states.append(False)
+            states.append((await grpc.ServerReady(pb.ServerReadyRequest(), None)).ready)
+            states.append((await grpc.ModelReady(pb.ModelReadyRequest(name="brain-tumor"), None)).ready)
+        assert states == [False] * 3 + [True] * 3 + [False] * 3
+        assert plane.metadata()["extensions"] == []
+
+    asyncio.run(check())
 
 
 # --------------------------------------------------------------------------- thresholds and load

@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from tests.fixtures.serving import IMAGE_FORMATS, declaring_size
+from tests.fixtures.serving import ACCEPTED_FORMATS, IMAGE_FORMATS, declaring_size, refused_images
 
 TOLERANCE = 1e-5
 
@@ -144,7 +144,8 @@ def test_compiled_preprocessing_refuses_what_preprocess_batch_refuses(bundle, se
     compiled = CompiledPreprocessing(bundle.image_size)
     bad = {"text": b"hello, I am text", "truncated png": serving_images[0][: len(serving_images[0]) // 2],
            **{f"{fmt} claiming 30000x30000": declaring_size(fmt, 30000, 30000) for fmt in IMAGE_FORMATS},
-           **{f"{fmt} over max_pixels": declaring_size(fmt, 1100, 1000) for fmt in IMAGE_FORMATS}}
+           **{f"{fmt} over max_pixels": declaring_size(fmt, 1100, 1000) for fmt in IMAGE_FORMATS},
+           **{name: image for name, (image, _) in refused_images().items()}}
     for name, data in bad.items():
         files = [serving_images[1], data]
         with pytest.raises(InvalidImageError) as ours:
@@ -152,7 +153,7 @@ def test_compiled_preprocessing_refuses_what_preprocess_batch_refuses(bundle, se
         with pytest.raises(InvalidImageError) as theirs:
             preprocess_batch(files, bundle.image_size, max_pixels=1_000_000)
         assert ours.value.index == 1 and str(ours.value) == str(theirs.value), name
-    for fmt in IMAGE_FORMATS:  # every accepted format, decoded alike
+    for fmt in ACCEPTED_FORMATS:  # every accepted format, decoded alike
         honest = declaring_size(fmt, 8, 8)
         np.testing.assert_allclose(compiled([honest]), preprocess_batch([honest], bundle.image_size),
                                    atol=TOLERANCE, rtol=0)

@@ -131,3 +131,12 @@ def test_bad_input_clear_errors(good_manifest, tmp_path):
         validate_manifest(manifest)
     cli = CliRunner().invoke(app, ["validate", "--data", str(tmp_path / "nothing"), "--report", str(tmp_path / "r")])
     assert cli.exit_code == 1 and "no manifest" in cli.stderr
+
+
+def test_validation_and_serving_share_one_pixel_limit():
+    """Issue 17: serving allowed 40 Mpx per image while validation's largest side allowed 16.7 Mpx;
+    both now come from brainscan.limits, so what training may hold is what serving accepts."""
+    from brainscan import limits
+    from brainscan.config import VALIDATION, ServeSettings
+
+    assert VALIDATION.max_side ** 2 == ServeSettings().max_pixels == limits.MAX_IMAGE_PIXELS
