@@ -15,22 +15,7 @@ works around:
    (kserve/protocol/dataplane.py) also refuses a byte body without the
    Inference-Header-Content-Length header, which the binary-data extension makes optional.
    The override keeps the raw buffer, as kserve already does for gRPC raw contents.
-2. Bind address (`serve`): `RESTServer.__init__` (kserve/protocol/rest/server.py) hard-codes
-   uvicorn's host to 0.0.0.0 (kserve/kserve#4558) and `GRPCServer.start`
-   (kserve/protocol/grpc/server.py) listens on [::]; `ModelServer` has no host option, so
-   `ModelServer.start` cannot be used and `serve` does what it does, on the given host.
-3. gRPC server options (`HostGRPCServer`): `ModelServer.start` passes the gRPC message limits
-   from kserve's own command-line parser (`kwargs=vars(args)`, kserve/kserve#3717 made them
-   flags, not constructor options); and grpc's default SO_REUSEPORT lets a second server bind
-   a port already in use without an error (grpc/grpc#16005), which kserve leaves on.
-4. REST middleware and exception handlers (`add_rest_middleware`,
-   `add_rest_exception_handler`): kserve builds its FastAPI app as the module global
-   `kserve.model_server.app` and offers no hook to add either (kserve/kserve#3142; the
-   middleware PR kserve/kserve#2954 was closed unmerged), so they go onto that global.
-5. Raw contents of an input (`raw_contents`): `InferInput` keeps gRPC `raw_input_contents`
-   and binary-extension buffers in `_raw_data` with no public accessor, and `data` does not
-   tell them from an empty tensor (it is `[]` for gRPC raw contents).
-6. The data plane only (`DataPlaneOnly`, `NoRepositoryRoutes`, `DataPlaneOnlyServicer`):
+2. The data plane only (`DataPlaneOnly`, `NoRepositoryRoutes`, `DataPlaneOnlyServicer`):
    `RESTServer._register_endpoints` (kserve/protocol/rest/server.py, through
    `register_v2_endpoints` in protocol/rest/v2_endpoints.py) always adds the model repository
    extension's `POST /v2/repository/models/{name}/load|unload`, and `InferenceServicer`
@@ -40,6 +25,21 @@ works around:
    advertising it. `DataPlane.ready` (protocol/dataplane.py) answers True whatever the models'
    state (it only asks a transformer's predictor): here the server is ready when every model
    it serves is.
+3. Raw contents of an input (`raw_contents`): `InferInput` keeps gRPC `raw_input_contents`
+   and binary-extension buffers in `_raw_data` with no public accessor, and `data` does not
+   tell them from an empty tensor (it is `[]` for gRPC raw contents).
+4. REST middleware and exception handlers (`add_rest_middleware`,
+   `add_rest_exception_handler`): kserve builds its FastAPI app as the module global
+   `kserve.model_server.app` and offers no hook to add either (kserve/kserve#3142; the
+   middleware PR kserve/kserve#2954 was closed unmerged), so they go onto that global.
+5. gRPC server options (`HostGRPCServer`): `ModelServer.start` passes the gRPC message limits
+   from kserve's own command-line parser (`kwargs=vars(args)`, kserve/kserve#3717 made them
+   flags, not constructor options); and grpc's default SO_REUSEPORT lets a second server bind
+   a port already in use without an error (grpc/grpc#16005), which kserve leaves on.
+6. Bind address (`serve`): `RESTServer.__init__` (kserve/protocol/rest/server.py) hard-codes
+   uvicorn's host to 0.0.0.0 (kserve/kserve#4558) and `GRPCServer.start`
+   (kserve/protocol/grpc/server.py) listens on [::]; `ModelServer` has no host option, so
+   `ModelServer.start` cannot be used and `serve` does what it does, on the given host.
 
 Upgrading kserve: the import below refuses any other version. Re-read the files named above,
 remove each adaptation the new version covers (a public option or a fix), then change
@@ -145,7 +145,7 @@ class BinarySafeDataPlane(DataPlane):
                             request_outputs=outputs)
 
 
-# --------------------------------------------------------------------------- 6. the data plane only
+# --------------------------------------------------------------------------- 2. the data plane only
 # The model repository extension's REST paths (kserve's V2_ROUTE_PREFIX + its routes).
 REPOSITORY_PATH_PREFIX = "/v2/repository"
 REPOSITORY_REFUSED = "the model repository extension is off: this server does not load or unload models"
@@ -188,7 +188,7 @@ class DataPlaneOnlyServicer(InferenceServicer):
         raise Unimplemented(REPOSITORY_REFUSED)
 
 
-# --------------------------------------------------------------------------- 5. raw contents
+# --------------------------------------------------------------------------- 3. raw contents
 def raw_contents(tensor: InferInput) -> bytes | None:
     """The input's raw buffer (gRPC raw_input_contents, REST binary extension), or None."""
     return tensor._raw_data
@@ -205,7 +205,7 @@ def add_rest_exception_handler(exception_class, handler) -> None:
     _kserve_app.add_exception_handler(exception_class, handler)
 
 
-# --------------------------------------------------------------------------- 3. gRPC
+# --------------------------------------------------------------------------- 5. gRPC
 class HostGRPCServer:
     """kserve's gRPC inference service (its servicer and interceptors) on `host`, with the
     given message limit and without SO_REUSEPORT (a port in use fails instead of being shared)."""
@@ -238,12 +238,12 @@ class HostGRPCServer:
             _log.info("gRPC server shutdown complete")
 
 
-# --------------------------------------------------------------------------- 2. serve on a host
+# --------------------------------------------------------------------------- 6. serve on a host
 def serve(server: kserve.ModelServer, host: str, max_grpc_message_bytes: int) -> None:
     """What `ModelServer.start` does for its registered models (one worker), bound to `host`.
 
     REST and gRPC are built from the server's own settings (ports, grace period, keep-alive,
-    event loop, access log, gRPC threads), without the model repository extension (6.); blocks
+    event loop, access log, gRPC threads), without the model repository extension (2.); blocks
     until SIGINT/SIGTERM/SIGQUIT.
     """
     add_rest_middleware(NoRepositoryRoutes)
