@@ -7,18 +7,18 @@ that. What it also needs (each step's output in its own log file, one console li
 it finishes, each step's outputs afterwards) kfp.local 2.17.0 has no API for, so it is done
 here, each with the kfp behaviour it relies on:
 
-1. Output capture (`captured_output`): kfp.local print()s its step subprocesses' output to
+1. Task events (`TaskWatcher`): a task's start and end exist only as the log lines
+   "Executing task '<task>'" and "Task '<task>' finished with status <STATUS>" of
+   task_dispatcher.run_single_task_implementation, coloured with ANSI codes
+   (logging_utils.color_text). A root-logger filter (not a handler: those are replaced per
+   task) reads them from the records' text.
+2. Output capture (`captured_output`): kfp.local print()s its step subprocesses' output to
    sys.stdout (subprocess_task_handler.run_local_subprocess, indented through
    logging_utils.indented_print) and logs to a root-logger handler on sys.stdout that it
    installs around every task (logging_utils.local_logger_context, which replaces the root
    handlers meanwhile). Neither can be pointed elsewhere, so sys.stdout is redirected for the
    run (contextlib.redirect_stdout), and kfp.local's warnings (e.g. the RuntimeWarning of
    SubprocessTaskHandler.validate_image for a non-"python" image) go to the same place.
-2. Task events (`TaskWatcher`): a task's start and end exist only as the log lines
-   "Executing task '<task>'" and "Task '<task>' finished with status <STATUS>" of
-   task_dispatcher.run_single_task_implementation, coloured with ANSI codes
-   (logging_utils.color_text). A root-logger filter (not a handler: those are replaced per
-   task) reads them from the records' text.
 3. Task outputs (`new_run_dir`, `task_outputs`): a local run writes each task's outputs to
    <pipeline_root>/<pipeline name>-<timestamp>/<task>/executor_output.json
    (executor_input_utils.construct_local_task_root); only the pipeline's own outputs are
@@ -60,7 +60,7 @@ def plain(text: str) -> str:
     return _ANSI.sub("", text)
 
 
-# --------------------------------------------------------------------------- 2. task events
+# --------------------------------------------------------------------------- 1. task events
 class TaskWatcher(logging.Filter):
     """A root-logger filter that calls `task_started` / `task_finished` from kfp.local's records."""
 
@@ -79,7 +79,7 @@ class TaskWatcher(logging.Filter):
         """`task` ended with `status` ("SUCCESS" or "FAILURE")."""
 
 
-# --------------------------------------------------------------------------- 1. output capture
+# --------------------------------------------------------------------------- 2. output capture
 @contextlib.contextmanager
 def captured_output(sink: TextIO, watcher: TaskWatcher) -> Iterator[None]:
     """While a kfp.local pipeline runs: everything it prints, logs or warns goes to `sink`, and
