@@ -45,7 +45,12 @@ DEFAULT_SOURCE = f"kaggle:{KAGGLE_DATASET}"
 DEFAULT_WORKDIR = ".brainscan"  # local stack, pipeline root, summaries
 DEMO_WORKDIR = ".brainscan-demo"
 NAMESPACE = "kubeflow-user"  # the Kubeflow profile namespace the manifests in infra/k8s use
-S3_SECRET = "brainscan-s3"  # Kubernetes secret with the S3 and MLflow settings
+S3_SECRET = "brainscan-s3"  # Kubernetes secret of the pipeline steps: a read-write S3 key, MLflow settings
+# The predictor's own secret: the same keys, with an S3 key that may only read the model artifacts
+# (infra/s3/serving-readonly-policy.json); the predictor never gets the pipeline's.
+SERVING_S3_SECRET = "brainscan-s3-readonly"
+S3_ENV_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION")
+MLFLOW_ENV_KEYS = ("MLFLOW_TRACKING_URI", "MLFLOW_S3_ENDPOINT_URL")
 SERVING_SERVICE_ACCOUNT = "brainscan-serving"
 PIPELINE_IMAGE = "ghcr.io/brainscan/brainscan-pipeline:0.1.0"
 SERVING_IMAGE = "ghcr.io/brainscan/brainscan-serving:0.1.0"
@@ -366,12 +371,30 @@ CHAMPION_TOLERANCE = 0.02
 
 @dataclass(frozen=True)
 class DeploySettings:
-    """How a model is rolled out (`brainscan deploy`); the pipeline's deploy step uses the defaults."""
+    """How a model is rolled out (`brainscan deploy`) and how its pods stop; the pipeline's deploy step uses
+    the defaults.
+
+    Drain: the kubelet runs the predictor's preStop wait (`prestop_s`: endpoints and ingress stop sending
+    it traffic meanwhile), then sends SIGTERM; the server answers what it accepted, each request within
+    `request_timeout_s`, and exits. `drain_grace_s`, the pod's terminationGracePeriodSeconds, counts from
+    the start of preStop and covers all of it: the server (serving/) and the manifests
+    (brainscan/inferenceservice.py) both read these, nothing else sets them."""
 
     timeout_s: float = _param(600, "Seconds to wait for Ready before rolling back.")
     poll_interval_s: float = _param(5.0, "Seconds between status polls.")
-    min_replicas: int = _param(1, "Fewest predictor replicas.", min=0)
+    min_replicas: int = _param(2, "Fewest predictor replicas: 2 keeps one serving through a node drain or a "
+                                  "restart (1 or 0 is allowed, without that promise).", min=0)
     max_replicas: int = _param(3, "Most predictor replicas.", min=1)
+    request_timeout_s: int = _param(120, "Longest one request may run in the server (a CPU batch of 64 images, "
+                                         "or Grad-CAMs), and how long it drains after SIGTERM.", min=1)
+    prestop_s: int = _param(5, "Seconds a stopping predictor keeps serving before SIGTERM while the "
+                               "endpoints and the ingress drop it.", min=0)
+    exit_margin_s: int = _param(5, "Seconds left after the last request to flush and exit.", min=0)
+
+    @property
+    def drain_grace_s(self) -> int:
+        """The predictor pod's terminationGracePeriodSeconds: preStop, then the longest request, then the exit."""
+        return self.prestop_s + self.request_timeout_s + self.exit_margin_s
 
 
 DEPLOY = DeploySettings()

@@ -15,6 +15,14 @@ Two deployment modes (brainscan.config.DEPLOYMENT_MODES):
   flags turned on (infra/k8s/knative/, then `gpu_node_selection=True`). HTTP (REST) only.
 - RawDeployment (KServe's "Standard"): a plain Deployment and Service, no Knative. GPU predictors
   get the GPU node selector and toleration; HTTP on 8080 and gRPC on 8081 (h2c). No canaries.
+
+Least privilege: the S3 and MLflow settings come key by key from the serving secret (a read-only S3
+key, brainscan.config.SERVING_S3_SECRET), never from the pipeline's; no Kubernetes API token; a
+read-only root filesystem with emptyDir volumes for what the server writes (HOME: the model cache,
+Keras's and MLflow's; TMPDIR). Drain (brainscan.config.DeploySettings): Knative (Serverless) makes
+the revision's `timeout` the pod's grace period and puts its own preStop (the queue-proxy's drain)
+on the container, which it refuses to take from us; a RawDeployment gets our preStop wait and the
+grace period. Either way the grace period is DEPLOY.drain_grace_s, longer than the longest request.
 """
 
 from __future__ import annotations
@@ -24,14 +32,15 @@ from typing import Any, Mapping, Sequence
 
 import yaml
 from kserve import V1beta1InferenceService, V1beta1InferenceServiceSpec, V1beta1PredictorSpec
-from kubernetes.client import (ApiClient, V1Capabilities, V1Container, V1ContainerPort, V1EnvFromSource, V1EnvVar,
-                               V1HTTPGetAction, V1ObjectMeta, V1Probe, V1ResourceRequirements, V1SeccompProfile,
-                               V1SecretEnvSource, V1SecurityContext, V1Toleration)
+from kubernetes.client import (ApiClient, V1Capabilities, V1Container, V1ContainerPort, V1EmptyDirVolumeSource,
+                               V1EnvVar, V1EnvVarSource, V1ExecAction, V1HTTPGetAction, V1Lifecycle,
+                               V1LifecycleHandler, V1ObjectMeta, V1Probe, V1ResourceRequirements, V1SeccompProfile,
+                               V1SecretKeySelector, V1SecurityContext, V1Toleration, V1Volume, V1VolumeMount)
 
 from brainscan.config import (CHAMPION_URI, DEFAULTS, DEPLOY, GPU_NODE_SELECTOR, GPU_RESOURCE, GPU_TOLERATIONS,
-                              MODEL_NAME, NAMESPACE, RAW_DEPLOYMENT, S3_SECRET, SERVERLESS, SERVING_IMAGE,
-                              SERVING_SERVICE_ACCOUNT, ServeSettings, canonical_deployment_mode, check_canary,
-                              gpu_placement)
+                              MLFLOW_ENV_KEYS, MODEL_NAME, NAMESPACE, RAW_DEPLOYMENT, S3_ENV_KEYS, SERVERLESS,
+                              SERVING_IMAGE, SERVING_S3_SECRET, SERVING_SERVICE_ACCOUNT, ServeSettings,
+                              canonical_deployment_mode, check_canary, gpu_placement)
 
 API_VERSION = "serving.kserve.io/v1beta1"
 KIND = "InferenceService"
@@ -39,7 +48,13 @@ KIND = "InferenceService"
 # Defaults that match infra/k8s (the secret and service account created there).
 DEFAULT_IMAGE = SERVING_IMAGE
 DEFAULT_SERVICE_ACCOUNT = SERVING_SERVICE_ACCOUNT
-DEFAULT_S3_SECRET = S3_SECRET
+DEFAULT_S3_SECRET = SERVING_S3_SECRET  # read-only S3; never the pipeline's read-write brainscan-s3
+# What the server reads of that secret (models:/ through MLflow, s3:// through boto3): each key by name,
+# so a key added to the secret later does not reach the predictor.
+SECRET_KEYS = S3_ENV_KEYS + MLFLOW_ENV_KEYS
+# The labels every predictor pod carries (KServe copies the InferenceService's onto its pods): what the
+# PodDisruptionBudget and the NetworkPolicies in infra/k8s/base select.
+PREDICTOR_LABELS = {"app.kubernetes.io/name": "brainscan", "app.kubernetes.io/component": "predictor"}
 DEFAULT_NODE_SELECTOR = GPU_NODE_SELECTOR
 DEFAULT_TOLERATIONS = GPU_TOLERATIONS
 DEFAULT_RESOURCES = {
@@ -49,6 +64,12 @@ DEFAULT_RESOURCES = {
 HTTP_PORT = ServeSettings.http_port
 GRPC_PORT = ServeSettings.grpc_port
 SERVING_UID = 1000  # the non-root user of the serving image
+# Writable places on the read-only root filesystem, each an emptyDir: HOME (the model cache
+# ~/.cache/brainscan with its ONNX file, ~/.keras, MLflow's downloads) and TMPDIR. Not /tmp: older
+# Knative releases refuse a volume mounted there; Python's tempfile follows TMPDIR.
+SERVING_HOME = "/home/brainscan"
+SERVING_TMP = "/var/tmp"
+SCRATCH_VOLUMES = {"home": (SERVING_HOME, "4Gi"), "tmp": (SERVING_TMP, "2Gi")}  # name: (mount path, size limit)
 # Loading TensorFlow and pulling the model from S3 / MLflow can take minutes on a cold node: the
 # server only listens once the model is loaded. The startup probe allows this long before the
 # liveness probe may restart the container.
@@ -86,9 +107,11 @@ def build_inference_service(
       and `tolerations`, when given, are used as they are.
     - `canary_traffic_percent` (0-100): share of traffic the new revision gets while the
       previous one keeps the rest (KServe canary rollout, Serverless mode).
-    - `s3_secret`: every key of that secret becomes an environment variable of the server
-      (AWS_*, MLFLOW_*), so the server reads `models:/` and `s3://` URIs; the service
-      account references the same secret for KServe's own storage initializer.
+    - `s3_secret`: the keys SECRET_KEYS of that secret (AWS_*, MLFLOW_*) become environment variables
+      of the server, so it reads `models:/` and `s3://` URIs; the default is the read-only serving
+      secret, which the service account also names for KServe's own storage initializer.
+    - `min_replicas`: 2 by default (DeploySettings): with the PodDisruptionBudget in infra/k8s/base a
+      node drain evicts one replica at a time; 1 (or 0 in Serverless) is accepted.
     - `deployment_mode`: "Serverless" / "Knative" (one container port, so only HTTP 8080) or
       "RawDeployment" / "Standard" (a plain Deployment: HTTP 8080 and gRPC 8081 as h2c). The
       annotation carries the first spelling, which every KServe release reads.
@@ -131,8 +154,19 @@ def build_inference_service(
 
     # PROTOCOL: how KServe knows that a custom predictor speaks the Open Inference Protocol (v2).
     env_vars = [V1EnvVar(name="MODEL_URI", value=model_uri), V1EnvVar(name="PROTOCOL", value="v2")]
+    # writable HOME and TMPDIR on the read-only root filesystem (SCRATCH_VOLUMES)
+    env_vars += [V1EnvVar(name="HOME", value=SERVING_HOME), V1EnvVar(name="TMPDIR", value=SERVING_TMP)]
+    if s3_secret:
+        env_vars += [V1EnvVar(name=key, value_from=V1EnvVarSource(
+            secret_key_ref=V1SecretKeySelector(name=s3_secret, key=key))) for key in SECRET_KEYS]
     env_vars += [V1EnvVar(name=key, value=str(value)) for key, value in sorted((env or {}).items())]
-    env_from = [V1EnvFromSource(secret_ref=V1SecretEnvSource(name=s3_secret))] if s3_secret else None
+    volumes = [V1Volume(name=name, empty_dir=V1EmptyDirVolumeSource(size_limit=size))
+               for name, (_, size) in SCRATCH_VOLUMES.items()]
+    mounts = [V1VolumeMount(name=name, mount_path=path) for name, (path, _) in SCRATCH_VOLUMES.items()]
+    # Drain: Knative refuses a lifecycle of ours (its queue-proxy drains); a Deployment gets the wait
+    raw = deployment_mode == RAW_DEPLOYMENT
+    lifecycle = V1Lifecycle(pre_stop=V1LifecycleHandler(
+        _exec=V1ExecAction(command=["sleep", str(DEPLOY.prestop_s)]))) if raw and DEPLOY.prestop_s else None
 
     startup = readiness = liveness = None
     if probes:
@@ -149,19 +183,27 @@ def build_inference_service(
         image=image,
         ports=ports,
         env=env_vars,
-        env_from=env_from,
+        volume_mounts=mounts,
+        lifecycle=lifecycle,
         resources=V1ResourceRequirements(requests=requests or None, limits=limits or None),
         startup_probe=startup,
         readiness_probe=readiness,
         liveness_probe=liveness,
         security_context=V1SecurityContext(
             run_as_non_root=True, run_as_user=SERVING_UID, allow_privilege_escalation=False,
-            capabilities=V1Capabilities(drop=["ALL"]), seccomp_profile=V1SeccompProfile(type="RuntimeDefault")),
+            read_only_root_filesystem=True, capabilities=V1Capabilities(drop=["ALL"]),
+            seccomp_profile=V1SeccompProfile(type="RuntimeDefault")),
     )
 
     predictor = V1beta1PredictorSpec(
         containers=[container],
         service_account_name=service_account or None,
+        automount_service_account_token=False,  # the server calls no Kubernetes API
+        volumes=volumes,
+        # Knative: the revision's timeout becomes the pod's grace period (it refuses one of ours);
+        # a Deployment takes it as it is. Both: longer than the longest request.
+        timeout=None if raw else DEPLOY.drain_grace_s,
+        termination_grace_period_seconds=DEPLOY.drain_grace_s if raw else None,
         node_selector=dict(node_selector) or None,
         tolerations=[V1Toleration(**_snake_keys(t)) for t in tolerations] or None,
         min_replicas=min_replicas,
@@ -179,8 +221,7 @@ def build_inference_service(
         "prometheus.kserve.io/path": METRICS_PATH,
         **(annotations or {}),
     }
-    all_labels = {"app.kubernetes.io/name": "brainscan", "app.kubernetes.io/component": "predictor",
-                  **(labels or {})}
+    all_labels = {**(labels or {}), **PREDICTOR_LABELS}  # the selectors' labels cannot be overridden
     return V1beta1InferenceService(
         api_version=API_VERSION,
         kind=KIND,

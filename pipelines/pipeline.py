@@ -19,14 +19,18 @@ from types import SimpleNamespace
 
 from kfp import compiler, dsl, kubernetes
 
-from brainscan.config import (DEFAULTS, GPU_RESOURCE, PIPELINE_NAME, RETRAIN_PIPELINE_NAME, S3_SECRET, TEST_FRACTION,
-                              VAL_FRACTION, Recipe, param_help, param_names, param_types)
+from brainscan.config import (DEFAULTS, GPU_RESOURCE, MLFLOW_ENV_KEYS, PIPELINE_NAME, RETRAIN_PIPELINE_NAME, S3_ENV_KEYS,
+                              S3_SECRET, TEST_FRACTION, VAL_FRACTION, Recipe, param_help, param_names, param_types)
 from pipelines import ops as c
 
 # Kubernetes settings of the cluster; overridable at compile time.
 SECRET_NAME = os.environ.get("BRAINSCAN_SECRET", S3_SECRET)
-S3_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION")
-MLFLOW_ENV = ("MLFLOW_TRACKING_URI", "MLFLOW_S3_ENDPOINT_URL")
+S3_ENV = S3_ENV_KEYS
+MLFLOW_ENV = MLFLOW_ENV_KEYS
+# Every step's pod: the labels infra/k8s/base/network-policies.yaml selects (no ingress; egress to
+# DNS, Kubeflow's services, MLflow and the Kubernetes API), and the images' non-root user.
+STEP_LABELS = {"app.kubernetes.io/name": "brainscan", "app.kubernetes.io/component": "pipeline-step"}
+STEP_UID = 1000
 
 
 def _with_credentials(task: dsl.PipelineTask, mlflow: bool = False) -> dsl.PipelineTask:
@@ -36,8 +40,15 @@ def _with_credentials(task: dsl.PipelineTask, mlflow: bool = False) -> dsl.Pipel
 
 
 def _resources(task: dsl.PipelineTask, cpu: str, memory: str, image) -> dsl.PipelineTask:
-    """Requests and limits, and the step's image: a pipeline parameter, resolved by KFP when the step starts."""
+    """Requests and limits, and the step's image: a pipeline parameter, resolved by KFP when the step starts.
+    Also the pod's labels and user. kfp-kubernetes 2.17 sets no read-only root filesystem (its security
+    context has the user and group only; KFP's backend adds no privilege escalation, no capabilities and
+    the RuntimeDefault seccomp profile itself) and cannot leave out the service-account token, which
+    KFP's launcher in the pod needs to read the artifact store's secret."""
     task.set_container_image(image)
+    for key, value in STEP_LABELS.items():
+        kubernetes.add_pod_label(task, key, value)
+    kubernetes.set_security_context(task, run_as_user=STEP_UID, run_as_non_root=True)
     return task.set_cpu_request(cpu).set_memory_request(memory).set_memory_limit(memory)
 
 

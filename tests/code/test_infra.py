@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import re
 import subprocess
 import sys
@@ -21,7 +22,9 @@ INFRA = ROOT / "infra"
 K8S = INFRA / "k8s"
 HADOLINT = Path(sys.executable).parent / "hadolint"
 K8S_VERSION = "1.33.0"  # the cluster version the manifests are validated against
-BUILTIN_API_VERSIONS = {"v1", "apps/v1", "rbac.authorization.k8s.io/v1", "batch/v1"}
+BUILTIN_API_VERSIONS = {"v1", "apps/v1", "rbac.authorization.k8s.io/v1", "batch/v1", "networking.k8s.io/v1",
+                        "policy/v1"}
+SECRET_TEMPLATES = {K8S / "secrets" / "s3-secret.template.yaml", K8S / "secrets" / "s3-readonly-secret.template.yaml"}
 DOCKERFILES = sorted((INFRA / "docker").glob("*.Dockerfile"))
 
 
@@ -163,7 +166,7 @@ def test_builtin_kinds_validate_against_kubernetes_schema():
             if doc["apiVersion"] in BUILTIN_API_VERSIONS:
                 kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
                 checked += 1
-    assert checked >= 6  # service accounts, roles, bindings, the secret template
+    assert checked >= 12  # service accounts, roles, bindings, secret templates, network policies, the PDB
 
 
 def test_schema_validation_can_fail():
@@ -177,19 +180,20 @@ def test_kustomizations_list_existing_files_and_every_manifest_but_the_secret_te
     listed = set(kustomize_resources(K8S))
     for sub in ("base", "retrain"):
         assert set(kustomize_resources(K8S / sub)) <= listed
-    template = K8S / "secrets" / "s3-secret.template.yaml"
-    assert template not in listed  # never applied by `kubectl apply -k`: it would overwrite the real one
+    assert not SECRET_TEMPLATES & listed  # never applied by `kubectl apply -k`: it would overwrite the real ones
     # nor is the Knative feature patch: Knative's own ConfigMap, patched by a cluster admin who wants it
     knative_patch = K8S / "knative" / "config-features-patch.yaml"
     examples = {p for p in manifest_files() if "examples" in p.parts}
-    assert set(manifest_files()) - listed == {template, knative_patch} | examples
+    assert set(manifest_files()) - listed == SECRET_TEMPLATES | {knative_patch} | examples
     kinds = {doc["kind"] for path in listed for doc in documents(path)}
-    assert kinds >= {"ServingRuntime", "ServiceAccount", "Role", "RoleBinding", "Deployment"}
+    assert kinds >= {"ServingRuntime", "ServiceAccount", "Role", "RoleBinding", "Deployment", "NetworkPolicy",
+                     "PodDisruptionBudget"}
 
 
-def test_secret_template_holds_placeholders_only():
-    (secret,) = documents(K8S / "secrets" / "s3-secret.template.yaml")
-    assert secret["kind"] == "Secret" and secret["metadata"]["name"] == isvc_mod.DEFAULT_S3_SECRET
+@pytest.mark.parametrize("template", sorted(SECRET_TEMPLATES), ids=lambda p: p.name)
+def test_secret_template_holds_placeholders_only(template):
+    (secret,) = documents(template)
+    assert secret["kind"] == "Secret"
     assert "data" not in secret  # no base64 values that could hide a real key
     for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
         assert re.fullmatch(r"<[^>]+>", secret["stringData"][key]), key
@@ -206,11 +210,19 @@ def test_secret_template_has_every_key_the_pipeline_reads():
     assert set(pipeline.S3_ENV) | set(pipeline.MLFLOW_ENV) <= set(secret["stringData"])
 
 
-def test_service_accounts_reference_the_s3_secret():
+def test_service_accounts_name_their_own_s3_secret():
+    """The predictor's account names only the read-only secret (what KServe's storage initializer uses), the
+    pipeline's only the read-write one; the predictor's has no Kubernetes token."""
+    from brainscan.config import S3_SECRET, SERVING_S3_SECRET
+
     accounts = {doc["metadata"]["name"]: doc for doc in documents(K8S / "base" / "service-accounts.yaml")}
-    assert isvc_mod.DEFAULT_SERVICE_ACCOUNT in accounts
-    for account in accounts.values():
-        assert {"name": isvc_mod.DEFAULT_S3_SECRET} in account["secrets"]
+    assert S3_SECRET != SERVING_S3_SECRET == isvc_mod.DEFAULT_S3_SECRET
+    serving = accounts[isvc_mod.DEFAULT_SERVICE_ACCOUNT]
+    assert serving["secrets"] == [{"name": SERVING_S3_SECRET}]
+    assert serving["automountServiceAccountToken"] is False
+    # KFP's launcher in every step's pod reads the artifact secret through the Kubernetes API: the token stays
+    assert accounts["brainscan-pipeline"]["secrets"] == [{"name": S3_SECRET}]
+    assert accounts["brainscan-pipeline"].get("automountServiceAccountToken", True) is True
 
 
 def test_deploy_role_is_bound_to_the_pipeline_accounts():
@@ -232,6 +244,12 @@ def test_serving_runtime_required_fields():
     assert container["securityContext"]["runAsNonRoot"] is True
     # the container part is a valid Kubernetes container
     kubernetes_validate.validate(_pod({"containers": [container]}), K8S_VERSION, strict=True)
+
+
+def pipeline_secret() -> str:
+    from brainscan.config import S3_SECRET
+
+    return S3_SECRET
 
 
 def _watcher() -> tuple[dict, dict]:
@@ -279,7 +297,7 @@ def test_retrain_watcher_authenticates_to_the_kfp_api_with_a_projected_token():
     assert pod["serviceAccountName"] == rbac["ServiceAccount"]["metadata"]["name"]
     assert pod["securityContext"]["runAsNonRoot"] is True and container["securityContext"]["allowPrivilegeEscalation"] is False
     # S3 and MLflow from the secret, the runs' images from the kustomization's ConfigMap
-    assert {"secretRef": {"name": isvc_mod.DEFAULT_S3_SECRET}} in container["envFrom"]
+    assert {"secretRef": {"name": pipeline_secret()}} in container["envFrom"]  # it lists the source prefix
     assert {"configMapRef": {"name": "brainscan-images"}} in container["envFrom"]
 
 
@@ -329,7 +347,7 @@ def _pod(spec: dict) -> dict:
 def _predictor_pod(manifest: dict) -> dict:
     """The pod-level fields of a predictor, as a Pod, so the Kubernetes schema can check them."""
     predictor = dict(manifest["spec"]["predictor"])
-    for key in ("minReplicas", "maxReplicas", "canaryTrafficPercent"):
+    for key in ("minReplicas", "maxReplicas", "canaryTrafficPercent", "timeout"):  # KServe's, not the pod's
         predictor.pop(key, None)
     return _pod(predictor)
 
@@ -361,7 +379,7 @@ def test_builder_sets_every_parameter():
                                       "limits": {"memory": "10Gi", "nvidia.com/gpu": "2"}}
     assert {"name": "MODEL_URI", "value": "models:/brain-tumor/7"} in container["env"]
     assert {"name": "BRAINSCAN_MAX_BATCH", "value": "16"} in container["env"]
-    assert container["envFrom"] == [{"secretRef": {"name": "creds"}}]
+    assert "envFrom" not in container  # the secret's keys one by one, see test_predictor_reads_only_...
     assert container["readinessProbe"]["httpGet"] == {"path": "/v2/health/ready", "port": 8080}
     assert container["livenessProbe"]["httpGet"] == {"path": "/v2/health/live", "port": 8080}
     assert container["ports"] == [{"containerPort": 8080, "name": "http1", "protocol": "TCP"}]
@@ -508,6 +526,9 @@ def test_default_inferenceservice_respects_knatives_default_feature_flags(upstre
     (lambda pod: pod["containers"][0]["securityContext"].update(procMount="Unmasked"), "procMount"),
     (lambda pod: pod["containers"][0]["securityContext"]["capabilities"].update(add=["NET_ADMIN"]), "capabilities"),
     (lambda pod: pod["containers"][0]["readinessProbe"]["httpGet"].update(port="metrics"), "readinessProbe"),
+    (lambda pod: pod["containers"][0]["volumeMounts"][0].update(mountPath="/tmp"), "reserved"),
+    (lambda pod: pod["volumes"][0].update(emptyDir=None, hostPath={"path": "/"}), "hostPath"),
+    (lambda pod: pod["volumes"].append({"name": "extra", "emptyDir": {}}), "not mounted"),
 ])
 def test_knative_check_refuses_what_knative_refuses(upstream_schemas, change, expected):
     from tests.fixtures.schemas import knative_features, knative_refusals, predictor_pod_spec
@@ -532,7 +553,8 @@ def test_serving_runtimes_pass_the_crd_and_a_stock_knative(upstream_schemas, pat
     (runtime,) = documents(path)
     validate(runtime)
     spec = runtime["spec"]
-    assert knative_refusals({"containers": spec["containers"]}, knative_features(upstream_schemas)) == []
+    assert knative_refusals({"containers": spec["containers"], "volumes": spec.get("volumes", [])},
+                            knative_features(upstream_schemas)) == []
     port_names = {p.get("name") for c in spec["containers"] for p in c.get("ports", [])}
     assert "grpc-v2" not in spec["protocolVersions"] or "h2c" in port_names
     assert spec["annotations"]["prometheus.kserve.io/port"] == "8080"  # spec.annotations: copied onto the pods
@@ -588,3 +610,285 @@ def test_mlserver_image_installs_the_registered_models_requirements():
     lock = {line.split("==")[0] for line in (ROOT / "requirements.lock").read_text().splitlines() if "==" in line}
     assert listed == {name for name in pyfunc.REQUIREMENTS if name in lock}
     assert "mlserver-requirements.txt" in text
+
+
+# --------------------------------------------------------------------------- least privilege and drain
+def _all_predictor_pods() -> dict[str, dict]:
+    """The pod spec of every InferenceService variant the builder makes, and of the example manifests."""
+    from tests.fixtures.schemas import predictor_pod_spec
+
+    pods = {variant: predictor_pod_spec(isvc_mod.to_dict(isvc_mod.build_inference_service(**kwargs)))
+            for variant, kwargs in ISVC_VARIANTS.items()}
+    (example,) = documents(K8S / "examples" / "inferenceservice.yaml")
+    return {**pods, "example": predictor_pod_spec(example)}
+
+
+def test_example_is_what_the_builder_makes():
+    (example,) = documents(K8S / "examples" / "inferenceservice.yaml")
+    assert example == isvc_mod.to_dict(isvc_mod.build_inference_service())  # python -m brainscan.inferenceservice
+
+
+def test_predictor_reads_only_the_read_only_secret_key_by_key():
+    """No envFrom of a whole secret: each key the server reads (S3 and MLflow), from the read-only serving
+    secret, never the pipeline's read-write one; the ServingRuntime path gets it from the account."""
+    from brainscan.config import MLFLOW_ENV_KEYS, S3_ENV_KEYS, S3_SECRET, SERVING_S3_SECRET
+
+    for variant, pod in _all_predictor_pods().items():
+        (container,) = pod["containers"]
+        assert "envFrom" not in container, variant
+        refs = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in container["env"] if "valueFrom" in e}
+        assert refs == {key: {"name": SERVING_S3_SECRET, "key": key} for key in S3_ENV_KEYS + MLFLOW_ENV_KEYS}, variant
+    assert SERVING_S3_SECRET != S3_SECRET
+    (readonly,) = documents(K8S / "secrets" / "s3-readonly-secret.template.yaml")
+    assert readonly["metadata"]["name"] == SERVING_S3_SECRET
+    assert set(readonly["stringData"]) == set(isvc_mod.SECRET_KEYS)  # a missing key would stop the pod
+    assert {k for k in readonly["metadata"]["annotations"] if k.startswith("serving.kserve.io/s3-")}
+    (mlflow_isvc,) = documents(K8S / "examples" / "inferenceservice-mlflow.yaml")
+    assert mlflow_isvc["spec"]["predictor"]["serviceAccountName"] == isvc_mod.DEFAULT_SERVICE_ACCOUNT
+    for path in RUNTIMES:
+        (runtime,) = documents(path)
+        assert "envFrom" not in runtime["spec"]["containers"][0]
+
+
+def test_serving_bucket_policy_allows_reading_the_model_artifacts_and_nothing_else():
+    """infra/s3/serving-readonly-policy.json, enforced by moto's IAM: the read-only key reads a model artifact
+    and may not write, delete, or read outside the artifact prefix. (moto ignores policy conditions: the
+    listing's prefix condition is checked on the document.)"""
+    import boto3
+    from botocore.exceptions import ClientError
+    from moto import mock_aws
+    from moto.core import set_initial_no_auth_action_count
+
+    text = (INFRA / "s3" / "serving-readonly-policy.json").read_text()
+    policy = json.loads(text)
+    actions = {action for statement in policy["Statement"] for action in statement["Action"]}
+    assert actions == {"s3:GetObject", "s3:ListBucket"} and all(s["Effect"] == "Allow" for s in policy["Statement"])
+    # the bucket and prefix of the registered models' artifacts, as the MLflow example names them
+    (mlflow_isvc,) = documents(K8S / "examples" / "inferenceservice-mlflow.yaml")
+    bucket, key_prefix = mlflow_isvc["spec"]["predictor"]["model"]["storageUri"][len("s3://"):].split("/", 2)[:2]
+    listing = next(s for s in policy["Statement"] if s["Action"] == ["s3:ListBucket"])
+    assert listing["Resource"] == [f"arn:aws:s3:::{bucket}"]
+    assert listing["Condition"] == {"StringLike": {"s3:prefix": [f"{key_prefix}/*"]}}
+    reading = next(s for s in policy["Statement"] if s["Action"] == ["s3:GetObject"])
+    assert reading["Resource"] == [f"arn:aws:s3:::{bucket}/{key_prefix}/*"]
+
+    outcomes = {}
+
+    @set_initial_no_auth_action_count(7)  # the setup below, as an administrator
+    @mock_aws
+    def enforce():
+        s3, iam = boto3.client("s3", region_name="us-east-1"), boto3.client("iam", region_name="us-east-1")
+        s3.create_bucket(Bucket=bucket)
+        s3.put_object(Bucket=bucket, Key=f"{key_prefix}/1/models/m-1/artifacts/model.keras", Body=b"model")
+        s3.put_object(Bucket=bucket, Key="datasets/manifest.csv", Body=b"patient data")
+        iam.create_user(UserName="serving")
+        arn = iam.create_policy(PolicyName="serving-readonly", PolicyDocument=text)["Policy"]["Arn"]
+        iam.attach_user_policy(UserName="serving", PolicyArn=arn)
+        key = iam.create_access_key(UserName="serving")["AccessKey"]
+        readonly = boto3.client("s3", region_name="us-east-1", aws_access_key_id=key["AccessKeyId"],
+                                aws_secret_access_key=key["SecretAccessKey"])
+        model = f"{key_prefix}/1/models/m-1/artifacts/model.keras"
+        for name, call in {"read model": lambda: readonly.get_object(Bucket=bucket, Key=model),
+                           "overwrite model": lambda: readonly.put_object(Bucket=bucket, Key=model, Body=b"evil"),
+                           "delete model": lambda: readonly.delete_object(Bucket=bucket, Key=model),
+                           "read data": lambda: readonly.get_object(Bucket=bucket, Key="datasets/manifest.csv"),
+                           }.items():
+            try:
+                call()
+                outcomes[name] = "allowed"
+            except ClientError as err:
+                outcomes[name] = err.response["Error"]["Code"]
+
+    enforce()
+    assert outcomes == {"read model": "allowed", "overwrite model": "AccessDenied", "delete model": "AccessDenied",
+                        "read data": "AccessDenied"}
+
+
+def test_no_kubernetes_token_where_no_kubernetes_api_is_used():
+    for variant, pod in _all_predictor_pods().items():
+        assert pod["automountServiceAccountToken"] is False, variant
+    (mlflow_isvc,) = documents(K8S / "examples" / "inferenceservice-mlflow.yaml")
+    assert mlflow_isvc["spec"]["predictor"]["automountServiceAccountToken"] is False
+    deployment, rbac = _watcher()
+    assert deployment["spec"]["template"]["spec"]["automountServiceAccountToken"] is False
+    assert rbac["ServiceAccount"]["automountServiceAccountToken"] is False
+
+
+def _restricted(container: dict, pod: dict | None = None) -> None:
+    """PodSecurity "restricted" and a read-only root filesystem, on the container (or seccomp on the pod)."""
+    security = container["securityContext"]
+    assert security["readOnlyRootFilesystem"] is True
+    assert security["allowPrivilegeEscalation"] is False and security["capabilities"] == {"drop": ["ALL"]}
+    assert (security.get("runAsNonRoot") or (pod or {}).get("securityContext", {}).get("runAsNonRoot")) is True
+    seccomp = security.get("seccompProfile") or (pod or {}).get("securityContext", {}).get("seccompProfile")
+    assert seccomp == {"type": "RuntimeDefault"}
+
+
+def _scratch(container: dict, volumes: list[dict]) -> dict[str, dict]:
+    """Mount path -> emptyDir of each volume the container mounts; every mounted volume is an emptyDir
+    (or the watcher's projected KFP token, read-only)."""
+    by_name = {volume["name"]: volume for volume in volumes}
+    mounts = {}
+    for mount in container["volumeMounts"]:
+        volume = by_name[mount["name"]]
+        if "projected" in volume:
+            assert mount["readOnly"] is True
+            continue
+        assert set(volume) == {"name", "emptyDir"} and volume["emptyDir"].get("sizeLimit"), volume
+        mounts[mount["mountPath"]] = volume["emptyDir"]
+    return mounts
+
+
+def test_read_only_root_filesystems_with_an_emptydir_for_each_place_the_code_writes(monkeypatch):
+    """The predictor (every variant), both ServingRuntimes and the watcher: read-only root, non-root, no
+    capabilities, no privilege escalation, RuntimeDefault seccomp; HOME and TMPDIR on emptyDirs, and the
+    places the server writes (its model and ONNX cache, Keras's folder, tempfile) are under them."""
+    import tempfile
+
+    from brainscan import modelstore
+
+    for variant, pod in _all_predictor_pods().items():
+        (container,) = pod["containers"]
+        _restricted(container)
+        env = {e["name"]: e.get("value") for e in container["env"]}
+        mounts = _scratch(container, pod["volumes"])
+        assert set(mounts) == {env["HOME"], env["TMPDIR"]} == {isvc_mod.SERVING_HOME, isvc_mod.SERVING_TMP}, variant
+    for path in RUNTIMES:
+        (runtime,) = documents(path)
+        (container,) = runtime["spec"]["containers"]
+        _restricted(container)
+        env = {e["name"]: e.get("value") for e in container["env"]}
+        mounts = _scratch(container, runtime["spec"]["volumes"])
+        assert set(mounts) == {env["HOME"], env["TMPDIR"]}, path.name
+        if "MLSERVER_METRICS_DIR" in env or "mlserver" in path.name:  # MLServer: ./.metrics by default
+            assert env["MLSERVER_METRICS_DIR"].startswith(env["TMPDIR"] + "/")
+    deployment, _ = _watcher()
+    pod = deployment["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    _restricted(container, pod)
+    assert {"/tmp", "/home/brainscan"} <= set(_scratch(container, pod["volumes"]))  # compiled pipelines, HOME
+
+    # where the serving code writes, with the predictor's environment
+    monkeypatch.setenv("HOME", isvc_mod.SERVING_HOME)
+    monkeypatch.setenv("TMPDIR", isvc_mod.SERVING_TMP)
+    monkeypatch.delenv("BRAINSCAN_CACHE", raising=False)
+    monkeypatch.setattr(tempfile, "tempdir", None)  # tempfile caches its choice
+    assert modelstore.cache_dir().is_relative_to(isvc_mod.SERVING_HOME)  # bundles; ONNX files beside them
+    assert Path(os.path.expanduser("~/.keras")).is_relative_to(isvc_mod.SERVING_HOME)
+    if Path(isvc_mod.SERVING_TMP).is_dir():  # gettempdir needs the folder; /var/tmp on Linux
+        assert tempfile.gettempdir() == isvc_mod.SERVING_TMP
+
+
+def test_pipeline_steps_run_as_the_images_user_with_the_network_policys_labels(tmp_path):
+    """What kfp-kubernetes 2.17 can set on a step, on every executor of both compiled pipelines: a non-root
+    user and the pod labels the NetworkPolicy selects. (Not settable there: a read-only root filesystem and
+    leaving out the token, which KFP's launcher in the pod needs; see pipelines/pipeline.py.)"""
+    from pipelines import pipeline
+
+    for which in ("train", "retrain"):
+        spec, platform = yaml.safe_load_all(Path(pipeline.compile_pipeline(tmp_path / f"{which}.yaml", which)).read_text())
+        executors = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+        assert set(executors) == set(spec["deploymentSpec"]["executors"])  # every step has platform settings
+        for name, executor in executors.items():
+            assert executor["podMetadata"]["labels"] == pipeline.STEP_LABELS, name
+            assert executor["securityContext"] == {"runAsUser": str(pipeline.STEP_UID), "runAsNonRoot": True}, name
+
+
+# NetworkPolicies: which pods each selects, and what it lets through
+def _policies() -> dict[str, dict]:
+    return {doc["metadata"]["name"]: doc for doc in documents(K8S / "base" / "network-policies.yaml")}
+
+
+def _selects(policy: dict, labels: dict) -> bool:
+    selector = policy["spec"]["podSelector"]
+    assert set(selector) <= {"matchLabels"}  # only what this check reads
+    return selector["matchLabels"].items() <= labels.items()
+
+
+def _namespaces(peer: dict) -> set[str]:
+    selector = peer["namespaceSelector"]
+    names = set(selector.get("matchLabels", {}).values())
+    for expression in selector.get("matchExpressions", []):
+        assert expression["key"] == "kubernetes.io/metadata.name" and expression["operator"] == "In"
+        names |= set(expression["values"])
+    return names
+
+
+def _dns(rule: dict) -> bool:
+    return ({p["port"] for p in rule.get("ports", [])} == {53}
+            and any(_namespaces(peer) == {"kube-system"} for peer in rule["to"]))
+
+
+def test_network_policies_shut_every_brainscan_pod_to_ingress_but_the_predictors_gateways():
+    from pipelines import pipeline
+
+    policies = _policies()
+    deployment, _ = _watcher()
+    predictor = isvc_mod.to_dict(isvc_mod.build_inference_service(labels={"team": "radiology"}))["metadata"]["labels"]
+    pods = {"predictor": predictor, "pipeline-step": pipeline.STEP_LABELS,
+            "retrain-watch": deployment["spec"]["template"]["metadata"]["labels"]}
+    deny = policies["brainscan-default-deny-ingress"]
+    assert deny["spec"]["policyTypes"] == ["Ingress"] and "ingress" not in deny["spec"]
+    for component, labels in pods.items():
+        assert _selects(deny, labels), component  # no ingress unless allowed
+        (own,) = [p for name, p in policies.items() if p is not deny and _selects(p, labels)]
+        assert "Egress" in own["spec"]["policyTypes"] and any(_dns(rule) for rule in own["spec"]["egress"]), component
+        allowed_in = [peer for rule in own["spec"].get("ingress", []) for peer in rule["from"]]
+        if component == "predictor":
+            assert {frozenset(_namespaces(peer)) for peer in allowed_in} == {frozenset({"istio-system",
+                                                                                         "knative-serving"})}
+            assert all(set(peer) == {"namespaceSelector"} for peer in allowed_in)  # no ipBlock, no pod of ours
+        else:
+            assert allowed_in == [] and own["spec"]["policyTypes"] == ["Egress"], component
+    # the predictor's egress: DNS, S3, MLflow, Istio; no ipBlock
+    (predictor_policy,) = [p for p in policies.values() if p is not deny and _selects(p, predictor)]
+    peers = [peer for rule in predictor_policy["spec"]["egress"] for peer in rule["to"]]
+    assert set().union(*map(_namespaces, peers)) == {"kube-system", "kubeflow", "mlflow", "istio-system"}
+
+
+def test_predictor_disruption_budget_and_two_replicas_by_default():
+    """A drain evicts one predictor at a time and, with two replicas by default, one keeps serving; one
+    replica stays possible (builder, CLI)."""
+    import typer.main
+
+    from brainscan.config import DEPLOY
+    from cli import app
+
+    (pdb,) = documents(K8S / "base" / "pdb-predictor.yaml")
+    assert pdb["apiVersion"] == "policy/v1" and pdb["spec"]["maxUnavailable"] == 1 and "minAvailable" not in pdb["spec"]
+    assert pdb["spec"]["selector"] == {"matchLabels": isvc_mod.PREDICTOR_LABELS}
+    manifest = isvc_mod.to_dict(isvc_mod.build_inference_service(labels={"app.kubernetes.io/component": "x"}))
+    assert isvc_mod.PREDICTOR_LABELS.items() <= manifest["metadata"]["labels"].items()  # not overridable
+    assert DEPLOY.min_replicas == manifest["spec"]["predictor"]["minReplicas"] == 2
+    (mlflow_isvc,) = documents(K8S / "examples" / "inferenceservice-mlflow.yaml")
+    assert mlflow_isvc["spec"]["predictor"]["minReplicas"] == 2
+    assert isvc_mod.PREDICTOR_LABELS.items() <= mlflow_isvc["metadata"]["labels"].items()
+    one = isvc_mod.to_dict(isvc_mod.build_inference_service(min_replicas=1, max_replicas=1))
+    assert one["spec"]["predictor"]["minReplicas"] == 1
+    command = typer.main.get_command(app).commands["deploy"]
+    assert command.make_context("deploy", ["--model", "m"]).params["min_replicas"] == 2
+    assert command.make_context("deploy", ["--model", "m", "--min-replicas", "1"]).params["min_replicas"] == 1
+
+
+def test_grace_period_outlasts_the_longest_request_in_both_modes(upstream_schemas):
+    """One relationship (DeploySettings.drain_grace_s = preStop + request timeout + exit margin), written into
+    the pods: RawDeployment gets the preStop wait and terminationGracePeriodSeconds; Knative refuses both and
+    makes the revision's timeout the pod's grace period (its queue-proxy drains), so it gets that."""
+    from brainscan.config import DEPLOY
+    from tests.fixtures.schemas import knative_features, knative_refusals, predictor_pod_spec
+
+    assert DEPLOY.drain_grace_s > DEPLOY.prestop_s + DEPLOY.request_timeout_s > DEPLOY.request_timeout_s
+    raw = isvc_mod.to_dict(isvc_mod.build_inference_service(deployment_mode="RawDeployment"))["spec"]["predictor"]
+    assert raw["terminationGracePeriodSeconds"] == DEPLOY.drain_grace_s and "timeout" not in raw
+    (container,) = raw["containers"]
+    assert container["lifecycle"] == {"preStop": {"exec": {"command": ["sleep", str(DEPLOY.prestop_s)]}}}
+    for variant in SERVERLESS_VARIANTS:
+        manifest = isvc_mod.to_dict(isvc_mod.build_inference_service(**ISVC_VARIANTS[variant]))
+        predictor = manifest["spec"]["predictor"]
+        assert predictor["timeout"] == DEPLOY.drain_grace_s and "terminationGracePeriodSeconds" not in predictor
+        assert "lifecycle" not in predictor["containers"][0]
+        assert knative_refusals(predictor_pod_spec(manifest), knative_features(upstream_schemas)) == []
+    (mlflow_isvc,) = documents(K8S / "examples" / "inferenceservice-mlflow.yaml")  # RawDeployment
+    predictor = mlflow_isvc["spec"]["predictor"]
+    assert predictor["terminationGracePeriodSeconds"] == DEPLOY.drain_grace_s
+    assert predictor["model"]["lifecycle"] == {"preStop": {"exec": {"command": ["sleep", str(DEPLOY.prestop_s)]}}}
