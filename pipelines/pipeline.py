@@ -19,8 +19,9 @@ from types import SimpleNamespace
 
 from kfp import compiler, dsl, kubernetes
 
-from brainscan.config import (DEFAULTS, GPU_RESOURCE, MLFLOW_ENV_KEYS, PIPELINE_NAME, RETRAIN_PIPELINE_NAME, S3_ENV_KEYS,
-                              S3_SECRET, TEST_FRACTION, VAL_FRACTION, Recipe, param_help, param_names, param_types)
+from brainscan.config import (DEFAULTS, GPU_RESOURCE, MLFLOW_ENV_KEYS, PIPELINE_NAME, RETRAIN_PIPELINE_NAME,
+                              S3_ENV_KEYS, S3_SECRET, TEST_FRACTION, VAL_FRACTION, Recipe, param_help, param_names,
+                              param_types)
 from pipelines import ops as c
 
 # Kubernetes settings of the cluster; overridable at compile time.
@@ -42,9 +43,9 @@ def _with_credentials(task: dsl.PipelineTask, mlflow: bool = False) -> dsl.Pipel
 def _resources(task: dsl.PipelineTask, cpu: str, memory: str, image) -> dsl.PipelineTask:
     """Requests and limits, and the step's image: a pipeline parameter, resolved by KFP when the step starts.
     Also the pod's labels and user. kfp-kubernetes 2.17 sets no read-only root filesystem (its security
-    context has the user and group only; KFP's backend adds no privilege escalation, no capabilities and
-    the RuntimeDefault seccomp profile itself) and cannot leave out the service-account token, which
-    KFP's launcher in the pod needs to read the artifact store's secret."""
+    context has the user and group only; no privilege escalation, no capabilities and RuntimeDefault
+    seccomp are KFP's own defaults, its docstring says) and cannot leave out the service-account token,
+    which KFP's launcher in the pod needs to read the artifact store's secret."""
     task.set_container_image(image)
     for key, value in STEP_LABELS.items():
         kubernetes.add_pod_label(task, key, value)

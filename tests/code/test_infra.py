@@ -786,7 +786,8 @@ def test_pipeline_steps_run_as_the_images_user_with_the_network_policys_labels(t
     from pipelines import pipeline
 
     for which in ("train", "retrain"):
-        spec, platform = yaml.safe_load_all(Path(pipeline.compile_pipeline(tmp_path / f"{which}.yaml", which)).read_text())
+        compiled = Path(pipeline.compile_pipeline(tmp_path / f"{which}.yaml", which))
+        spec, platform = yaml.safe_load_all(compiled.read_text())
         executors = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
         assert set(executors) == set(spec["deploymentSpec"]["executors"])  # every step has platform settings
         for name, executor in executors.items():
@@ -892,3 +893,27 @@ def test_grace_period_outlasts_the_longest_request_in_both_modes(upstream_schema
     predictor = mlflow_isvc["spec"]["predictor"]
     assert predictor["terminationGracePeriodSeconds"] == DEPLOY.drain_grace_s
     assert predictor["model"]["lifecycle"] == {"preStop": {"exec": {"command": ["sleep", str(DEPLOY.prestop_s)]}}}
+
+
+def test_kustomize_build_validates_and_keeps_the_selectors():
+    """What `kubectl apply -k infra/k8s` sends: every built-in object valid, in the profile namespace, and the
+    kustomizations' labels on the objects only (a label added to a selector would select other pods)."""
+    import shutil
+
+    kubectl = shutil.which("kubectl")
+    if kubectl is None:
+        pytest.skip("kubectl (for `kubectl kustomize`) is not installed here")
+    built = subprocess.run([kubectl, "kustomize", str(K8S)], capture_output=True, text=True, timeout=120, check=True)
+    docs = [doc for doc in yaml.safe_load_all(built.stdout) if doc]
+    for doc in docs:
+        if doc["apiVersion"] in BUILTIN_API_VERSIONS:
+            kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+        assert doc["metadata"].get("namespace") == "kubeflow-user", doc["metadata"]["name"]
+    selectors = {(doc["kind"], doc["metadata"]["name"]): doc["spec"].get("podSelector") or doc["spec"].get("selector")
+                 for doc in docs if doc["kind"] in ("NetworkPolicy", "PodDisruptionBudget")}
+    sources = [doc for path in kustomize_resources(K8S) for doc in documents(path)
+               if doc["kind"] in ("NetworkPolicy", "PodDisruptionBudget")]
+    assert len(sources) == len(selectors) == 5
+    for doc in sources:
+        assert selectors[doc["kind"], doc["metadata"]["name"]] == (doc["spec"].get("podSelector")
+                                                                  or doc["spec"].get("selector"))
