@@ -36,7 +36,17 @@ works around:
    from kserve's own command-line parser (`kwargs=vars(args)`, kserve/kserve#3717 made them
    flags, not constructor options); and grpc's default SO_REUSEPORT lets a second server bind
    a port already in use without an error (grpc/grpc#16005), which kserve leaves on.
-6. Bind address (`serve`): `RESTServer.__init__` (kserve/protocol/rest/server.py) hard-codes
+6. Drain on SIGTERM (`DrainingRESTServer`, `DrainingHTTP`): `ModelServer.stop` unloads the
+   models at the signal, while requests are still in flight (gRPC ones then get NOT_FOUND), and
+   kserve's REST server is uvicorn's, which starts draining gRPC only after REST is done
+   (uvicorn holds the signal until its own shutdown ends). uvicorn's `Server.shutdown` (0.54,
+   uvicorn/server.py) closes the listening socket, which resets the connections the kernel had
+   already accepted for it (its backlog), and at once closes every connection between requests
+   (`HttpToolsProtocol.shutdown`), a request whose bytes are on the way included. Here: the
+   server reports not ready and gRPC starts draining at the signal; the backlog is accepted
+   before the socket closes; a connection between requests answers one more request (with
+   `Connection: close`) for `DRAIN_IDLE_S`; the models are unloaded once both servers are done.
+7. Bind address (`serve`): `RESTServer.__init__` (kserve/protocol/rest/server.py) hard-codes
    uvicorn's host to 0.0.0.0 (kserve/kserve#4558) and `GRPCServer.start`
    (kserve/protocol/grpc/server.py) listens on [::]; `ModelServer` has no host option, so
    `ModelServer.start` cannot be used and `serve` does what it does, on the given host.
@@ -50,7 +60,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
+import socket
 from concurrent.futures import ThreadPoolExecutor
 
 from brainscan.versions import require_version
@@ -67,6 +79,7 @@ check_version()
 
 import kserve  # noqa: E402  (after the version check, on purpose)
 import orjson  # noqa: E402
+import uvicorn  # noqa: E402
 from fastapi.responses import JSONResponse  # noqa: E402
 from grpc import aio  # noqa: E402
 from grpc_interceptor.exceptions import Unimplemented  # noqa: E402
@@ -78,6 +91,7 @@ from kserve.protocol.grpc.interceptors import ExceptionToStatusInterceptor, Logg
 from kserve.protocol.grpc.servicer import InferenceServicer  # noqa: E402
 from kserve.protocol.infer_type import InferInput, InferRequest, RequestedOutput  # noqa: E402
 from kserve.protocol.rest.server import RESTServer  # noqa: E402
+from uvicorn.protocols.http.auto import AutoHTTPProtocol  # noqa: E402
 
 _log = logging.getLogger("kserve")  # the logger kserve's servers log to
 
@@ -154,7 +168,11 @@ REPOSITORY_REFUSED = "the model repository extension is off: this server does no
 class DataPlaneOnly(BinarySafeDataPlane):
     """The data plane brainscan serves: readiness that follows the models, no extension advertised."""
 
+    draining = False  # set at SIGTERM (6.): not ready while the server finishes its requests
+
     async def ready(self) -> bool:
+        if self.draining:
+            return False
         names = list(self.model_registry.get_models())
         return bool(names) and all([await self.model_registry.is_model_ready(name) for name in names])
 
@@ -238,13 +256,100 @@ class HostGRPCServer:
             _log.info("gRPC server shutdown complete")
 
 
-# --------------------------------------------------------------------------- 6. serve on a host
+# --------------------------------------------------------------------------- 6. drain on SIGTERM
+DRAIN_IDLE_S = 1.0  # how long a connection between requests may still bring one after SIGTERM
+
+
+class DrainingHTTP(AutoHTTPProtocol):
+    """uvicorn's HTTP protocol whose graceful shutdown answers a request already on its way.
+
+    uvicorn closes a connection that has no request in progress at once; a request whose bytes
+    are in flight (a fresh connection, a keep-alive one) is then reset. Here such a connection
+    stays open for DRAIN_IDLE_S: a request arriving meanwhile is answered with `Connection:
+    close`; after that the connection closes as uvicorn's would.
+    """
+
+    _draining = False
+    _idle_close = None
+
+    def shutdown(self) -> None:
+        if self.cycle is not None and not self.cycle.response_complete:
+            return super().shutdown()  # in progress: answered, then closed
+        self._draining = True
+        self._idle_close = self.loop.call_later(DRAIN_IDLE_S, self._close_if_idle)
+
+    def _close_if_idle(self) -> None:
+        if (self.cycle is None or self.cycle.response_complete) and not self.transport.is_closing():
+            self.transport.close()
+
+    def data_received(self, data: bytes) -> None:
+        if self._idle_close is not None:
+            self._idle_close.cancel()
+            self._idle_close = None
+        super().data_received(data)
+        if self._draining and self.cycle is not None:
+            self.cycle.keep_alive = False  # the one request it may still bring
+
+
+class DrainingRESTServer(uvicorn.Server):
+    """uvicorn's server that calls `on_signal(sig)` at SIGINT/SIGTERM (before draining starts)
+    and accepts the connections waiting in the listening socket's backlog before closing it."""
+
+    def __init__(self, config: uvicorn.Config, on_signal):
+        super().__init__(config)
+        self.on_signal = on_signal
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    async def serve(self, sockets=None) -> None:
+        self._loop = asyncio.get_running_loop()
+        await super().serve(sockets)
+
+    def handle_exit(self, sig, frame) -> None:
+        super().handle_exit(sig, frame)
+        if self._loop is not None:  # a signal handler: the work goes onto the event loop
+            self._loop.call_soon_threadsafe(self.on_signal, sig)
+
+    async def shutdown(self, sockets=None) -> None:
+        loop = asyncio.get_running_loop()
+        waiting = []
+        for server in self.servers:
+            for listener in server.sockets:
+                waiting += _accept_backlog(listener)
+        # connect them before uvicorn's shutdown walks its connections (it then drains them)
+        await asyncio.gather(*(loop.connect_accepted_socket(self._protocol, sock=connection)
+                               for connection in waiting))
+        await super().shutdown(sockets)
+
+    def _protocol(self) -> asyncio.Protocol:  # what uvicorn's Server.startup hands create_server
+        return self.config.http_protocol_class(config=self.config, server_state=self.server_state,
+                                               app_state=self.lifespan.state)
+
+
+def _accept_backlog(listener) -> list[socket.socket]:
+    """Accept every connection the kernel completed for the listening socket (non-blocking)."""
+    accepted = []
+    with socket.socket(fileno=os.dup(listener.fileno())) as sock:
+        sock.setblocking(False)
+        while True:
+            try:
+                connection, _ = sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return accepted
+            except OSError as err:  # closed meanwhile, out of descriptors: keep what we have
+                _log.warning("while draining, could not accept a waiting connection: %s", err)
+                return accepted
+            connection.setblocking(False)
+            accepted.append(connection)
+
+
+# --------------------------------------------------------------------------- 7. serve on a host
 def serve(server: kserve.ModelServer, host: str, max_grpc_message_bytes: int) -> None:
     """What `ModelServer.start` does for its registered models (one worker), bound to `host`.
 
     REST and gRPC are built from the server's own settings (ports, grace period, keep-alive,
     event loop, access log, gRPC threads), without the model repository extension (2.); blocks
-    until SIGINT/SIGTERM/SIGQUIT.
+    until SIGINT/SIGTERM/SIGQUIT, then drains (6.): not ready, no new connections, every
+    accepted request answered within the server's grace period, the models unloaded last.
     """
     add_rest_middleware(NoRepositoryRoutes)
     rest = RESTServer(_APP_IMPORT_STRING, server.dataplane, None, server.http_port,
@@ -252,20 +357,35 @@ def serve(server: kserve.ModelServer, host: str, max_grpc_message_bytes: int) ->
                       grace_period=server.grace_period, event_loop=server.event_loop,
                       timeout_keep_alive=server.timeout_keep_alive)
     rest.config.host = host  # the uvicorn.Config its server reads when it starts
-    services = [rest.start()]
-    grpc = None
-    if server.enable_grpc:
-        grpc = HostGRPCServer(server, host, max_grpc_message_bytes)
-        services.append(grpc.start(server.max_threads))
+    rest.config.http = DrainingHTTP
+    grpc = HostGRPCServer(server, host, max_grpc_message_bytes) if server.enable_grpc else None
+    draining: list[int] = []
+
+    def drain(sig: int) -> None:
+        if draining:
+            return
+        draining.append(sig)
+        _log.info("signal %d: draining; not ready, answering the accepted requests (up to %d s)",
+                  sig, server.grace_period)
+        server.dataplane.draining = True
+        if grpc is not None:  # now, not after REST is done
+            asyncio.get_running_loop().create_task(grpc.stop(sig))
+
+    http = DrainingRESTServer(rest.config, on_signal=drain)
+
+    async def serve_rest():
+        rest.create_application()  # what RESTServer.start does, with the draining server
+        await http.serve()
 
     def on_signal(sig, frame):
         # uvicorn handles SIGINT/SIGTERM itself while it runs, then raises them again: here.
-        server.stop(sig)  # unloads the models
-        if grpc is not None:
-            asyncio.get_running_loop().create_task(grpc.stop(sig))
+        http.should_exit = True
+        drain(sig)
 
     async def run_all():
-        await asyncio.gather(*services)
+        await asyncio.gather(serve_rest(), *([grpc.start(server.max_threads)] if grpc else []))
+        for name in list(server.registered_models.get_models()):  # nothing is in flight any more
+            server.registered_models.unload(name)
 
     server.setup_event_loop()
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGQUIT):  # ModelServer.register_signal_handler's
