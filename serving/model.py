@@ -37,7 +37,8 @@ from brainscan.config import MODEL_NAME, ServeSettings
 from brainscan.decision import check_modality
 from brainscan.explain import gradcam_overlay
 from serving import kserve_compat
-from serving.runtime import ServedModel, cpu_count
+from serving.runtime import ServedModel
+from brainscan.cpus import cpu_count
 from brainscan.labels import CLASSES
 from brainscan.modelstore import load_bundle
 from brainscan.preprocessing import InvalidImageError
@@ -83,8 +84,9 @@ class BrainTumorModel(kserve.Model):
         self.served = None
         self.policy = None
         self.batcher = None
-        # Decoding and preprocessing: CPU work off the event loop, one thread per core; it
-        # overlaps the model call of the previous batch (both release the GIL in native code).
+        # Decoding and preprocessing: CPU work off the event loop, one thread per CPU the pod may
+        # use (its cgroup CPU limit, not the node's cores); it overlaps the model call of the
+        # previous batch (both release the GIL in native code).
         self.decoders = ThreadPoolExecutor(max_workers=cpu_count(), thread_name_prefix="brainscan-decode")
 
     # ------------------------------------------------------------------ load
