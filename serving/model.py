@@ -153,8 +153,8 @@ class BrainTumorModel(kserve.Model):
             ticket = self.batcher.expect()
             images = await self._decode(raw, ticket)
             return PreparedBatch(images=images, request=request, raw_images=raw, modality=modality, ticket=ticket)
-        if tensor.name == TENSOR_INPUT:
-            images = self._tensor(tensor)
+        if tensor.name == TENSOR_INPUT:  # turning a JSON list into an array is CPU work: off the event loop
+            images = await asyncio.get_running_loop().run_in_executor(self.decoders, self._tensor, tensor)
             return PreparedBatch(images=images, request=request, modality=modality)
         raise InvalidInput(f"unknown input '{tensor.name}': send '{IMAGE_INPUT}' (BYTES [N], encoded image files) "
                            f"or '{TENSOR_INPUT}' (FP32 [N, S, S, 3], preprocessed)")

@@ -120,7 +120,8 @@ def run(options: ServeOptions) -> None:
                                 enable_grpc=options.enable_grpc, workers=1, grace_period=options.drain_timeout_s,
                                 access_log_format=None, event_loop="auto", timeout_keep_alive=65,
                                 ssl_certfile=None, ssl_keyfile=None)
-    server.dataplane = kserve_compat.DataPlaneOnly(model_registry=server.registered_models)
+    server.dataplane = kserve_compat.DataPlaneOnly(model_registry=server.registered_models,
+                                                   max_elements=options.max_images)
     server.register_model(model)
 
     kserve_compat.add_rest_middleware(BodySizeLimit, max_bytes=options.max_request_bytes)

@@ -181,6 +181,19 @@ def test_binary_parser_refuses_broken_framing(serving_images):
         ({"inference-header-content-length": str(len(body) + 5)}, body, "does not fit"),
         (headers, body[: len(body) - 10], "runs past"),
         ({"inference-header-content-length": "5"}, b"[1,2]", "object"),
+        *[({"inference-header-content-length": str(len(header))}, header, message) for header, message in (
+            (b'{"inputs": [{"name": "image", "shape": [null], "datatype": "BYTES", "data": ["x"]}]}',
+             "shape must be a list of non-negative integers"),
+            (b'{"inputs": [{"name": "image", "shape": "1", "datatype": "BYTES", "data": ["x"]}]}', "shape must"),
+            (b'{"inputs": [{"name": "image", "shape": [true], "datatype": "BYTES", "data": ["x"]}]}', "shape must"),
+            (b'{"inputs": [{"name": "image", "shape": [-1], "datatype": "BYTES", "data": ["x"]}]}', "shape must"),
+            (b'{"inputs": [{"name": "image", "shape": [1], "datatype": 7, "data": ["x"]}]}',
+             "datatype"),
+            (b'{"inputs": [{"name": ["image"], "shape": [1], "datatype": "BYTES", "data": ["x"]}]}', "'name' must"),
+            (b'{"inputs": [{"name": "image", "shape": [1], "datatype": "BYTES", "parameters": "binary_data_size"}]}',
+             "'parameters' must be an object"),
+            (b'{"parameters": [1], "inputs": []}', "'parameters' must be an object"),
+            (b'{"id": 5, "inputs": []}', "'id' must be a string"))],
     ):
         with pytest.raises(InvalidInput, match=message):
             plane.decode_inference_request(bad_body, bad_headers, "brain-tumor")
