@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import functools
 import logging
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -292,9 +293,11 @@ class BrainTumorModel(kserve.Model):
         _, probabilities = await self.predict(payload)
         answer = self.postprocess((PreparedBatch(images=payload.images, modality=payload.modality), probabilities))
         explanations = []
-        for raw, prediction in zip(payload.raw_images, answer["predictions"]):
-            # Grad-CAM needs gradients through the model: run it on the batcher's worker thread.
-            png = await self.batcher.run_exclusive(gradcam_overlay, self.bundle, raw)
+        # Grad-CAM needs gradients through the model: on the batcher's worker thread, each one
+        # counted against its queue limit like a predicted image (503 when full).
+        overlays = await self.batcher.map_exclusive(functools.partial(gradcam_overlay, self.bundle),
+                                                    payload.raw_images)
+        for png, prediction in zip(overlays, answer["predictions"]):
             prediction["overlay_png_b64"] = base64.b64encode(png).decode("ascii")
             prediction.pop("probabilities", None)
             explanations.append(prediction)
