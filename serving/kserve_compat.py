@@ -58,9 +58,9 @@ works around:
    (kserve/protocol/grpc/server.py) listens on [::]; `ModelServer` has no host option, so
    `ModelServer.start` cannot be used and `serve` does what it does, on the given host.
 
-Upgrading kserve: the import below refuses any other version. Re-read the files named above,
-remove each adaptation the new version covers (a public option or a fix), then change
-KSERVE_VERSION.
+Upgrading kserve (or uvicorn, whose server 6. adapts): the import below refuses any other
+version. Re-read the files named above, remove each adaptation the new version covers (a public
+option or a fix), then change KSERVE_VERSION (UVICORN_VERSION).
 """
 
 from __future__ import annotations
@@ -78,11 +78,13 @@ from brainscan.config import ServeSettings
 from brainscan.versions import require_version
 
 KSERVE_VERSION = "0.21.0"
+UVICORN_VERSION = "0.54.0"  # kserve's REST server; the drain (6.) subclasses its server and protocol
 
 
 def check_version() -> None:
-    """Refuse a kserve this module was not written for (its adaptations may silently break)."""
+    """Refuse a kserve (or uvicorn) this module was not written for (its adaptations may silently break)."""
     require_version("kserve", KSERVE_VERSION, __name__, "kserve")
+    require_version("uvicorn", UVICORN_VERSION, __name__, "uvicorn server and HTTP protocol")
 
 
 check_version()

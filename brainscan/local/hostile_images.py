@@ -81,10 +81,10 @@ def multi_frame(fmt: str) -> bytes:
 
 
 def icon() -> bytes:
-    """A Windows icon holding the same picture at 16, 32 and 256 px (one file, three images)."""
+    """A Windows icon holding the same picture at 8, 16 and 24 px (one file, three images)."""
     out = io.BytesIO()
-    picture = Image.fromarray(np.full((256, 256, 3), 90, np.uint8))
-    picture.save(out, format="ICO", sizes=[(16, 16), (32, 32), (256, 256)])
+    picture = Image.fromarray(np.full((24, 24, 3), 90, np.uint8))
+    picture.save(out, format="ICO", sizes=[(8, 8), (16, 16), (24, 24)])
     return out.getvalue()
 
 
