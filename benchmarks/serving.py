@@ -64,7 +64,8 @@ from brainscan.local import mlserver, predictor, stack
 from components.register import register
 from brainscan.network import build_model
 from brainscan.config import EXPERIMENT, MODEL_NAME, version_of
-from serving.runtime import ServedModel, cpu_count
+from serving.runtime import ServedModel
+from brainscan.cpus import cpu_count
 from brainscan.modelstore import load_bundle, save_bundle
 
 matplotlib.use("Agg")

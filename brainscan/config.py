@@ -342,6 +342,11 @@ class ServeSettings:
     max_image_bytes: int = _param(20 * 1024 * 1024, "Bytes of one encoded image file.", min=1)
     max_pixels: int = _param(MAX_IMAGE_PIXELS, "Width x height of one image, read from its header before decoding.", min=1)
     max_request_bytes: int = _param(64 * 1024 * 1024, "Largest REST body or gRPC message.", min=1)
+    # On SIGTERM the server stops listening and answers every request it accepted, waiting up
+    # to this long (then cancels): longer than the longest request (a full queue, an explain).
+    # The pod's terminationGracePeriodSeconds must exceed it (plus any preStop delay).
+    drain_timeout_s: int = _param(60, "Seconds to finish accepted requests after SIGTERM before cancelling them.",
+                                  min=1)
     runtime: str = _param("auto", "What runs the model: auto (ONNX Runtime on a CPU, TensorFlow on a GPU), "
                                   "onnx, tf (compiled) or keras (eager); each checked against Keras at load.")
 

@@ -109,8 +109,28 @@ class DynamicBatcher:
         return await future
 
     async def run_exclusive(self, fn, *args):
-        """Run fn(*args) on the model thread, between batches (e.g. Grad-CAM)."""
+        """Run fn(*args) on the model thread, between batches."""
         return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
+
+    async def map_exclusive(self, fn, items: list) -> list:
+        """[fn(item) for item in items] on the model thread, one at a time between batches
+        (Grad-CAM). Each item counts as one queued image until it has run, as a predicted image
+        does: over `max_queue` -> ServerOverloaded, so explanations cannot starve predictions."""
+        if self._queued_images + len(items) > self.max_queue:
+            REQUESTS.labels("overloaded").inc()
+            raise ServerOverloaded(f"server busy: {self._queued_images} images already queued "
+                                   f"(limit {self.max_queue}); retry shortly")
+        self._queued_images += len(items)
+        waiting = len(items)
+        results = []
+        try:
+            for item in items:
+                results.append(await self.run_exclusive(fn, item))
+                waiting -= 1
+                self._queued_images -= 1
+        finally:
+            self._queued_images -= waiting  # a failed or cancelled request gives its places back
+        return results
 
     async def _next_batch(self) -> list[_Pending]:
         loop = asyncio.get_running_loop()

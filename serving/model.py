@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import functools
 import logging
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -37,7 +38,8 @@ from brainscan.config import MODEL_NAME, ServeSettings
 from brainscan.decision import check_modality
 from brainscan.explain import gradcam_overlay
 from serving import kserve_compat
-from serving.runtime import ServedModel, cpu_count
+from serving.runtime import ServedModel
+from brainscan.cpus import cpu_count
 from brainscan.labels import CLASSES
 from brainscan.modelstore import load_bundle
 from brainscan.preprocessing import InvalidImageError
@@ -83,8 +85,9 @@ class BrainTumorModel(kserve.Model):
         self.served = None
         self.policy = None
         self.batcher = None
-        # Decoding and preprocessing: CPU work off the event loop, one thread per core; it
-        # overlaps the model call of the previous batch (both release the GIL in native code).
+        # Decoding and preprocessing: CPU work off the event loop, one thread per CPU the pod may
+        # use (its cgroup CPU limit, not the node's cores); it overlaps the model call of the
+        # previous batch (both release the GIL in native code).
         self.decoders = ThreadPoolExecutor(max_workers=cpu_count(), thread_name_prefix="brainscan-decode")
 
     # ------------------------------------------------------------------ load
@@ -151,8 +154,8 @@ class BrainTumorModel(kserve.Model):
             ticket = self.batcher.expect()
             images = await self._decode(raw, ticket)
             return PreparedBatch(images=images, request=request, raw_images=raw, modality=modality, ticket=ticket)
-        if tensor.name == TENSOR_INPUT:
-            images = self._tensor(tensor)
+        if tensor.name == TENSOR_INPUT:  # turning a JSON list into an array is CPU work: off the event loop
+            images = await asyncio.get_running_loop().run_in_executor(self.decoders, self._tensor, tensor)
             return PreparedBatch(images=images, request=request, modality=modality)
         raise InvalidInput(f"unknown input '{tensor.name}': send '{IMAGE_INPUT}' (BYTES [N], encoded image files) "
                            f"or '{TENSOR_INPUT}' (FP32 [N, S, S, 3], preprocessed)")
@@ -290,9 +293,11 @@ class BrainTumorModel(kserve.Model):
         _, probabilities = await self.predict(payload)
         answer = self.postprocess((PreparedBatch(images=payload.images, modality=payload.modality), probabilities))
         explanations = []
-        for raw, prediction in zip(payload.raw_images, answer["predictions"]):
-            # Grad-CAM needs gradients through the model: run it on the batcher's worker thread.
-            png = await self.batcher.run_exclusive(gradcam_overlay, self.bundle, raw)
+        # Grad-CAM needs gradients through the model: on the batcher's worker thread, each one
+        # counted against its queue limit like a predicted image (503 when full).
+        overlays = await self.batcher.map_exclusive(functools.partial(gradcam_overlay, self.bundle),
+                                                    payload.raw_images)
+        for png, prediction in zip(overlays, answer["predictions"]):
             prediction["overlay_png_b64"] = base64.b64encode(png).decode("ascii")
             prediction.pop("probabilities", None)
             explanations.append(prediction)

@@ -45,6 +45,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from brainscan.bundle import MODEL_FILE, load_model
+from brainscan.cpus import cpu_count
 from brainscan.limits import MAX_IMAGE_PIXELS
 from brainscan.labels import CLASSES
 from brainscan.modelstore import ModelBundle, cache_dir
@@ -64,14 +65,6 @@ class Runtime:
     description: str  # for logs and metrics: what runs the model, and how close it is to Keras
     max_abs_diff: float = 0.0  # against Keras on the probe batch
     load_seconds: float = 0.0
-
-
-def cpu_count() -> int:
-    """CPUs this process may run on."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
 
 
 # ----------------------------------------------------------------------------- runtimes

@@ -14,6 +14,9 @@ and the upstream behaviour each works around, are all in serving.kserve_compat):
   with a bounded queue (503 when full), a maximum batch size and a maximum wait.
 - request size: REST bodies over `max_request_bytes` get 413 before they are read whole;
   gRPC messages over it are refused by gRPC itself.
+- drain on SIGTERM (`kserve_compat.serve`): readiness turns false, no new connections, and
+  every accepted request (REST and gRPC) is answered within `drain_timeout_s` (kserve's grace
+  period, 5 s before: a CPU batch or a Grad-CAM was cancelled); the model is unloaded last.
 - metrics: kserve's own histograms on `/metrics` plus brainscan's batch sizes, requests and
   model latency.
 """
@@ -114,10 +117,11 @@ def run(options: ServeOptions) -> None:
     # Every setting kserve's ModelServer has an option for is given here, explicitly: its
     # defaults otherwise come from kserve's own parsing of this process's command line.
     server = kserve.ModelServer(http_port=options.http_port, grpc_port=options.grpc_port,
-                                enable_grpc=options.enable_grpc, workers=1, grace_period=5,
+                                enable_grpc=options.enable_grpc, workers=1, grace_period=options.drain_timeout_s,
                                 access_log_format=None, event_loop="auto", timeout_keep_alive=65,
                                 ssl_certfile=None, ssl_keyfile=None)
-    server.dataplane = kserve_compat.DataPlaneOnly(model_registry=server.registered_models)
+    server.dataplane = kserve_compat.DataPlaneOnly(model_registry=server.registered_models,
+                                                   max_elements=options.max_images)
     server.register_model(model)
 
     kserve_compat.add_rest_middleware(BodySizeLimit, max_bytes=options.max_request_bytes)

@@ -358,6 +358,19 @@ def test_binary_extension_bad_bytes(model_server, serving_images):
     assert_still_serving(model_server, serving_images)
 
 
+@pytest.mark.parametrize("shape", [[None], ["1"], [1.5], [True], [-1], "1", None])
+def test_binary_request_with_a_malformed_shape_gets_400_not_a_python_error(model_server, serving_images, shape):
+    header = json.dumps({"inputs": [{"name": "image", "shape": shape, "datatype": "BYTES",
+                                     "parameters": {"binary_data_size": 4 + len(serving_images[0])}}]}).encode()
+    body = header + len(serving_images[0]).to_bytes(4, "little") + serving_images[0]
+    got, answer = post(model_server, f"/v2/models/{MODEL}/infer", body,
+                       headers={"Content-Type": "application/octet-stream",
+                                "Inference-Header-Content-Length": str(len(header))})
+    assert got == 400, answer
+    assert "shape" in answer["error"] and "Error" not in answer["error"], answer  # no Python exception text
+    assert_still_serving(model_server, serving_images)
+
+
 # --------------------------------------------------------------------------- images too large, judged from the header
 # A few hundred bytes each, claiming 30000 x 30000 (900 M pixels: Pillow's own DecompressionBombError)
 # or 1100 x 1000 (1.1 M: over the server's --max-pixels 1 M): refused with a 4xx before decoding.

@@ -181,6 +181,19 @@ def test_binary_parser_refuses_broken_framing(serving_images):
         ({"inference-header-content-length": str(len(body) + 5)}, body, "does not fit"),
         (headers, body[: len(body) - 10], "runs past"),
         ({"inference-header-content-length": "5"}, b"[1,2]", "object"),
+        *[({"inference-header-content-length": str(len(header))}, header, message) for header, message in (
+            (b'{"inputs": [{"name": "image", "shape": [null], "datatype": "BYTES", "data": ["x"]}]}',
+             "shape must be a list of non-negative integers"),
+            (b'{"inputs": [{"name": "image", "shape": "1", "datatype": "BYTES", "data": ["x"]}]}', "shape must"),
+            (b'{"inputs": [{"name": "image", "shape": [true], "datatype": "BYTES", "data": ["x"]}]}', "shape must"),
+            (b'{"inputs": [{"name": "image", "shape": [-1], "datatype": "BYTES", "data": ["x"]}]}', "shape must"),
+            (b'{"inputs": [{"name": "image", "shape": [1], "datatype": 7, "data": ["x"]}]}',
+             "datatype"),
+            (b'{"inputs": [{"name": ["image"], "shape": [1], "datatype": "BYTES", "data": ["x"]}]}', "'name' must"),
+            (b'{"inputs": [{"name": "image", "shape": [1], "datatype": "BYTES", "parameters": "binary_data_size"}]}',
+             "'parameters' must be an object"),
+            (b'{"parameters": [1], "inputs": []}', "'parameters' must be an object"),
+            (b'{"id": 5, "inputs": []}', "'id' must be a string"))],
     ):
         with pytest.raises(InvalidInput, match=message):
             plane.decode_inference_request(bad_body, bad_headers, "brain-tumor")
@@ -270,3 +283,45 @@ def test_kserve_adaptations_refuse_another_kserve_version(monkeypatch):
     monkeypatch.setattr(metadata, "version", lambda name: "0.22.0")
     with pytest.raises(ImportError, match=r"written for kserve 0\.21\.0, found 0\.22\.0.*re-check"):
         kserve_compat.check_version()
+
+
+# --------------------------------------------------------------------------- explain and the queue limit
+def test_explanations_count_against_the_queue_limit(tmp_path, serving_images, monkeypatch):
+    """Grad-CAMs run on the model thread; each counts as a queued image, so a request that
+    would push the queue over max_queue gets 503 instead of waiting behind them."""
+    import base64
+
+    from serving import model as served
+    from serving.batching import ServerOverloaded
+
+    started, release = threading.Event(), threading.Event()
+
+    def slow_gradcam(bundle, raw):
+        started.set()
+        release.wait(60)
+        return b"\x89PNG"
+
+    monkeypatch.setattr(served, "gradcam_overlay", slow_gradcam)
+    model = served.BrainTumorModel(str(_bundle(tmp_path, threshold=0.5)), batcher_options={"max_queue": 4})
+    model.load()
+    request = {"instances": [{"b64": base64.b64encode(image).decode()} for image in serving_images[:3]]}
+
+    async def check():
+        explain = asyncio.create_task(model.explain(await model.preprocess(request)))
+        while not started.is_set():  # its 3 Grad-CAMs are under way
+            await asyncio.sleep(0.01)
+        two = await model.preprocess({"instances": request["instances"][:2]})
+        predict = asyncio.create_task(model.predict(two))
+        await asyncio.sleep(0)
+        refused = predict.done() and isinstance(predict.exception(), ServerOverloaded)
+        release.set()
+        answer = await explain
+        if not predict.done():
+            predict.cancel()
+        one = await model.predict(await model.preprocess({"instances": request["instances"][:1]}))
+        return refused, answer, one
+
+    refused, answer, one = asyncio.run(check())
+    assert refused, "a predict went on waiting behind the explanations instead of a 503"
+    assert len(answer["explanations"]) == 3
+    assert len(one[1]) == 1  # the places came back: the next request is served

@@ -178,3 +178,43 @@ def test_xception_through_onnx_runtime_equals_keras(tmp_path, monkeypatch, servi
     assert p_ref.std(axis=1).min() > 1e-3
     served = ServedModel(bundle, "onnx")
     np.testing.assert_allclose(served.predict(served.preprocess(serving_images)), p_ref, atol=TOLERANCE, rtol=0)
+
+
+# --------------------------------------------------------------------------- the decode pool's size
+def _cgroup(root, files: dict[str, str]):
+    for name, text in files.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text(text + "\n")
+    return root
+
+
+@pytest.mark.parametrize("files, limit", [
+    ({"cpu.max": "max 100000"}, None),  # cgroup v2, no limit
+    ({"cpu.max": "150000 100000"}, 1.5),  # cgroup v2, 1500m
+    ({"cpu.max": "50000 100000"}, 0.5),
+    ({"cpu/cpu.cfs_quota_us": "-1", "cpu/cpu.cfs_period_us": "100000"}, None),  # cgroup v1, no limit
+    ({"cpu,cpuacct/cpu.cfs_quota_us": "200000", "cpu,cpuacct/cpu.cfs_period_us": "100000"}, 2.0),
+    ({}, None),  # no cgroup files at all (not Linux, not a container)
+])
+def test_the_cpu_limit_is_read_from_the_cgroup(tmp_path, files, limit):
+    from brainscan.cpus import cgroup_cpu_limit
+
+    assert cgroup_cpu_limit(_cgroup(tmp_path, files)) == limit
+
+
+def test_the_decode_pool_follows_the_pods_cpu_limit_not_the_nodes_cores(tmp_path, monkeypatch):
+    import os
+
+    from brainscan import cpus
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(64)))  # a 64-core node
+    assert cpus.cpu_count(_cgroup(tmp_path / "v2", {"cpu.max": "150000 100000"})) == 2  # 1500m: rounded up
+    assert cpus.cpu_count(_cgroup(tmp_path / "tiny", {"cpu.max": "10000 100000"})) == 1  # 100m: still one
+    assert cpus.cpu_count(_cgroup(tmp_path / "none", {"cpu.max": "max 100000"})) == 64
+    assert cpus.cpu_count(_cgroup(tmp_path / "v1", {"cpu/cpu.cfs_quota_us": "400000",
+                                                    "cpu/cpu.cfs_period_us": "100000"})) == 4
+    # the server's decode pool is sized by it
+    monkeypatch.setattr(cpus, "CGROUP_ROOT", str(_cgroup(tmp_path / "pod", {"cpu.max": "300000 100000"})))
+    from serving.model import BrainTumorModel
+
+    assert BrainTumorModel("unused").decoders._max_workers == 3
