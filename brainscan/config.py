@@ -345,8 +345,8 @@ class ServeSettings:
     # On SIGTERM the server stops listening and answers every request it accepted, waiting up
     # to this long (then cancels): longer than the longest request (a full queue, an explain).
     # The pod's terminationGracePeriodSeconds must exceed it (plus any preStop delay).
-    drain_timeout_s: int = _param(60, "Seconds to finish accepted requests after SIGTERM before cancelling them.",
-                                  min=1)
+    drain_timeout_s: int = _param(120, "Seconds to finish accepted requests after SIGTERM before cancelling them "
+                                       "(the longest request: a CPU batch of 64 images, or Grad-CAMs).", min=1)
     runtime: str = _param("auto", "What runs the model: auto (ONNX Runtime on a CPU, TensorFlow on a GPU), "
                                   "onnx, tf (compiled) or keras (eager); each checked against Keras at load.")
 
@@ -380,8 +380,8 @@ class DeploySettings:
     the defaults.
 
     Drain: the kubelet runs the predictor's preStop wait (`prestop_s`: endpoints and ingress stop sending
-    it traffic meanwhile), then sends SIGTERM; the server answers what it accepted, each request within
-    `request_timeout_s`, and exits. `drain_grace_s`, the pod's terminationGracePeriodSeconds, counts from
+    it traffic meanwhile), then sends SIGTERM; the server answers what it accepted within
+    `ServeSettings.drain_timeout_s`, and exits. `drain_grace_s`, the pod's terminationGracePeriodSeconds, counts from
     the start of preStop and covers all of it: the server (serving/) and the manifests
     (brainscan/inferenceservice.py) both read these, nothing else sets them."""
 
@@ -390,16 +390,14 @@ class DeploySettings:
     min_replicas: int = _param(2, "Fewest predictor replicas: 2 keeps one serving through a node drain or a "
                                   "restart (1 or 0 is allowed, without that promise).", min=0)
     max_replicas: int = _param(3, "Most predictor replicas.", min=1)
-    request_timeout_s: int = _param(120, "Longest one request may run in the server (a CPU batch of 64 images, "
-                                         "or Grad-CAMs), and how long it drains after SIGTERM.", min=1)
     prestop_s: int = _param(5, "Seconds a stopping predictor keeps serving before SIGTERM while the "
                                "endpoints and the ingress drop it.", min=0)
     exit_margin_s: int = _param(5, "Seconds left after the last request to flush and exit.", min=0)
 
     @property
     def drain_grace_s(self) -> int:
-        """The predictor pod's terminationGracePeriodSeconds: preStop, then the longest request, then the exit."""
-        return self.prestop_s + self.request_timeout_s + self.exit_margin_s
+        """The predictor pod's terminationGracePeriodSeconds: preStop, then the server's drain, then the exit."""
+        return self.prestop_s + ServeSettings().drain_timeout_s + self.exit_margin_s
 
 
 DEPLOY = DeploySettings()

@@ -872,13 +872,13 @@ def test_predictor_disruption_budget_and_two_replicas_by_default():
 
 
 def test_grace_period_outlasts_the_longest_request_in_both_modes(upstream_schemas):
-    """One relationship (DeploySettings.drain_grace_s = preStop + request timeout + exit margin), written into
+    """One relationship (DeploySettings.drain_grace_s = preStop + the server's drain timeout + exit margin), written into
     the pods: RawDeployment gets the preStop wait and terminationGracePeriodSeconds; Knative refuses both and
     makes the revision's timeout the pod's grace period (its queue-proxy drains), so it gets that."""
-    from brainscan.config import DEPLOY
+    from brainscan.config import DEPLOY, ServeSettings
     from tests.fixtures.schemas import knative_features, knative_refusals, predictor_pod_spec
 
-    assert DEPLOY.drain_grace_s > DEPLOY.prestop_s + DEPLOY.request_timeout_s > DEPLOY.request_timeout_s
+    assert DEPLOY.drain_grace_s > DEPLOY.prestop_s + ServeSettings().drain_timeout_s > ServeSettings().drain_timeout_s
     raw = isvc_mod.to_dict(isvc_mod.build_inference_service(deployment_mode="RawDeployment"))["spec"]["predictor"]
     assert raw["terminationGracePeriodSeconds"] == DEPLOY.drain_grace_s and "timeout" not in raw
     (container,) = raw["containers"]
