@@ -168,3 +168,17 @@ def test_a_bundle_without_a_recorded_digest_loads_with_a_warning(tiny_bundle_dir
         loaded = modelstore.load_bundle(str(tiny_bundle_dir))
     assert loaded.image_size == TINY_SIZE
     assert any("no recorded sha256" in r.getMessage() for r in caplog.records)
+
+
+def test_weights_swapped_for_another_well_formed_model_are_refused(serving_bundle, tmp_path):
+    """Not only corruption: a valid model.keras of other weights (which Keras would load without a word)
+    put in place of the registered one is refused before anything is loaded."""
+    import shutil
+
+    from brainscan import bundle
+
+    folder = shutil.copytree(serving_bundle, tmp_path / "bundle")
+    modelstore.save_bundle(make_tiny_model(seed=4), str(tmp_path / "other"), TINY_SIZE, {})
+    shutil.copy2(tmp_path / "other" / bundle.MODEL_FILE, folder / bundle.MODEL_FILE)
+    with pytest.raises(modelstore.BundleIntegrityError, match=f"expected {bundle.recorded_digest(folder)}"):
+        modelstore.load_bundle(str(folder))
