@@ -57,7 +57,10 @@ def convert_to_onnx(bundle_dir: str | Path, image_size: int, path: str | Path) -
 
 
 def convert_in_child(bundle_dir: str | Path, image_size: int, path: Path, timeout: float = 1800.0) -> Path:
-    """convert_to_onnx in a child process at low priority; OnnxExportError with its last words when it fails."""
+    """convert_to_onnx in a child process at low priority; OnnxExportError with its last words when it fails.
+
+    A child, not the registering process: converting in a process left it 6 GB larger for good
+    (tf2onnx copies the graph, weights included, around every optimizer pass)."""
     env = {**os.environ, "TF2ONNX_CATCH_ERRORS": "FALSE",  # no graph copy per optimizer: 6.7 -> 3.9 GB peak
            "TF_CPP_MIN_LOG_LEVEL": os.environ.get("TF_CPP_MIN_LOG_LEVEL", "2")}
     command = [sys.executable, "-m", "brainscan.onnx_export", str(bundle_dir), str(int(image_size)), str(path)]
