@@ -20,7 +20,6 @@ BUCKETS = (
     ("image check (Pillow, full decode)", ("check_image_bytes",)),
     ("preprocessing: eager TensorFlow ops", ("preprocess_batch",)),
     ("preprocessing: compiled graph", ("CompiledPreprocessing.__call__",)),
-    ("background ONNX conversion", ("_switch_to_onnx",)),
     ("batcher", ("DynamicBatcher",)),
     ("decision and v2 response", ("postprocess", "decide", "to_rest", "InferResponse", "orjson")),
     ("v2 request parsing (JSON, base64)", ("_preprocess_v2", "_image_bytes", "_from_text", "decode_inference_request",

@@ -341,9 +341,9 @@ def register_demo_sized_model(workdir: Path, image_size: int) -> str:
     return result.model_uri
 
 
-def start_brainscan(model_uri: str, workdir: Path, args) -> tuple[predictor.LocalServer, float, float]:
-    """`brainscan serve` on model_uri with an empty cache (model download and ONNX conversion
-    included, as on a fresh pod); (server, seconds to ready, seconds until ONNX Runtime serves)."""
+def start_brainscan(model_uri: str, workdir: Path, args) -> tuple[predictor.LocalServer, float]:
+    """`brainscan serve` on model_uri with an empty cache (model download included, as on a fresh pod;
+    the registered model.onnx is loaded, nothing converted); (server, seconds to ready)."""
     cache = workdir / "brainscan-cache"
     shutil.rmtree(cache, ignore_errors=True)
     os.environ["BRAINSCAN_CACHE"] = str(cache)
@@ -351,12 +351,7 @@ def start_brainscan(model_uri: str, workdir: Path, args) -> tuple[predictor.Loca
     server = predictor.start(model_uri, workdir / "brainscan", extra_args=[
         "--max-batch-size", str(args.max_batch_size), "--max-latency-ms", str(args.max_latency_ms),
         "--max-queue", "4096"], timeout=600)
-    ready = time.perf_counter() - started
-    # Ready on compiled TensorFlow; the ONNX conversion finishes in the background. Measure on ONNX.
-    deadline = time.monotonic() + 600
-    while runtime_of(server.url) != "onnx" and time.monotonic() < deadline:
-        time.sleep(0.25)
-    return server, ready, time.perf_counter() - started
+    return server, time.perf_counter() - started
 
 
 def runtime_of(url: str) -> str | None:
@@ -529,17 +524,15 @@ def main() -> None:
             log(f"in-process model call: {served.runtime.description}")
 
         points: list[Point] = []
-        cold: dict[str, list[float]] = {"brainscan": [], "brainscan_onnx": [], "mlserver": [], "mlserver_download": []}
+        cold: dict[str, list[float]] = {"brainscan": [], "mlserver": [], "mlserver_download": []}
         servers = [s for s in SERVER_SYSTEMS if s in args.systems]
         for run in range(args.runs):
             log(f"run {run + 1} of {args.runs}: cold starts ...")
             targets = {}
             if any(s.startswith("brainscan") for s in servers):
-                brainscan_server, seconds, on_onnx = start_brainscan(model_uri, workdir, args)
+                brainscan_server, seconds = start_brainscan(model_uri, workdir, args)
                 cold["brainscan"].append(round(seconds, 2))
-                cold["brainscan_onnx"].append(round(on_onnx, 2))
-                log(f"brainscan ready in {seconds:.1f} s, on ONNX Runtime after {on_onnx:.1f} s "
-                    f"({runtime_of(brainscan_server.url)})")
+                log(f"brainscan ready in {seconds:.1f} s on {runtime_of(brainscan_server.url)}")
                 for system in servers:
                     if system.startswith("brainscan"):
                         port = brainscan_server.grpc_port if system.endswith("grpc") else brainscan_server.http_port
@@ -595,7 +588,6 @@ def main() -> None:
                          "request": "one 256x256 JPEG (about 10 kB) per request",
                          "in_process_runtime": served.runtime.description if served else None},
             "cold_start_s": {"brainscan (process start to ready, model from S3 via MLflow)": cold["brainscan"],
-                             "brainscan until ONNX Runtime serves (background conversion done)": cold["brainscan_onnx"],
                              "mlserver (S3 download + process start to ready)": cold["mlserver"],
                              "mlserver S3 download alone": cold["mlserver_download"]},
             "medians": rows, "ratios": ratios, "aims": aims,

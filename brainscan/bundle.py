@@ -5,6 +5,11 @@
   without optimizer state: serving needs the weights only (the state is twice their size).
 - brainscan_model.json: classes, image_size, the decision thresholds (null until evaluation
   calibrated them; see brainscan.decision) and whatever the trainer records.
+- model.onnx (registered bundles): the same model for ONNX Runtime, converted and checked
+  against model.keras (within ONNX_TOLERANCE) once, at registration (brainscan.onnx_export).
+- brainscan_model.sha256 (registered bundles): `digest()` of every other file, written at
+  registration (and kept as the version's tag); `check_digest` refuses a bundle whose files
+  changed since. A bundle without one (not registered, or registered before) loads unchecked.
 
 Where bundles live (S3, the MLflow registry) is brainscan.modelstore's business; this module
 only reads and writes a local folder, so it ships inside the registered MLflow model.
@@ -12,19 +17,75 @@ only reads and writes a local folder, so it ships inside the registered MLflow m
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
 
 from brainscan.labels import CLASSES
 
+log = logging.getLogger(__name__)
+
 MODEL_FILE = "model.keras"
 METADATA_FILE = "brainscan_model.json"
+ONNX_FILE = "model.onnx"
+DIGEST_FILE = "brainscan_model.sha256"
+ONNX_TOLERANCE = 1e-5  # largest |softmax difference| from model.keras that another runtime may have
 
 
 class BundleError(ValueError):
     """A folder or URI that does not hold a usable model bundle (the message says what is missing)."""
+
+
+class BundleIntegrityError(BundleError):
+    """A bundle whose files are not the ones recorded at registration: never loaded."""
+
+
+def digest(bundle_dir: str | Path) -> str:
+    """sha256 (hex) of a bundle folder: every file but DIGEST_FILE, in sorted relative-path order,
+    each as its path, its size and its bytes (streamed: the weights are never in memory at once)."""
+    root = Path(bundle_dir)
+    files = sorted((path.relative_to(root).as_posix(), path) for path in root.rglob("*") if path.is_file())
+    total = hashlib.sha256()
+    for relative, path in files:
+        if relative == DIGEST_FILE:
+            continue
+        total.update(f"{relative}\0{path.stat().st_size}\0".encode())
+        with open(path, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                total.update(block)
+    return total.hexdigest()
+
+
+def write_digest(bundle_dir: str | Path) -> str:
+    """Record the folder's digest in DIGEST_FILE (at registration, once every other file is written)."""
+    value = digest(bundle_dir)
+    (Path(bundle_dir) / DIGEST_FILE).write_text(value + "\n")
+    return value
+
+
+def recorded_digest(bundle_dir: str | Path) -> str | None:
+    path = Path(bundle_dir) / DIGEST_FILE
+    return path.read_text().strip() if path.is_file() else None
+
+
+def check_digest(bundle_dir: str | Path, expected: str | None = None, where: str = "") -> str | None:
+    """The folder's digest when it equals `expected` (the registry's record) or, without one, the
+    folder's own DIGEST_FILE; None (and a warning) when neither exists. BundleIntegrityError, with
+    both digests, when the files differ from the record."""
+    where = where or str(bundle_dir)
+    expected = expected or recorded_digest(bundle_dir)
+    if not expected:
+        log.warning("%s: no recorded sha256 (bundles get one at registration): its files are not checked", where)
+        return None
+    found = digest(bundle_dir)
+    if found != expected:
+        raise BundleIntegrityError(
+            f"{where}: refusing to load: the bundle's files changed since registration "
+            f"(sha256 expected {expected}, found {found})")
+    return found
 
 
 def find_bundle_dir(root: str | Path) -> Path:

@@ -1,8 +1,9 @@
 """Where model bundles live: a local folder, an S3 prefix, or the MLflow registry (`models:/`).
 
-`load_bundle(uri)` fetches a bundle (brainscan.bundle's format) to a local folder when needed
-and loads it: the Keras model, its image size and its decision policy. `save_bundle` writes
-one to a folder or an S3 prefix.
+`load_bundle(uri)` fetches a bundle (brainscan.bundle's format) to a local folder when needed,
+checks its files against the sha256 recorded at registration (for `models:/` the version's tag
+in the registry, else the bundle's own record) and loads it: the Keras model, its image size
+and its decision policy. `save_bundle` writes one to a folder or an S3 prefix.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import numpy as np
 
 from brainscan import bundle as bundle_format
 from brainscan import registry, storage
-from brainscan.bundle import METADATA_FILE, BundleError, read_metadata
+from brainscan.bundle import METADATA_FILE, BundleError, BundleIntegrityError, read_metadata  # noqa: F401 - re-exported
 from brainscan.limits import MAX_IMAGE_PIXELS
 from brainscan.decision import DecisionPolicy
 from brainscan.preprocessing import preprocess_batch, preprocessing_options
@@ -69,13 +70,26 @@ def _cache_folder(uri: str) -> Path:
 
 def fetch_bundle(uri: str, tracking_uri: str | None = None) -> Path:
     """A local folder holding the bundle at uri (downloading from S3 or MLflow if needed)."""
+    return _fetch(uri, tracking_uri)[0]
+
+
+def fetch_checked_bundle(uri: str, tracking_uri: str | None = None) -> Path:
+    """fetch_bundle, then brainscan.bundle.check_digest against the registry's record of the version
+    (`models:/`) or the bundle's own: BundleIntegrityError when its files changed since registration."""
+    folder, expected = _fetch(uri, tracking_uri)
+    bundle_format.check_digest(folder, expected, where=str(uri))
+    return folder
+
+
+def _fetch(uri: str, tracking_uri: str | None = None) -> tuple[Path, str | None]:
+    """(the local bundle folder, the digest the registry recorded for it; None outside the registry)."""
     uri = str(uri)
     if is_registry_uri(uri):
         try:
-            local = registry.download(uri, _cache_folder(uri), tracking_uri)
+            local, tags = registry.download_version(uri, _cache_folder(uri), tracking_uri)
         except registry.RegistryError as err:
             raise BundleError(str(err)) from err
-        return bundle_format.find_bundle_dir(local)
+        return bundle_format.find_bundle_dir(local), tags.get(registry.DIGEST_TAG) or None
     if storage.is_s3(uri):
         if not storage.exists(storage.join(uri, METADATA_FILE)):
             raise BundleError(f"{uri}: no {METADATA_FILE} there: not a brainscan model bundle")
@@ -83,16 +97,17 @@ def fetch_bundle(uri: str, tracking_uri: str | None = None) -> Path:
         if folder.exists():
             shutil.rmtree(folder)  # the prefix may hold a newer bundle since last time
         storage.download_dir(uri, folder)
-        return folder
+        return folder, None
     path = Path(uri)
     if not path.exists():
         raise BundleError(f"{uri}: no such folder")
-    return bundle_format.find_bundle_dir(path)
+    return bundle_format.find_bundle_dir(path), None
 
 
 def load_bundle(uri: str, tracking_uri: str | None = None) -> ModelBundle:
-    """Load a bundle from a folder, ``s3://...``, ``models:/NAME@ALIAS`` or ``models:/NAME/VERSION``."""
-    bundle_dir = fetch_bundle(uri, tracking_uri)
+    """Load a bundle from a folder, ``s3://...``, ``models:/NAME@ALIAS`` or ``models:/NAME/VERSION``;
+    BundleIntegrityError (nothing loaded) when its files are not those recorded at registration."""
+    bundle_dir = fetch_checked_bundle(uri, tracking_uri)
     meta = read_metadata(bundle_dir)
     model = bundle_format.load_model(bundle_dir)
     threshold = meta.get("threshold")

@@ -13,7 +13,9 @@ registration: the same answer as `brainscan serve` for the same scan and request
 
 The model carries its own code (`code_package`: this module and the few it imports, nothing
 else of brainscan), so it loads where brainscan is not installed, from the model's own
-requirements.
+requirements. It runs the bundle's Keras model (model.keras; the model.onnx that ships next
+to it is the brainscan predictor's), and refuses to load a bundle whose files are not the
+ones registered (brainscan.bundle.check_digest against the bundle's brainscan_model.sha256).
 """
 
 from __future__ import annotations
@@ -95,6 +97,7 @@ class BrainscanPyfunc(mlflow.pyfunc.PythonModel):
 
     def load_context(self, context):
         folder = bundle.find_bundle_dir(context.artifacts["bundle"])
+        bundle.check_digest(folder)  # BundleIntegrityError: a changed file is never served
         meta = bundle.read_metadata(folder)
         self.image_size = int(meta["image_size"])
         self.preprocessing = preprocessing_options(meta)  # what training applied (the head crop)

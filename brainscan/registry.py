@@ -31,6 +31,7 @@ from brainscan.config import CHAMPION_ALIAS, DEFAULT_WORKDIR, EXPERIMENT, MODEL_
 log = logging.getLogger(__name__)
 
 HISTORY_TAG = "champion_history"
+DIGEST_TAG = "bundle_sha256"  # a version's brainscan.bundle.digest, recorded at registration
 # MLflow reads these at every request; the environment still wins where it sets them.
 HTTP_LIMITS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
                "MLFLOW_HTTP_REQUEST_TIMEOUT": "20"}
@@ -174,16 +175,36 @@ def list_versions(name: str = MODEL_NAME, tracking_uri: str | None = None,
             for v in sorted(versions, key=lambda v: int(v.version))]
 
 
+def _version_of(client: MlflowClient, model_uri: str):
+    """The ModelVersion behind models:/NAME@ALIAS or models:/NAME/VERSION; None for other forms."""
+    rest = model_uri[len("models:/"):]
+    if "@" in rest:
+        name, alias = rest.split("@", 1)
+        return client.get_model_version_by_alias(name, alias)
+    name, _, version = rest.rpartition("/")
+    return client.get_model_version(name, version) if name and version.isdigit() else None
+
+
 def download(model_uri: str, dst: str | Path, tracking_uri: str | None = None) -> Path:
     """The artifacts of a models:/NAME@ALIAS or models:/NAME/VERSION URI, in a fresh local folder."""
-    _, uri = connect(tracking_uri)
+    return download_version(model_uri, dst, tracking_uri)[0]
+
+
+def download_version(model_uri: str, dst: str | Path, tracking_uri: str | None = None) -> tuple[Path, dict]:
+    """(the artifacts of a models:/NAME@ALIAS or models:/NAME/VERSION URI in a fresh local folder,
+    that version's tags). An alias is resolved once, first: the files and the tags (DIGEST_TAG
+    among them) are those of one version even when the alias moves meanwhile."""
+    client, uri = connect(tracking_uri)
     dst = Path(dst)
     if dst.exists():
         shutil.rmtree(dst)  # an alias may point to a new version since last time
     dst.mkdir(parents=True)
     try:
-        return Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=str(dst)))
+        version = _version_of(client, model_uri)
+        source = version_uri(version.name, version.version) if version is not None else model_uri
+        folder = Path(mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=str(dst)))
     except MlflowException as err:
         if is_unreachable(err):
             raise RegistryUnavailable(uri, err) from err
         raise RegistryError(f"cannot resolve {model_uri} in MLflow ({uri}): {str(err).splitlines()[0]}") from err
+    return folder, dict(version.tags) if version is not None else {}

@@ -6,6 +6,11 @@ carrying its own code and pinned requirements, with the bundle as its artifact a
 calibrated decision thresholds written into the bundle's brainscan_model.json, so that
 `brainscan.modelstore.load_bundle("models:/brain-tumor@champion")` works too.
 
+The registered bundle also carries model.onnx, converted and checked against Keras here, once
+(brainscan/onnx_export.py: a version whose ONNX model disagrees is not registered), and the
+sha256 of its files (brainscan.bundle.digest), written into the bundle and kept as the
+version's tag `bundle_sha256`: every load checks it.
+
 Order matters when MLflow fails half-way: the run, its evidence and the logged model come
 first (tracking only); the registry changes last (new version, its tags, then the alias). A
 failure before that leaves the registry as it was; a failure after the version was created
@@ -29,7 +34,8 @@ import brainscan
 from brainscan import bundle, pyfunc, registry, storage
 from brainscan.config import DEFAULT_WORKDIR, MODEL_NAME, champion_uri, version_uri
 from brainscan.evaluation_report import EvaluationReport
-from brainscan.modelstore import ModelBundle, fetch_bundle
+from brainscan.modelstore import ModelBundle, fetch_checked_bundle
+from brainscan.onnx_export import export_onnx
 
 log = logging.getLogger(__name__)
 
@@ -90,9 +96,10 @@ def _metrics(report: EvaluationReport) -> dict[str, float]:
     return out
 
 
-def _stage_bundle(model_uri: str, report: EvaluationReport, folder: Path) -> dict:
-    """The bundle as it is registered: the model, and metadata with the calibrated thresholds."""
-    source = fetch_bundle(model_uri)
+def _stage_bundle(model_uri: str, report: EvaluationReport, folder: Path) -> tuple[dict, str]:
+    """The bundle as it is registered: the model, its checked ONNX form, metadata with the calibrated
+    thresholds, and the sha256 of all of it last; (metadata, sha256)."""
+    source = fetch_checked_bundle(model_uri)
     folder.mkdir()
     shutil.copy2(source / bundle.MODEL_FILE, folder / bundle.MODEL_FILE)
     meta = bundle.read_metadata(source)
@@ -101,8 +108,9 @@ def _stage_bundle(model_uri: str, report: EvaluationReport, folder: Path) -> dic
                 dataset_fingerprint=report.dataset_fingerprint or meta.get("dataset_fingerprint"),
                 evaluation={"gate": report.gate["reason"], "recall": report.test["recall"],
                             "roc_auc": report.test["roc_auc"]})
+    meta["onnx"] = export_onnx(folder, int(meta["image_size"]))  # OnnxExportError: not registered
     bundle.write_metadata(folder, meta)
-    return meta
+    return meta, bundle.write_digest(folder)
 
 
 def _log_run(experiment_id: str, name: str, model_uri: str, report: EvaluationReport, meta: dict, tags: dict,
@@ -149,7 +157,7 @@ def register(model, evaluation, name: str = MODEL_NAME, pipeline_run: str | None
     version = None
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        meta = _stage_bundle(model_uri, report, tmp / "bundle")
+        meta, tags[registry.DIGEST_TAG] = _stage_bundle(model_uri, report, tmp / "bundle")
         evidence = tmp / "evaluation"
         if report.folder is not None:  # the report with its plots and explanations
             storage.download_dir(report.folder, evidence)

@@ -101,7 +101,7 @@ class BrainTumorModel(kserve.Model):
         self.bundle = bundle
         # The compiled preprocessing and a runtime checked against Keras (serving.runtime);
         # it warms both up before the server reports ready.
-        self.served = ServedModel(bundle, self.runtime, convert_in_background=True, on_runtime=self._runtime_changed)
+        self.served = ServedModel(bundle, self.runtime, on_runtime=self._runtime_changed)
         self.batcher = DynamicBatcher(self.served.predict, **self.batcher_options)
         self.ready = True
         log.info("loaded %s (image size %d, threshold %s, per modality %s; model run by %s)", self.model_uri,

@@ -10,20 +10,21 @@ calls per batch:
   options (`bundle.preprocessing`: the head crop a model was trained with). Same ops, same
   kernels: the same floats as `preprocess_batch` with those options (tests compare them).
 - `predict(images)`: softmax [N, 7] from the bundle's model through a runtime:
-  - "onnx": the Keras model converted with tf2onnx and run by ONNX Runtime on the CPU
-    (measured on 2 cores at 71 px: 1.3-2x faster per image than the compiled TensorFlow
-    call at batches of 8 to 32); the conversion runs in a child process and is cached on
-    disk by the model file's hash;
+  - "onnx": the bundle's model.onnx, run by ONNX Runtime on the CPU (measured on 2 cores at
+    71 px: 1.3-2x faster per image than the compiled TensorFlow call at batches of 8 to 32).
+    Registration converted it and checked it against Keras (brainscan/onnx_export.py); it is
+    covered by the bundle's sha256. Serving only loads it: no conversion here, no tf2onnx or
+    onnx in the serving image;
   - "tf": `tf.function` over the Keras model with input signature [None, S, S, 3] (one trace
     for every batch size, no per-call Keras overhead), on whatever device TensorFlow uses
     (a GPU where there is one);
   - "keras": the plain per-call Keras model (brainscan.bundle.predict_probabilities), the
     reference the others are checked against;
-  - "auto" (the default): "tf" when TensorFlow sees a GPU, else "onnx"; "tf" whenever ONNX
-    Runtime is missing, the conversion fails or disagrees with Keras. The server converts in
-    the background on a first start (compiled TensorFlow serves meanwhile), see ServedModel.
+  - "auto" (the default): "tf" when TensorFlow sees a GPU, else "onnx"; "tf" (with a logged
+    warning) when the bundle has no model.onnx (a version registered before the ONNX model was
+    shipped, or a bundle never registered), ONNX Runtime is missing or the model disagrees.
   Every runtime but "keras" is checked at load on a fixed probe batch: its softmax must equal
-  Keras's within `TOLERANCE` (1e-5), or it is not used.
+  Keras's within `TOLERANCE` (brainscan.bundle.ONNX_TOLERANCE, 1e-5), or it is not used.
 
 Grad-CAM (brainscan.explain) keeps using the Keras model: gradients need it, and it is the
 same weights.
@@ -31,12 +32,8 @@ same weights.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
-import subprocess
-import sys
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,17 +41,17 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from brainscan.bundle import MODEL_FILE, load_model
+from brainscan.bundle import ONNX_FILE, ONNX_TOLERANCE, BundleError
 from brainscan.cpus import cpu_count
 from brainscan.limits import MAX_IMAGE_PIXELS
 from brainscan.labels import CLASSES
-from brainscan.modelstore import ModelBundle, cache_dir
+from brainscan.modelstore import ModelBundle
 from brainscan.preprocessing import preprocess_files, preprocess_image
 
 log = logging.getLogger(__name__)
 
 RUNTIMES = ("auto", "onnx", "tf", "keras")
-TOLERANCE = 1e-5  # largest |softmax difference| from Keras a runtime may have
+TOLERANCE = ONNX_TOLERANCE  # largest |softmax difference| from Keras a runtime may have
 PROBE_BATCH = 4
 
 
@@ -87,70 +84,20 @@ def tf_runtime(bundle: ModelBundle) -> Runtime:
     return Runtime("tf", call, f"tensorflow {tf.__version__} tf.function ({device})")
 
 
-def onnx_path(bundle: ModelBundle) -> Path:
-    """Where the bundle's converted model is cached: keyed by the model file and the converter."""
-    # the converter's version is part of the key; imported only where a model is converted
-    import tensorflow as tf
-    import tf2onnx
-
-    digest = hashlib.sha256()
-    with open(Path(bundle.local_dir) / MODEL_FILE, "rb") as model_file:
-        for block in iter(lambda: model_file.read(1 << 20), b""):
-            digest.update(block)
-    digest.update(f"tf2onnx {tf2onnx.__version__} tf {tf.__version__} size {bundle.image_size}".encode())
-    return cache_dir().parent / "onnx" / f"{digest.hexdigest()[:24]}.onnx"
-
-
-def convert_to_onnx(bundle_dir: str | Path, image_size: int, path: str | Path) -> Path:
-    """The bundle's Keras model as an ONNX file (tf2onnx, opset 17), written atomically to path.
-
-    Meant for a child process (`convert_in_child`): tf2onnx's memory (about 4 GB at its peak
-    for the 71 px Xception, 80 MB of weights) goes back to the system when the child exits.
-    """
-    # tf2onnx and TensorFlow only where a model is converted
-    import tensorflow as tf
-    import tf2onnx
-
-    model, size, path = load_model(bundle_dir), int(image_size), Path(path)
-    function = tf.function(lambda x: model(x, training=False))
-    spec = (tf.TensorSpec([None, size, size, 3], tf.float32, name="images"),)
-    proto, _ = tf2onnx.convert.from_function(function, input_signature=spec, opset=17)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_suffix(f".{os.getpid()}.partial")
-    partial.write_bytes(proto.SerializeToString())
-    partial.replace(path)
-    return path
-
-
-def convert_in_child(bundle: ModelBundle, path: Path, timeout: float = 1800.0) -> Path:
-    """convert_to_onnx in a child process at low priority; RuntimeError with its last words when it fails.
-
-    A child, not a thread: converting in the server's process left it 6 GB larger for good
-    (tf2onnx copies the graph, weights included, around every optimizer pass), and its pure
-    Python work would hold the GIL that the request handling needs.
-    """
-    env = {**os.environ, "TF2ONNX_CATCH_ERRORS": "FALSE",  # no graph copy per optimizer: 6.7 -> 3.9 GB peak
-           "TF_CPP_MIN_LOG_LEVEL": os.environ.get("TF_CPP_MIN_LOG_LEVEL", "2")}
-    command = [sys.executable, "-m", "serving.runtime", str(bundle.local_dir), str(bundle.image_size), str(path)]
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout,
-                          preexec_fn=lambda: os.nice(10), stdin=subprocess.DEVNULL)
-    if done.returncode != 0 or not path.is_file():
-        last = [line for line in done.stderr.splitlines() if line.strip()][-1:] or ["no output"]
-        raise RuntimeError(f"ONNX conversion exited with code {done.returncode}: {last[0][:300]}")
-    return path
+def onnx_file(bundle: ModelBundle) -> Path | None:
+    """The bundle's model.onnx (written at registration); None when it has none."""
+    path = Path(bundle.local_dir) / ONNX_FILE if bundle.local_dir is not None else None
+    return path if path is not None and path.is_file() else None
 
 
 def onnx_runtime(bundle: ModelBundle, threads: int | None = None) -> Runtime:
     # ONNX Runtime is optional at import time: "auto" falls back to TensorFlow without it
     import onnxruntime as ort
 
-    if bundle.local_dir is None:
-        raise ValueError("the bundle has no local folder to convert from")
-    path = onnx_path(bundle)
-    if not path.is_file():
-        started = time.perf_counter()
-        convert_in_child(bundle, path)
-        log.info("converted %s to ONNX in %.1f s: %s", bundle.uri, time.perf_counter() - started, path)
+    path = onnx_file(bundle)
+    if path is None:
+        raise BundleError(f"{bundle.uri}: no {ONNX_FILE} in the bundle (registration writes it; versions registered "
+                          "before it was shipped have none): serve it with --runtime tf, or register it again")
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads or cpu_count()
     options.inter_op_num_threads = 1
@@ -201,6 +148,11 @@ def load_runtime(bundle: ModelBundle, name: str = "auto") -> Runtime:
     choices = [name]
     if name == "auto":
         choices = ["tf"] if _gpu_present() else ["onnx", "tf"]
+        if choices[0] == "onnx" and onnx_file(bundle) is None:  # never converted here: TensorFlow serves it
+            log.warning("%s: no %s in the bundle (registered before the ONNX model was shipped, or never "
+                        "registered): served by compiled TensorFlow; register it again for ONNX Runtime",
+                        bundle.uri, ONNX_FILE)
+            choices = ["tf"]
     errors = []
     for choice in choices:
         try:
@@ -238,14 +190,6 @@ class CompiledPreprocessing:
 
 
 # ----------------------------------------------------------------------------- together
-def _converted(bundle: ModelBundle) -> bool:
-    """True when the bundle's ONNX conversion is in the cache (or cannot be made here at all)."""
-    try:
-        return onnx_path(bundle).is_file()
-    except Exception:  # noqa: BLE001 - no tf2onnx, no local file: load_runtime("auto") decides and says why
-        return True
-
-
 def _gpu_present() -> bool:
     # TensorFlow's import costs seconds: loading a model imports it anyway
     import tensorflow as tf
@@ -254,50 +198,21 @@ def _gpu_present() -> bool:
 
 
 class ServedModel:
-    """A bundle ready to serve: compiled preprocessing and a checked runtime for its model.
+    """A bundle ready to serve: compiled preprocessing and a checked runtime for its model, both
+    warmed up before it is returned (`on_runtime(runtime)` is told which runtime serves)."""
 
-    `convert_in_background=True` (the server's choice) keeps a first start from waiting for
-    the ONNX conversion (about 6 s on 2 idle cores, 20-30 s on busy ones): with runtime "auto",
-    on a CPU, and no converted model in the cache yet, the model is served at once by compiled
-    TensorFlow while a thread has a low-priority child process convert the model (the
-    conversion's memory leaves with the child), checks the ONNX model against Keras, then
-    `predict` switches to it (`on_runtime(runtime)` is called after each switch). Later starts
-    find the conversion in the cache and load it directly.
-    """
-
-    def __init__(self, bundle: ModelBundle, runtime: str = "auto", convert_in_background: bool = False,
+    def __init__(self, bundle: ModelBundle, runtime: str = "auto",
                  on_runtime: Callable[[Runtime], None] | None = None):
         self.bundle = bundle
         self.image_size = bundle.image_size
-        self.on_runtime = on_runtime or (lambda runtime: None)
-        self.upgrade: threading.Thread | None = None
-        if convert_in_background and runtime == "auto" and not _gpu_present() and not _converted(bundle):
-            self.runtime = load_runtime(bundle, "tf")
-            self.upgrade = threading.Thread(target=self._switch_to_onnx, name="brainscan-onnx-convert", daemon=True)
-        else:
-            self.runtime = load_runtime(bundle, runtime)
+        self.runtime = load_runtime(bundle, runtime)
         # the bundle's own preprocessing options (the head crop it was trained with) travel with it
         self._preprocess = CompiledPreprocessing(bundle.image_size, **bundle.preprocessing)
         # Warm up both graphs before anyone calls: the first call of each builds it.
         self.predict(np.zeros((1, self.image_size, self.image_size, 3), np.float32))
-        log.info("model %s served by %s (ready in %.1f s)%s", bundle.uri, self.runtime.description,
-                 self.runtime.load_seconds, "; converting to ONNX in the background" if self.upgrade else "")
-        self.on_runtime(self.runtime)
-        if self.upgrade is not None:
-            self.upgrade.start()
-
-    def _switch_to_onnx(self) -> None:
-        try:
-            runtime = load_runtime(self.bundle, "onnx")
-            runtime.call(np.zeros((1, self.image_size, self.image_size, 3), np.float32))  # warm
-        except Exception as err:  # noqa: BLE001 - compiled TensorFlow keeps serving; the reason is logged
-            log.warning("staying on %s: ONNX runtime not usable (%s: %s)", self.runtime.description,
-                        type(err).__name__, str(err).splitlines()[0] if str(err) else "")
-            return
-        self.runtime = runtime  # one attribute: the next batch uses it
-        log.info("model %s now served by %s (converted in the background in %.1f s)", self.bundle.uri,
-                 runtime.description, runtime.load_seconds)
-        self.on_runtime(runtime)
+        log.info("model %s served by %s (ready in %.1f s)", bundle.uri, self.runtime.description,
+                 self.runtime.load_seconds)
+        (on_runtime or (lambda runtime: None))(self.runtime)
 
     def preprocess(self, files: Sequence[bytes], max_pixels: int = MAX_IMAGE_PIXELS) -> np.ndarray:
         return self._preprocess(files, max_pixels)
@@ -309,7 +224,3 @@ class ServedModel:
             return np.zeros((0, len(CLASSES)), dtype=np.float32)
         return self.runtime.call(images)
 
-
-if __name__ == "__main__":  # the conversion child: python -m serving.runtime BUNDLE_DIR IMAGE_SIZE OUT
-    logging.basicConfig(level=logging.WARNING)
-    convert_to_onnx(sys.argv[1], int(sys.argv[2]), sys.argv[3])

@@ -58,10 +58,11 @@ def test_the_registered_model_code_is_closed_under_its_imports():
 
 
 TENSORFLOW = ("tensorflow", "tf_keras", "tf2onnx")
+ONNX_CONVERSION = ("tf2onnx", "onnx")  # registration's converter: not in the serving image
 
 
-def _tensorflow_reached(start: str) -> tuple[set[str], list[str]]:
-    """(the project modules `start` reaches by its imports, every import of TensorFlow among them), read with
+def _tensorflow_reached(start: str, packages: tuple[str, ...] = TENSORFLOW) -> tuple[set[str], list[str]]:
+    """(the project modules `start` reaches by its imports, every import of `packages` among them), read with
     ast: imports at the top and inside functions alike (a lazy import still runs when its function does)."""
     import ast
 
@@ -80,7 +81,7 @@ def _tensorflow_reached(start: str) -> tuple[set[str], list[str]]:
                 names = [node.module or ""]
             else:
                 continue
-            found += [f"{module}:{node.lineno} imports {name}" for name in names if name.split(".")[0] in TENSORFLOW]
+            found += [f"{module}:{node.lineno} imports {name}" for name in names if name.split(".")[0] in packages]
         edges, _ = import_graph.imports_of(module, path, modules)
         todo += [edge.target for edge in edges if edge.target != "tests"]
     return reached, found
@@ -97,3 +98,14 @@ def test_the_model_code_never_imports_tensorflow():
     reached, found = _tensorflow_reached("components.train")
     assert any(f.startswith("components.train:") for f in found), found
     assert any(f.startswith("brainscan.preprocessing:") for f in found), found
+
+
+def test_serving_never_imports_the_onnx_converter():
+    """The model server only loads the model.onnx that registration converted: neither it nor anything it
+    imports, at the top or inside a function, imports tf2onnx or onnx (the serving image has neither)."""
+    reached, found = _tensorflow_reached("serving.server", ONNX_CONVERSION)
+    assert found == [], found
+    assert {"serving.model", "serving.runtime", "brainscan.modelstore"} <= reached
+    # the check sees what it forbids: registration converts
+    _, found = _tensorflow_reached("components.register", ONNX_CONVERSION)
+    assert any(f.startswith("brainscan.onnx_export:") and f.endswith("imports tf2onnx") for f in found), found

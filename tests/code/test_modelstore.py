@@ -103,3 +103,82 @@ def test_bundle_carries_its_preprocessing_options(tmp_path):
     np.testing.assert_array_equal(old.preprocess(files), preprocess_batch(files, TINY_SIZE))
     np.testing.assert_array_equal(crop.preprocess(files), preprocess_batch(files, TINY_SIZE, crop_to_head=True))
     assert not np.array_equal(old.preprocess(files), crop.preprocess(files))
+
+
+# ----------------------------------------------------------------------------- the bundle's sha256
+def _flip_one_byte(data: bytes) -> bytes:
+    changed = bytearray(data)
+    changed[len(changed) // 2] ^= 0x01
+    return bytes(changed)
+
+
+def test_the_digest_covers_every_file_its_name_and_its_bytes(tiny_bundle_dir, tmp_path):
+    """brainscan.bundle.digest: one value for the same files wherever they lie; any change of a byte, a
+    name or a file set changes it; its own record (brainscan_model.sha256) is not part of it."""
+    import hashlib
+    import shutil
+
+    from brainscan import bundle
+
+    folder = shutil.copytree(tiny_bundle_dir, tmp_path / "a")
+    first = bundle.digest(folder)
+    assert first == bundle.digest(shutil.copytree(folder, tmp_path / "b")) and len(first) == 64
+    assert bundle.write_digest(folder) == first and bundle.recorded_digest(folder) == first
+    assert bundle.digest(folder) == first  # the record itself is left out
+    # the definition: sorted relative paths, each with its size and bytes
+    expected = hashlib.sha256()
+    for name in sorted(p.name for p in folder.iterdir() if p.name != bundle.DIGEST_FILE):
+        data = (folder / name).read_bytes()
+        expected.update(f"{name}\0{len(data)}\0".encode() + data)
+    assert expected.hexdigest() == first
+    (folder / "sub").mkdir()
+    (folder / "sub" / "extra.txt").write_text("x")
+    assert bundle.digest(folder) != first
+    (folder / "sub" / "extra.txt").unlink()
+    assert bundle.digest(folder) == first
+    (folder / bundle.MODEL_FILE).rename(folder / "model2.keras")
+    assert bundle.digest(folder) != first
+
+
+def test_a_bundle_changed_in_s3_is_refused_with_both_digests(s3_prefix, serving_bundle, tmp_path, monkeypatch):
+    """One byte of the weights changed in S3 after registration: load_bundle refuses, naming the digest
+    recorded at registration and the one found; the unchanged bundle loads."""
+    from brainscan import bundle
+
+    monkeypatch.setenv("BRAINSCAN_CACHE", str(tmp_path / "cache"))
+    uri = s3_prefix + "/registered"
+    storage.upload_dir(serving_bundle, uri)
+    expected = bundle.recorded_digest(serving_bundle)
+    assert modelstore.load_bundle(uri).uri == uri
+    weights = storage.join(uri, bundle.MODEL_FILE)
+    storage.write_bytes(weights, _flip_one_byte(storage.read_bytes(weights)))
+    with pytest.raises(modelstore.BundleIntegrityError) as refused:
+        modelstore.load_bundle(uri)
+    found = bundle.digest(storage.download_dir(uri, tmp_path / "as-stored"))
+    assert found != expected
+    assert str(refused.value) == (f"{uri}: refusing to load: the bundle's files changed since registration "
+                                  f"(sha256 expected {expected}, found {found})")
+
+
+def test_a_bundle_without_a_recorded_digest_loads_with_a_warning(tiny_bundle_dir, caplog):
+    """Bundles never registered (a training output) or registered before digests were recorded."""
+    import logging
+
+    with caplog.at_level(logging.WARNING, logger="brainscan.bundle"):
+        loaded = modelstore.load_bundle(str(tiny_bundle_dir))
+    assert loaded.image_size == TINY_SIZE
+    assert any("no recorded sha256" in r.getMessage() for r in caplog.records)
+
+
+def test_weights_swapped_for_another_well_formed_model_are_refused(serving_bundle, tmp_path):
+    """Not only corruption: a valid model.keras of other weights (which Keras would load without a word)
+    put in place of the registered one is refused before anything is loaded."""
+    import shutil
+
+    from brainscan import bundle
+
+    folder = shutil.copytree(serving_bundle, tmp_path / "bundle")
+    modelstore.save_bundle(make_tiny_model(seed=4), str(tmp_path / "other"), TINY_SIZE, {})
+    shutil.copy2(tmp_path / "other" / bundle.MODEL_FILE, folder / bundle.MODEL_FILE)
+    with pytest.raises(modelstore.BundleIntegrityError, match=f"expected {bundle.recorded_digest(folder)}"):
+        modelstore.load_bundle(str(folder))

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from brainscan import modelstore, registry, storage
+from brainscan import bundle, modelstore, registry, storage
 from cli import app
 from components import register as reg
 from components.evaluate import evaluate, read_images
@@ -69,6 +69,11 @@ def test_register_load_back_and_rollback_on_sqlite(tiny_trained_bundle_dir, pass
     local = modelstore.load_bundle(str(tiny_trained_bundle_dir))
     champion = modelstore.load_bundle(f"models:/{NAME}@champion", tracking_uri=uri)
     assert local.threshold is None and champion.threshold == pytest.approx(evaluation["threshold"])
+    # ... with its ONNX model, checked at registration, and the sha256 of its files as the version's tag.
+    assert (champion.local_dir / bundle.ONNX_FILE).is_file()
+    assert champion.metadata["onnx"]["max_abs_diff_from_keras"] <= bundle.ONNX_TOLERANCE
+    assert info["tags"][registry.DIGEST_TAG] == bundle.digest(champion.local_dir) == bundle.recorded_digest(
+        champion.local_dir)
     np.testing.assert_allclose(_probabilities(champion, test_files), _probabilities(local, test_files), atol=1e-6)
 
     # The pyfunc serves the same numbers from base64 files.
@@ -123,10 +128,66 @@ def test_register_on_a_remote_server_with_s3_artifacts(mlflow_server, tiny_train
     stored = [uri for uri, _ in storage.list_files(f"s3://{bucket}/mlartifacts")]
     assert any(uri.endswith("/model.keras") for uri in stored)
     assert any(uri.endswith("/evaluation/evaluation.json") for uri in stored)
+    assert any(uri.endswith("/bundle/model.onnx") for uri in stored)
     champion = modelstore.load_bundle(f"models:/{NAME}@champion")
     local = modelstore.load_bundle(str(tiny_trained_bundle_dir))
     np.testing.assert_allclose(_probabilities(champion, test_files), _probabilities(local, test_files), atol=1e-6)
-    assert registry.champion_info(NAME)["tags"]["pipeline_run"] == "remote-1"
+    info = registry.champion_info(NAME)
+    assert info["tags"]["pipeline_run"] == "remote-1"
+    expected = info["tags"][registry.DIGEST_TAG]
+    assert expected == bundle.digest(champion.local_dir)
+
+    # One byte of the weights changed in the artifact store: no loader serves it.
+    weights = next(uri for uri in stored if uri.endswith("/bundle/model.keras"))
+    storage.write_bytes(weights, _flip_one_byte(storage.read_bytes(weights)))
+    with pytest.raises(modelstore.BundleIntegrityError, match=f"expected {expected}, found [0-9a-f]{{64}}\\)$"):
+        modelstore.load_bundle(f"models:/{NAME}@champion")
+    import mlflow
+
+    with pytest.raises(bundle.BundleIntegrityError, match=f"refusing to load.*expected {expected}"):
+        mlflow.pyfunc.load_model(result.model_uri)  # MLServer's and batch scoring's way in
+    # Rewriting the bundle's own record to match does not help: the registry's tag is the reference.
+    record = weights.rsplit("/", 1)[0] + "/" + bundle.DIGEST_FILE
+    tampered = bundle.digest(storage.download_dir(weights.rsplit("/", 1)[0], tmp_path / "tampered"))
+    storage.write_text(record, tampered + "\n")
+    with pytest.raises(modelstore.BundleIntegrityError, match=f"expected {expected}, found {tampered}"):
+        modelstore.load_bundle(result.model_uri)
+
+
+def _flip_one_byte(data: bytes) -> bytes:
+    changed = bytearray(data)
+    changed[len(changed) // 2] ^= 0x01
+    return bytes(changed)
+
+
+def test_a_version_whose_onnx_model_disagrees_with_keras_is_not_registered(
+        tiny_trained_bundle_dir, tiny_bundle_dir, passed_evaluation, tmp_path, monkeypatch):
+    """The ONNX conversion is checked against Keras at registration: an ONNX model of other weights (here
+    the untrained model's) is refused, and the registry is left as it was."""
+    from brainscan import onnx_export
+
+    monkeypatch.setenv("BRAINSCAN_CACHE", str(tmp_path / "cache"))
+    uri = registry.default_tracking_uri(tmp_path / "work")
+    convert = onnx_export.convert_in_child
+    monkeypatch.setattr(onnx_export, "convert_in_child",
+                        lambda folder, size, path, **kw: convert(tiny_bundle_dir, size, path, **kw))
+    result = CliRunner().invoke(app, ["register", "--model", str(tiny_trained_bundle_dir), "--evaluation",
+                                      passed_evaluation, "--tracking-uri", uri])
+    assert result.exit_code == 1, result.output
+    assert "differs from Keras by" in result.output and "refusing to register it" in result.output, result.output
+    assert registry.list_versions(NAME, tracking_uri=uri) == []
+    assert registry.champion_info(NAME, tracking_uri=uri) is None
+
+
+def test_a_failed_conversion_says_why(tmp_path):
+    """The conversion runs in a child process (its memory leaves with it); its failure is an error with the
+    child's last words, and no model.onnx is left behind."""
+    from brainscan import onnx_export
+
+    (tmp_path / "bundle").mkdir()
+    with pytest.raises(onnx_export.OnnxExportError, match="ONNX conversion exited with code 1: .*no model.keras"):
+        onnx_export.export_onnx(tmp_path / "bundle", 32)
+    assert not (tmp_path / "bundle" / bundle.ONNX_FILE).exists()
 
 
 # ----------------------------------------------------------------------------- MLflow down mid-way
@@ -149,15 +210,17 @@ def test_mlflow_stopped_mid_register_answers_in_one_line_and_changes_nothing(
 
         real_log_artifacts = mlflow.log_artifacts
 
+        outage = []
+
         def outage_then_log(*args, **kwargs):
             server.stop(signal.SIGKILL)  # the server goes away half-way through the register step
+            outage.append(time.monotonic())  # after staging (the ONNX conversion): the wait counts from here
             return real_log_artifacts(*args, **kwargs)
 
         monkeypatch.setattr(mlflow, "log_artifacts", outage_then_log)
-        started = time.monotonic()
         result = CliRunner().invoke(app, ["register", "--model", str(tiny_trained_bundle_dir), "--evaluation",
                                           passed_evaluation, "--tracking-uri", server.url])
-        waited = time.monotonic() - started
+        waited = time.monotonic() - outage[0]
         assert result.exit_code == 1, result.output
         message = result.output.strip().splitlines()
         assert len(message) == 1 and message[0].startswith("error: MLflow at " + server.url + " is unreachable")

@@ -253,6 +253,33 @@ def test_refuses_a_bundle_without_threshold_unless_given(tmp_path):
     assert model.load() and model.policy.threshold_for(None) == 0.3 and model.policy.threshold_for("ct") == 0.3
 
 
+def flip_one_byte(path) -> None:
+    """Change one byte in the middle of a file (what a tampered or corrupted weights file looks like)."""
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("changed", ["model.keras", "model.onnx", "brainscan_model.json"])
+def test_refuses_to_serve_a_bundle_whose_files_changed_since_registration(serving_bundle, tmp_path, changed):
+    """One byte changed in the downloaded folder: the server does not load, says which digest it expected
+    and which it found, and is never ready."""
+    import shutil
+
+    from brainscan.bundle import BundleIntegrityError, digest, recorded_digest
+    from serving.model import BrainTumorModel
+
+    folder = shutil.copytree(serving_bundle, tmp_path / "bundle")
+    expected = recorded_digest(folder)
+    assert expected == digest(folder)
+    flip_one_byte(folder / changed)
+    found = digest(folder)
+    model = BrainTumorModel(str(folder))
+    with pytest.raises(BundleIntegrityError, match=f"refusing to load.*expected {expected}, found {found}"):
+        model.load()
+    assert not model.ready and model.served is None
+
+
 def test_per_modality_thresholds(tmp_path, serving_images):
     from brainscan.labels import CLASSES
     from serving.model import BrainTumorModel, PreparedBatch

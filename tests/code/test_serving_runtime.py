@@ -1,24 +1,45 @@
 """serving.runtime: the served model call and preprocessing give Keras-on-preprocess_batch's
 answers (within 1e-5) whichever runtime runs the model, refuse the same bad images with the
-same messages, and a runtime that disagrees with Keras is never used.
+same messages, and a runtime that disagrees with Keras is never used. Serving only loads the
+model.onnx that registration wrote: it never converts, and never imports tf2onnx or onnx.
 """
 
 from __future__ import annotations
 
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
 import numpy as np
 import pytest
 
-from tests.fixtures.serving import ACCEPTED_FORMATS, IMAGE_FORMATS, declaring_size, refused_images
+from tests.fixtures.serving import ACCEPTED_FORMATS, IMAGE_FORMATS, as_registered, declaring_size, refused_images
 
 TOLERANCE = 1e-5
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture
-def bundle(serving_bundle, tmp_path, monkeypatch):
+def bundle(serving_bundle):
     from brainscan.modelstore import load_bundle
 
-    monkeypatch.setenv("BRAINSCAN_CACHE", str(tmp_path / "cache"))  # converted models land here
     return load_bundle(str(serving_bundle))
+
+
+@pytest.fixture
+def bundle_without_onnx(serving_bundle, tmp_path):
+    """The same bundle as a version registered before model.onnx was shipped: no ONNX file, no sha256."""
+    from brainscan.bundle import DIGEST_FILE, ONNX_FILE
+    from brainscan.modelstore import load_bundle
+
+    folder = shutil.copytree(serving_bundle, tmp_path / "old-bundle")
+    (folder / ONNX_FILE).unlink()
+    (folder / DIGEST_FILE).unlink()
+    return load_bundle(str(folder))
 
 
 def _reference(bundle, images):
@@ -45,17 +66,18 @@ def test_served_outputs_equal_keras_on_preprocess_batch(bundle, serving_images, 
     assert served.predict(x_ref[:0]).shape == (0, 7)
 
 
-@pytest.fixture
-def crop_tta_bundle(tmp_path, monkeypatch):
-    """A bundle as the cpu preset writes one (flip averaging baked into model.keras), also cropping to the head."""
+@pytest.fixture(scope="module")
+def crop_tta_bundle(tmp_path_factory):
+    """A bundle as the cpu preset writes one (flip averaging baked into model.keras), also cropping to the
+    head, registered (its model.onnx runs the two passes)."""
     from brainscan.network import with_flip_averaging
     from brainscan.modelstore import load_bundle, save_bundle
     from tests.fixtures.registry import TINY_SIZE, make_tiny_model
 
-    monkeypatch.setenv("BRAINSCAN_CACHE", str(tmp_path / "cache"))
+    folder = tmp_path_factory.mktemp("crop_tta") / "bundle"
     model = with_flip_averaging(make_tiny_model(seed=3), TINY_SIZE)
-    save_bundle(model, str(tmp_path / "bundle"), TINY_SIZE, {"crop_to_head": True, "tta_flip": True})
-    return load_bundle(str(tmp_path / "bundle"))
+    save_bundle(model, str(folder), TINY_SIZE, {"crop_to_head": True, "tta_flip": True})
+    return load_bundle(str(as_registered(folder)))
 
 
 @pytest.mark.parametrize("runtime", ["onnx", "tf"])
@@ -75,31 +97,58 @@ def test_a_cropping_flip_averaging_bundle_is_served_as_it_was_trained(crop_tta_b
     np.testing.assert_allclose(served.predict(x), p_ref, atol=TOLERANCE, rtol=0)
 
 
-def test_auto_runs_onnx_on_a_cpu_and_reuses_the_conversion(bundle):
-    from serving.runtime import load_runtime, onnx_path
+def test_auto_runs_the_bundles_onnx_model_on_a_cpu(bundle):
+    from brainscan.bundle import ONNX_FILE
+    from serving.runtime import load_runtime, onnx_file
 
-    first = load_runtime(bundle, "auto")
-    assert first.name == "onnx" and "onnxruntime" in first.description
-    assert first.max_abs_diff <= TOLERANCE
-    path = onnx_path(bundle)
+    path = bundle.local_dir / ONNX_FILE
     stamp = path.stat().st_mtime_ns
-    assert load_runtime(bundle, "auto").name == "onnx"
-    assert path.stat().st_mtime_ns == stamp  # loaded from the cache, not converted again
+    runtime = load_runtime(bundle, "auto")
+    assert runtime.name == "onnx" and "onnxruntime" in runtime.description
+    assert runtime.max_abs_diff <= TOLERANCE
+    assert onnx_file(bundle) == path and path.stat().st_mtime_ns == stamp  # loaded as registered, not converted
 
 
-def test_first_start_serves_compiled_tensorflow_then_switches_to_onnx(bundle, serving_images):
-    from serving.runtime import ServedModel, onnx_path
+def test_a_bundle_without_onnx_is_served_by_tensorflow_with_a_warning(bundle_without_onnx, serving_images, caplog):
+    """An older version (no model.onnx) keeps working on compiled TensorFlow; serving never converts it."""
+    import logging
 
-    x_ref, p_ref = _reference(bundle, serving_images)
-    seen = []
-    served = ServedModel(bundle, "auto", convert_in_background=True, on_runtime=lambda r: seen.append(r.name))
-    assert served.upgrade is not None and seen[0] == "tf"  # ready before any conversion
+    from brainscan.bundle import BundleError, ONNX_FILE
+    from serving.runtime import ServedModel, load_runtime
+
+    x_ref, p_ref = _reference(bundle_without_onnx, serving_images)
+    with caplog.at_level(logging.WARNING, logger="serving.runtime"):
+        served = ServedModel(bundle_without_onnx, "auto")
+    assert served.runtime.name == "tf"
+    assert any(f"no {ONNX_FILE} in the bundle" in r.getMessage() and "compiled TensorFlow" in r.getMessage()
+               for r in caplog.records), [r.getMessage() for r in caplog.records]
     np.testing.assert_allclose(served.predict(x_ref), p_ref, atol=TOLERANCE, rtol=0)
-    served.upgrade.join(300)
-    assert seen == ["tf", "onnx"] and served.runtime.name == "onnx" and onnx_path(bundle).is_file()
-    np.testing.assert_allclose(served.predict(x_ref), p_ref, atol=TOLERANCE, rtol=0)
-    again = ServedModel(bundle, "auto", convert_in_background=True)  # the next start finds the conversion
-    assert again.upgrade is None and again.runtime.name == "onnx"
+    assert not (bundle_without_onnx.local_dir / ONNX_FILE).exists()  # nothing converted meanwhile
+    with pytest.raises(BundleError, match=f"no {ONNX_FILE} in the bundle.*--runtime tf"):
+        load_runtime(bundle_without_onnx, "onnx")  # asked for explicitly: a clear refusal
+
+
+SERVE_AND_LIST_MODULES = textwrap.dedent("""
+    import json, sys
+    from serving.model import BrainTumorModel
+    model = BrainTumorModel(sys.argv[1])
+    assert model.load()
+    print(json.dumps({"runtime": model.served.runtime.name,
+                      "imported": sorted(m for m in sys.modules if m.split(".")[0] in ("tf2onnx", "onnx"))}))
+""")
+
+
+@pytest.mark.parametrize("with_onnx", [True, False])
+def test_serving_never_imports_tf2onnx_or_onnx(serving_bundle, bundle_without_onnx, with_onnx):
+    """What the serving image lacks: the model server loads a bundle (with model.onnx, or an older one on
+    TensorFlow) in a fresh process without importing the converter or the onnx package."""
+    folder = serving_bundle if with_onnx else bundle_without_onnx.local_dir
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "TF_CPP_MIN_LOG_LEVEL": "2"}
+    done = subprocess.run([sys.executable, "-c", SERVE_AND_LIST_MODULES, str(folder)], capture_output=True,
+                          text=True, env=env, cwd=ROOT, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    assert report == {"runtime": "onnx" if with_onnx else "tf", "imported": []}, report
 
 
 def test_a_runtime_that_disagrees_with_keras_is_refused(bundle, monkeypatch):
@@ -122,19 +171,6 @@ def test_a_runtime_that_disagrees_with_keras_is_refused(bundle, monkeypatch):
         served_runtime.load_runtime(bundle, "onnx")
     with pytest.raises(ValueError, match="unknown runtime"):
         served_runtime.load_runtime(bundle, "tensorrt")
-
-
-def test_a_failed_conversion_says_why(bundle, tmp_path):
-    """The conversion runs in a child process (its memory leaves with it); its failure is an error
-    with the child's last words (load_runtime("auto") then serves compiled TensorFlow)."""
-    import dataclasses
-
-    from serving import runtime as served_runtime
-
-    broken = dataclasses.replace(bundle, local_dir=tmp_path / "no-bundle-here")
-    with pytest.raises(RuntimeError, match="ONNX conversion exited with code 1: .*no model.keras"):
-        served_runtime.convert_in_child(broken, tmp_path / "out.onnx")
-    assert not (tmp_path / "out.onnx").exists()
 
 
 def test_compiled_preprocessing_refuses_what_preprocess_batch_refuses(bundle, serving_images):
@@ -160,20 +196,19 @@ def test_compiled_preprocessing_refuses_what_preprocess_batch_refuses(bundle, se
 
 
 @pytest.mark.slow
-def test_xception_through_onnx_runtime_equals_keras(tmp_path, monkeypatch, serving_images):
+def test_xception_through_onnx_runtime_equals_keras(tmp_path, serving_images):
     """The served architecture itself (the demo's 71 px Xception), weights moved off their
     initial values so the seven probabilities differ."""
     from brainscan.network import build_model
     from serving.runtime import ServedModel
     from brainscan.modelstore import load_bundle, save_bundle
 
-    monkeypatch.setenv("BRAINSCAN_CACHE", str(tmp_path / "cache"))
     model, _ = build_model(71, base_weights="none")
     rng = np.random.default_rng(0)
     model.set_weights([w + rng.normal(0, 0.05, w.shape).astype(w.dtype) if w.ndim > 1 else w
                        for w in model.get_weights()])
     save_bundle(model, str(tmp_path / "bundle"), 71, {})
-    bundle = load_bundle(str(tmp_path / "bundle"))
+    bundle = load_bundle(str(as_registered(tmp_path / "bundle")))
     x_ref, p_ref = _reference(bundle, serving_images)
     assert p_ref.std(axis=1).min() > 1e-3
     served = ServedModel(bundle, "onnx")
