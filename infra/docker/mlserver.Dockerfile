@@ -18,7 +18,10 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 # then MLServer and its MLflow runtime at brainscan/local/mlserver-requirements.txt's pins: one lock,
 # every package pinned and hashed (`bash scripts/dev.sh lock` compiles it).
 COPY infra/docker/mlserver.lock /tmp/mlserver.lock
-RUN pip install --no-cache-dir --require-hashes -r /tmp/mlserver.lock \
+# --no-deps: the lock is the whole tree, and pip's hash mode would refuse the extras that
+# dependencies ask for (kserve's uvicorn[standard]); pip check then proves the tree complete.
+RUN pip install --no-cache-dir --require-hashes --no-deps -r /tmp/mlserver.lock \
+    && pip check \
     && rm /tmp/mlserver.lock \
     && useradd --uid 1000 --create-home --shell /usr/sbin/nologin mlserver
 USER 1000

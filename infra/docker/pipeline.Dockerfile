@@ -39,13 +39,16 @@ RUN useradd --uid 1000 --create-home --shell /usr/sbin/nologin brainscan
 
 # The pip cache is a build cache mount: reused by the next build where pip can cache, never in the image.
 COPY requirements.lock infra/docker/pipeline-gpu.lock /tmp/locks/
+# --no-deps: the lock is the whole tree, and pip's hash mode would refuse the extras that
+# dependencies ask for (kserve's uvicorn[standard]); pip check then proves the tree complete.
 RUN --mount=type=cache,target=/root/.cache/pip \
     if [ "$TENSORFLOW_GPU" = "true" ]; then \
         lock=/tmp/locks/pipeline-gpu.lock; \
     else \
         lock=/tmp/locks/requirements.lock; \
     fi \
-    && pip install --require-hashes -r "$lock" \
+    && pip install --require-hashes --no-deps -r "$lock" \
+    && pip check \
     && rm -r /tmp/locks
 
 ARG XCEPTION_WEIGHTS_URL=""

@@ -33,13 +33,16 @@ WORKDIR /app
 # requirements.lock's versions. The pip cache is a build cache mount: reused by the next build where pip can cache,
 # never in the image.
 COPY requirements-serving.lock infra/docker/serving-gpu.lock /tmp/locks/
+# --no-deps: the lock is the whole tree, and pip's hash mode would refuse the extras that
+# dependencies ask for (kserve's uvicorn[standard]); pip check then proves the tree complete.
 RUN --mount=type=cache,target=/root/.cache/pip \
     if [ "$TENSORFLOW_GPU" = "true" ]; then \
         lock=/tmp/locks/serving-gpu.lock; \
     else \
         lock=/tmp/locks/requirements-serving.lock; \
     fi \
-    && pip install --require-hashes -r "$lock" \
+    && pip install --require-hashes --no-deps -r "$lock" \
+    && pip check \
     && rm -r /tmp/locks
 
 # The project itself, without touching the pinned dependencies, from a copy of the sources that is

@@ -85,7 +85,7 @@ def test_dockerfile_pinned_base_non_root_and_lock(dockerfile):
     assert re.findall(r"^FROM (\S+)", text, re.M) == ["${BASE_IMAGE}"]
     users = re.findall(r"^USER\s+(\S+)", text, re.M)
     assert users and users[-1] not in ("root", "0"), "the last USER must not be root"
-    assert '--require-hashes -r "$lock"' in text and f"COPY {PROJECT_IMAGES[dockerfile]} " in text
+    assert '--require-hashes --no-deps -r "$lock"' in text and f"COPY {PROJECT_IMAGES[dockerfile]} " in text
     assert "--no-deps /tmp/src" in text  # the project on top of the lock, without re-resolving
     # no sources left where steps start: `python -m` (KFP's executor) would import them, not the package
     workdir = re.findall(r"^WORKDIR (\S+)", text, re.M)[-1]
@@ -590,4 +590,4 @@ def test_mlserver_image_installs_the_registered_models_requirements():
     plus MLServer's pins (tests/code/test_supply_chain.py checks the lock's content)."""
     text = (INFRA / "docker" / "mlserver.Dockerfile").read_text()
     assert "COPY infra/docker/mlserver.lock /tmp/mlserver.lock" in text
-    assert "pip install --no-cache-dir --require-hashes -r /tmp/mlserver.lock" in text
+    assert "pip install --no-cache-dir --require-hashes --no-deps -r /tmp/mlserver.lock" in text

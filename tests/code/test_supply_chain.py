@@ -62,12 +62,13 @@ def test_mlserver_lock_has_the_models_requirements_at_the_main_locks_versions():
 
 @pytest.mark.parametrize("dockerfile", sorted(DOCKER.glob("*.Dockerfile")), ids=lambda p: p.name)
 def test_images_install_only_hashed_locks(dockerfile):
-    text = dockerfile.read_text()
+    text = "\n".join(line for line in dockerfile.read_text().splitlines() if not line.lstrip().startswith("#"))
     installs = re.findall(r"pip install ([^\n\\]*)", text)
     assert installs
     for args in installs:
-        assert "--require-hashes" in args or args.split()[:1] == ["--no-deps"], args
-        assert "--no-deps" not in args or "/tmp/src" in args  # only the project itself goes in without a lock
+        # a hashed lock (the whole tree, so --no-deps, then `pip check`), or the project on top of it
+        assert "--require-hashes --no-deps -r" in args or args.split() == ["--no-deps", "/tmp/src"], args
+    assert text.count("--require-hashes") == text.count("pip check")
     copied = set(re.findall(r"^COPY (.*) \S+$", text, re.M))
     locks = {word for line in copied for word in line.split() if word.endswith(".lock")}
     assert locks and all((ROOT / lock).is_file() for lock in locks)
