@@ -4,6 +4,12 @@
 #   localhost/brainscan-pipeline:dev   infra/docker/pipeline.Dockerfile (every KFP step)
 #   localhost/brainscan-serving:dev    infra/docker/serving.Dockerfile  (the KServe predictor)
 #
+# Each is built on its base pinned by digest (resolved here when the base is named by tag; the
+# labels org.opencontainers.image.base.name/.digest say which), and gets an SBOM, CycloneDX JSON of
+# its Python and Debian packages (cyclonedx-py run inside the image; scripts/sbom.py), written to
+# $BRAINSCAN_SBOM_DIR (default build/sbom/IMAGE.cdx.json). BRAINSCAN_REQUIRE_BASE_DIGEST=1 refuses
+# a base named by tag only (release builds: BRAINSCAN_BASE_IMAGE=python:3.11-slim@sha256:...).
+#
 # Then tests/images/ runs them as UID 1000 (`buildah run --isolation chroot --user 1000`): the
 # baked ImageNet weights load with no network at all, the compiled pipeline's own container
 # command for ingest, validate and split writes its outputs against the local stack, and the
@@ -28,6 +34,7 @@ UPSTREAM_BASE=docker.io/library/python:3.11-slim
 STANDIN_BASE=localhost/brainscan-base:python3.11-bookworm
 HOST_CA=/etc/ssl/certs/ca-certificates.crt
 PYTHON=.venv/bin/python
+SBOM_DIR="${BRAINSCAN_SBOM_DIR:-build/sbom}"
 
 # The stand-in base, written once: its hash names the cached tarball and labels the image.
 STANDIN_RECIPE=(
@@ -101,6 +108,22 @@ choose_base() {
     log "base: $BASE"
 }
 
+pin_base() {  # BASE by digest: the build names exactly what it was built on
+    if [[ $BASE != *@sha256:* && ${BRAINSCAN_REQUIRE_BASE_DIGEST:-0} == 1 ]]; then
+        die "base $BASE is named by tag only (BRAINSCAN_REQUIRE_BASE_DIGEST=1): give NAME@sha256:..."
+    fi
+    buildah inspect --type image "$BASE" >/dev/null 2>&1 || buildah pull --quiet "$BASE" >/dev/null \
+        || die "base $BASE cannot be found or pulled"
+    BASE_DIGEST=$(buildah inspect --type image --format '{{.FromImageDigest}}' "$BASE")
+    [[ $BASE_DIGEST == sha256:* ]] || die "no digest for base $BASE"
+    if [[ $BASE == *@sha256:* && ${BASE##*@} != "$BASE_DIGEST" ]]; then
+        die "base $BASE resolved to $BASE_DIGEST"
+    fi
+    BASE_NAME=${BASE%@*}
+    BASE="$BASE_NAME@$BASE_DIGEST"
+    log "base pinned: $BASE"
+}
+
 bake_weights() {  # the weights file into the pipeline image's build context
     local path kind
     read -r path kind < <(TF_CPP_MIN_LOG_LEVEL=3 "$PYTHON" scripts/xception_weights.py "$CACHE/weights" \
@@ -115,7 +138,9 @@ bake_weights() {  # the weights file into the pipeline image's build context
 build() {  # dockerfile tag [build args...]
     local dockerfile=$1 tag=$2
     shift 2
-    local args=(--isolation chroot --layers --network host --build-arg "BASE_IMAGE=$BASE" "$@")
+    local args=(--isolation chroot --layers --network host --build-arg "BASE_IMAGE=$BASE"
+                --label "org.opencontainers.image.base.name=$BASE_NAME"
+                --label "org.opencontainers.image.base.digest=$BASE_DIGEST" "$@")
     # pip in the build trusts what this host trusts (a TLS-inspecting proxy's CA, say): the
     # host's bundle is mounted over the image's for the RUN steps only, never copied into it.
     [[ -s $HOST_CA ]] && args+=(--volume "$HOST_CA:$HOST_CA:ro")
@@ -125,13 +150,36 @@ build() {  # dockerfile tag [build args...]
         || { tail -n 40 "$logfile" >&2; die "building $tag failed (whole log: $logfile)"; }
 }
 
+sbom() {  # tag: $SBOM_DIR/NAME.cdx.json, the image's own packages (read inside the image)
+    local tag=$1 name ctr site digest work
+    name=$(basename "${tag%:*}")
+    site=$("$PYTHON" -c 'import cyclonedx_py, pathlib; print(pathlib.Path(cyclonedx_py.__file__).parents[1])')
+    digest=$(buildah inspect --type image --format '{{.FromImageDigest}}' "$tag")
+    work=$(mktemp -d)
+    ctr=$(buildah from --pull-never "$tag")
+    # cyclonedx-py from this venv, mounted read-only and put on sys.path of its own process only
+    # (appended: the image's packages win), reading the interpreter the image runs.
+    buildah run --isolation chroot --volume "$site:/opt/sbom-tool:ro" "$ctr" -- python -c \
+        'import runpy, sys; sys.path.append("/opt/sbom-tool"); sys.argv = ["cyclonedx-py", *sys.argv[1:], sys.executable]; runpy.run_module("cyclonedx_py", run_name="__main__")' \
+        environment --output-reproducible -o - > "$work/python.cdx.json"
+    buildah run --isolation chroot "$ctr" -- dpkg-query -W -f '${Package}\t${Version}\t${Architecture}\n' > "$work/dpkg.tsv"
+    buildah rm "$ctr" >/dev/null
+    mkdir -p "$SBOM_DIR"
+    "$PYTHON" -m scripts.sbom --python "$work/python.cdx.json" --dpkg "$work/dpkg.tsv" --image "$tag" \
+        --digest "$digest" --base "$BASE_NAME" --base-digest "$BASE_DIGEST" -o "$SBOM_DIR/$name.cdx.json" >&2
+    rm -rf "$work"
+}
+
 [[ -x $PYTHON ]] || die "$PYTHON missing: run through \`bash scripts/dev.sh images\`"
 ensure_tools
 mkdir -p "$CACHE/logs"
 choose_base
+pin_base
 bake_weights
 build infra/docker/pipeline.Dockerfile "$PIPELINE_TAG" --build-arg "XCEPTION_WEIGHTS_CHECK=$WEIGHTS_CHECK"
 build infra/docker/serving.Dockerfile "$SERVING_TAG"
+sbom "$PIPELINE_TAG"
+sbom "$SERVING_TAG"
 log "built in $((SECONDS - started))s:"
 buildah images --format '{{.Name}}:{{.Tag}} {{.Size}}' | grep -F -e "$PIPELINE_TAG" -e "$SERVING_TAG" -e "$BASE" >&2 || true
 
@@ -140,6 +188,6 @@ if [[ ${BRAINSCAN_IMAGES_SMOKE:-1} == 0 ]]; then
     exit 0
 fi
 log "smoke tests (tests/images) as UID 1000"
-BRAINSCAN_IMAGES=1 BRAINSCAN_PIPELINE_IMAGE_UNDER_TEST="$PIPELINE_TAG" BRAINSCAN_SERVING_IMAGE_UNDER_TEST="$SERVING_TAG" \
+BRAINSCAN_IMAGES=1 BRAINSCAN_SBOM_DIR="$SBOM_DIR" BRAINSCAN_PIPELINE_IMAGE_UNDER_TEST="$PIPELINE_TAG" BRAINSCAN_SERVING_IMAGE_UNDER_TEST="$SERVING_TAG" \
     "$PYTHON" -m pytest -q -p no:cacheprovider -o addopts="" tests/images "$@"
 log "images built and smoke-tested in $((SECONDS - started))s"

@@ -5,6 +5,7 @@
 #
 # Build from the repository root:
 #   docker build -f infra/docker/mlserver.Dockerfile -t REGISTRY/brainscan-mlserver:TAG .
+# BASE_IMAGE: best pinned by digest (python:3.11-slim@sha256:...), as scripts/images.sh does.
 ARG BASE_IMAGE=python:3.11-slim
 FROM ${BASE_IMAGE}
 
@@ -13,13 +14,15 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     TF_CPP_MIN_LOG_LEVEL=2
 
-COPY requirements.lock brainscan/local/mlserver-requirements.txt /tmp/
-# The registered model's requirements (brainscan.pyfunc.REQUIREMENTS) at the lock's versions,
-# then MLServer and its MLflow runtime.
-RUN grep -E '^(mlflow|keras|tensorflow-cpu|numpy|pandas|pillow|h5py|protobuf)==' /tmp/requirements.lock \
-        > /tmp/model-requirements.txt \
-    && pip install --no-cache-dir -r /tmp/model-requirements.txt -r /tmp/mlserver-requirements.txt \
-    && rm /tmp/requirements.lock /tmp/model-requirements.txt /tmp/mlserver-requirements.txt \
+# The registered model's requirements (brainscan.pyfunc.REQUIREMENTS) at requirements.lock's versions,
+# then MLServer and its MLflow runtime at brainscan/local/mlserver-requirements.txt's pins: one lock,
+# every package pinned and hashed (`bash scripts/dev.sh lock` compiles it).
+COPY infra/docker/mlserver.lock /tmp/mlserver.lock
+# --no-deps: the lock is the whole tree, and pip's hash mode would refuse the extras that
+# dependencies ask for (kserve's uvicorn[standard]); pip check then proves the tree complete.
+RUN pip install --no-cache-dir --require-hashes --no-deps -r /tmp/mlserver.lock \
+    && pip check \
+    && rm /tmp/mlserver.lock \
     && useradd --uid 1000 --create-home --shell /usr/sbin/nologin mlserver
 USER 1000
 

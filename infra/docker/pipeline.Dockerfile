@@ -21,8 +21,9 @@
 ARG BASE_IMAGE=python:3.11-slim
 FROM ${BASE_IMAGE}
 
-# GPU variant: tensorflow[and-cuda] ships CUDA and cuDNN as pip wheels, so the slim base
-# works on GPU nodes (the driver comes from the NVIDIA container toolkit).
+# GPU variant: infra/docker/pipeline-gpu.lock, tensorflow[and-cuda] at tensorflow-cpu's version, ships
+# CUDA and cuDNN as pip wheels, so the slim base works on GPU nodes (the driver comes from the NVIDIA
+# container toolkit). Every lock carries hashes: pip refuses any file that does not match.
 ARG TENSORFLOW_GPU=false
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
@@ -37,15 +38,18 @@ WORKDIR /app
 RUN useradd --uid 1000 --create-home --shell /usr/sbin/nologin brainscan
 
 # The pip cache is a build cache mount: reused by the next build where pip can cache, never in the image.
-COPY requirements.lock /tmp/requirements.lock
+COPY requirements.lock infra/docker/pipeline-gpu.lock /tmp/locks/
+# --no-deps: the lock is the whole tree, and pip's hash mode would refuse the extras that
+# dependencies ask for (kserve's uvicorn[standard]); pip check then proves the tree complete.
 RUN --mount=type=cache,target=/root/.cache/pip \
     if [ "$TENSORFLOW_GPU" = "true" ]; then \
-        sed 's/^tensorflow-cpu==/tensorflow[and-cuda]==/' /tmp/requirements.lock > /tmp/requirements.txt; \
+        lock=/tmp/locks/pipeline-gpu.lock; \
     else \
-        cp /tmp/requirements.lock /tmp/requirements.txt; \
+        lock=/tmp/locks/requirements.lock; \
     fi \
-    && pip install -r /tmp/requirements.txt \
-    && rm /tmp/requirements.txt /tmp/requirements.lock
+    && pip install --require-hashes --no-deps -r "$lock" \
+    && pip check \
+    && rm -r /tmp/locks
 
 ARG XCEPTION_WEIGHTS_URL=""
 ARG XCEPTION_WEIGHTS_CHECK=keras

@@ -10,11 +10,13 @@
 # MLflow server or test tools. `scripts/dev.sh images` builds it and serves a registered model
 # from it as UID 1000 (tests/images/).
 #
-# GPU: the same Dockerfile with --build-arg TENSORFLOW_GPU=true swaps tensorflow-cpu for
-# tensorflow[and-cuda] at the same version (pip wheels that carry CUDA and cuDNN); the node's NVIDIA
-# driver comes in through the NVIDIA container toolkit, so the slim Python base stays the same.
-# BASE_IMAGE: any Debian-like image whose `python`/`pip` are Python 3.11 (scripts/dev.sh builds
-# a local stand-in where the registry's python:3.11-slim cannot be pulled).
+# GPU: the same Dockerfile with --build-arg TENSORFLOW_GPU=true installs infra/docker/serving-gpu.lock:
+# tensorflow[and-cuda] at tensorflow-cpu's version (pip wheels that carry CUDA and cuDNN); the node's
+# NVIDIA driver comes in through the NVIDIA container toolkit, so the slim Python base stays the same.
+# Every lock carries hashes: pip refuses any file that does not match (--require-hashes).
+# BASE_IMAGE: any Debian-like image whose `python`/`pip` are Python 3.11, best pinned by digest
+# (python:3.11-slim@sha256:...); scripts/images.sh resolves the base to its digest before building
+# and builds a local stand-in where the registry's python:3.11-slim cannot be pulled.
 ARG BASE_IMAGE=python:3.11-slim
 FROM ${BASE_IMAGE}
 
@@ -27,18 +29,21 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 
 WORKDIR /app
 
-# Dependencies first (their own layer): the serving lock pins the whole tree at requirements.lock's
-# versions. The pip cache is a build cache mount: reused by the next build where pip can cache,
+# Dependencies first (their own layer): the serving lock pins (and hashes) the whole tree at
+# requirements.lock's versions. The pip cache is a build cache mount: reused by the next build where pip can cache,
 # never in the image.
-COPY requirements-serving.lock /tmp/requirements.lock
+COPY requirements-serving.lock infra/docker/serving-gpu.lock /tmp/locks/
+# --no-deps: the lock is the whole tree, and pip's hash mode would refuse the extras that
+# dependencies ask for (kserve's uvicorn[standard]); pip check then proves the tree complete.
 RUN --mount=type=cache,target=/root/.cache/pip \
     if [ "$TENSORFLOW_GPU" = "true" ]; then \
-        sed 's/^tensorflow-cpu==/tensorflow[and-cuda]==/' /tmp/requirements.lock > /tmp/requirements.txt; \
+        lock=/tmp/locks/serving-gpu.lock; \
     else \
-        cp /tmp/requirements.lock /tmp/requirements.txt; \
+        lock=/tmp/locks/requirements-serving.lock; \
     fi \
-    && pip install -r /tmp/requirements.txt \
-    && rm /tmp/requirements.txt /tmp/requirements.lock
+    && pip install --require-hashes --no-deps -r "$lock" \
+    && pip check \
+    && rm -r /tmp/locks
 
 # The project itself, without touching the pinned dependencies, from a copy of the sources that is
 # removed again: sources in the working directory would shadow the installed package for

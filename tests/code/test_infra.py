@@ -88,19 +88,19 @@ def test_dockerfile_pinned_base_non_root_and_lock(dockerfile):
     assert re.findall(r"^FROM (\S+)", text, re.M) == ["${BASE_IMAGE}"]
     users = re.findall(r"^USER\s+(\S+)", text, re.M)
     assert users and users[-1] not in ("root", "0"), "the last USER must not be root"
-    assert "-r /tmp/requirements.txt" in text and f"COPY {PROJECT_IMAGES[dockerfile]} " in text
+    assert '--require-hashes --no-deps -r "$lock"' in text and f"COPY {PROJECT_IMAGES[dockerfile]} " in text
     assert "--no-deps /tmp/src" in text  # the project on top of the lock, without re-resolving
     # no sources left where steps start: `python -m` (KFP's executor) would import them, not the package
     workdir = re.findall(r"^WORKDIR (\S+)", text, re.M)[-1]
     assert not [dest for dest in re.findall(r"^COPY .* (\S+)$", text, re.M) if dest.startswith(workdir)]
     assert "rm -rf /tmp/src" in text
-    # GPU: tensorflow[and-cuda] at the lock's tensorflow-cpu version (no second pin in the Dockerfile)
-    assert "TENSORFLOW_GPU" in text and "s/^tensorflow-cpu==/tensorflow[and-cuda]==/" in text
-    assert "TENSORFLOW_VERSION" not in text
+    # GPU: its own hashed lock (tensorflow[and-cuda]; tests/code/test_supply_chain.py), no pin in the Dockerfile
+    assert "TENSORFLOW_GPU" in text and "-gpu.lock" in text
+    assert "TENSORFLOW_VERSION" not in text and "tensorflow[and-cuda]==" not in text
 
 
 def _pins(path: Path) -> dict[str, str]:
-    return dict(line.split("==", 1) for line in path.read_text().splitlines() if re.match(r"^[A-Za-z0-9].*==", line))
+    return dict(re.findall(r"^([A-Za-z0-9][A-Za-z0-9._-]*)==([^\s;\\]+)", path.read_text(), re.M))
 
 
 def test_serving_lock_is_lean_and_pinned_by_the_main_lock():
@@ -600,16 +600,11 @@ def test_schema_check_refuses_what_the_api_server_would_refuse_or_prune(upstream
 
 
 def test_mlserver_image_installs_the_registered_models_requirements():
-    """The runtime image's package list is the pyfunc's: what the model needs, at the lock's versions."""
-    import re
-
-    from brainscan import pyfunc
-
+    """The runtime image installs one hashed lock: the pyfunc's requirements at the main lock's versions
+    plus MLServer's pins (tests/code/test_supply_chain.py checks the lock's content)."""
     text = (INFRA / "docker" / "mlserver.Dockerfile").read_text()
-    listed = set(re.search(r"\^\(([^)]*)\)==", text).group(1).split("|"))
-    lock = {line.split("==")[0] for line in (ROOT / "requirements.lock").read_text().splitlines() if "==" in line}
-    assert listed == {name for name in pyfunc.REQUIREMENTS if name in lock}
-    assert "mlserver-requirements.txt" in text
+    assert "COPY infra/docker/mlserver.lock /tmp/mlserver.lock" in text
+    assert "pip install --no-cache-dir --require-hashes --no-deps -r /tmp/mlserver.lock" in text
 
 
 # --------------------------------------------------------------------------- least privilege and drain
