@@ -481,7 +481,7 @@ def ingest_version(source: str, datasets: str, workers: int = IO_WORKERS, progre
     bytes, or a file whose bytes changed since that first read, stops the run with no manifest
     written. `manifest.csv` comes last, so a version is complete (and read by anyone) only once it
     is there; an interrupted run leaves an incomplete version that the next run of the same data
-    finishes. A complete version is reused as it is (`reused`: nothing read again or written).
+    finishes. A complete version is reused as it is (`reused`: nothing uploaded or written).
     expected_fingerprint: refuse (IngestError) when the source no longer has this fingerprint,
     e.g. changed since the pipeline's fingerprint step (the step's outputs must follow its inputs).
     """

@@ -248,8 +248,9 @@ def test_cli_json_summary_is_last_line(image_tree, s3_prefix):
                                       "--no-progress"])
     assert result.exit_code == 0, result.output
     summary = json.loads(result.stdout.strip().splitlines()[-1])
-    assert set(summary) == {"files", "bytes", "uploaded", "skipped", "manifest_uri", "fingerprint"}
+    assert set(summary) == {"files", "bytes", "uploaded", "skipped", "manifest_uri", "fingerprint", "rejected"}
     assert summary["files"] == 14 and summary["manifest_uri"] == storage.join(s3_prefix, "manifest.csv")
+    assert summary["rejected"] == []
 
     bad = CliRunner().invoke(app, ["ingest", "--source", str(image_tree / "missing"), "--dest", s3_prefix])
     assert bad.exit_code == 1 and "error: source" in bad.output
