@@ -16,7 +16,7 @@ import os
 import typing
 from dataclasses import dataclass, field
 
-from brainscan import limits
+from brainscan import layout, limits
 
 # ----------------------------------------------------------------------------- names
 MODEL_NAME = "brain-tumor"  # MLflow registered model, v2 model name, InferenceService name
@@ -285,6 +285,7 @@ class PipelineParams(Recipe):
     def __post_init__(self):  # clear errors before anything runs
         super().__post_init__()
         check_canary(self.canary_percent or None, self.deployment_mode)  # 0: no canary
+        layout.check_location(self.bucket, self.prefix)  # the data's place: no `..`, no empty part
 
     @property
     def recipe(self) -> Recipe:

@@ -60,13 +60,20 @@ def read_split(splits: str, name: str, required: tuple[str, ...] = ("path", "cla
     return frame.reset_index(drop=True)
 
 
+def splits_data_uri(splits: str) -> str | None:
+    """The data (a data version, brainscan.layout) a split came from: the folder of the manifest its
+    report names; None without a report. A model's lineage records it."""
+    report = storage.join(splits, "split_report.json")
+    manifest = storage.read_json(report).get("manifest") if storage.exists(report) else None
+    return folder_of(manifest) if manifest else None
+
+
 def splits_fingerprint(splits: str) -> str | None:
     """The fingerprint of the data a split came from: ingest's, when the split report leads to its
     manifest; else computed from the split lists' rows; None when neither can be read."""
-    report = storage.join(splits, "split_report.json")
-    manifest = storage.read_json(report).get("manifest") if storage.exists(report) else None
-    if manifest:
-        ingest = storage.join(folder_of(manifest), "ingest.json")
+    data = splits_data_uri(splits)
+    if data:
+        ingest = storage.join(data, "ingest.json")
         value = storage.read_json(ingest).get("fingerprint") if storage.exists(ingest) else None
         if value:
             return value

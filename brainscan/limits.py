@@ -16,3 +16,8 @@ IMAGE_FORMATS = ("JPEG", "PNG")
 # 1,500 px a side.
 MAX_IMAGE_SIDE = 4096
 MAX_IMAGE_PIXELS = MAX_IMAGE_SIDE * MAX_IMAGE_SIDE
+
+# The largest file ingest takes in (bytes): an image at the pixel limit stored uncompressed, four
+# bytes a pixel (RGBA, the widest mode validation accepts), plus 1 MiB of headers and metadata.
+# No image the pixel limit admits is larger; a bigger file is refused before it is read.
+MAX_IMAGE_BYTES = MAX_IMAGE_PIXELS * 4 + 1024 * 1024

@@ -11,8 +11,9 @@ import io
 import json
 import os
 import shutil
+import tempfile
 from functools import lru_cache
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any, Iterator
 
 import boto3
@@ -96,10 +97,66 @@ def write_bytes(uri: str, data: bytes, content_type: str | None = None) -> str:
     else:
         path = Path(uri)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_bytes(data)
+        tmp = _temporary_beside(path, data)
         tmp.replace(path)  # atomic: a reader never sees half a file
     return uri
+
+
+def _temporary_beside(path: Path, data: bytes) -> Path:
+    """`data` in a new file of its own beside `path` (two writers never share a temporary file)."""
+    handle, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(handle, "wb") as out:
+        out.write(data)
+    return Path(name)
+
+
+class ImmutableObjectError(ValueError):
+    """A write-once object already holds other bytes: they are never replaced."""
+
+
+def write_once(uri: str, data: bytes, content_type: str | None = None) -> bool:
+    """Write an object that is never replaced: True when written, False when it already holds these very
+    bytes; ImmutableObjectError when it holds others.
+
+    The create is atomic, so of two writers racing on one name exactly one writes: a conditional PUT
+    on S3 (`If-None-Match: *`, which AWS S3, SeaweedFS and MinIO honour), a hard link that fails if
+    the name exists on a local disk.
+    """
+    if is_s3(uri):
+        ensure_bucket(parse_s3(uri)[0])
+        if create_once(uri, data, content_type):
+            return True
+        same = read_bytes(uri) == data
+    else:
+        path = Path(uri)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = _temporary_beside(path, data)
+        try:
+            os.link(tmp, path)
+            return True
+        except FileExistsError:
+            same = path.read_bytes() == data
+        finally:
+            tmp.unlink()
+    if not same:
+        raise ImmutableObjectError(f"{uri} already holds other bytes; a write-once object is never replaced")
+    return False
+
+
+def create_once(uri: str, data: bytes, content_type: str | None = None, client=None, **extra) -> bool:
+    """PUT an S3 object only if its key is free (If-None-Match: *): True when written, False when the key
+    was taken (whatever it holds). The bucket must exist; `extra`: further put_object arguments."""
+    bucket, key = parse_s3(uri)
+    client = client or s3_client()
+    if content_type:
+        extra["ContentType"] = content_type
+    try:
+        client.put_object(Bucket=bucket, Key=key, Body=data, IfNoneMatch="*", **extra)
+        return True
+    except client.exceptions.ClientError as err:
+        if err.response.get("Error", {}).get("Code") in ("PreconditionFailed", "412"):
+            return False
+        raise
 
 
 def read_text(uri: str) -> str:
@@ -114,8 +171,13 @@ def read_json(uri: str) -> Any:
     return json.loads(read_text(uri))
 
 
+def json_bytes(obj: Any) -> bytes:
+    """The JSON text write_json stores (sorted keys: the same object, the same bytes)."""
+    return (json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n").encode("utf-8")
+
+
 def write_json(uri: str, obj: Any) -> str:
-    return write_text(uri, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n", "application/json")
+    return write_bytes(uri, json_bytes(obj), "application/json")
 
 
 def exists(uri: str) -> bool:
@@ -155,16 +217,33 @@ def upload_dir(local_dir: str | Path, uri: str) -> str:
     return uri
 
 
+def inside(folder: Path, relative: str) -> Path:
+    """`folder / relative`, or ValueError when `relative` would leave the folder (an absolute name, a
+    `..` part, a drive, a backslash path): an object's key never chooses where on disk it lands."""
+    posix = PurePosixPath(relative)
+    if (not relative or "\\" in relative or posix.is_absolute() or ".." in posix.parts
+            or (len(relative) > 1 and relative[1] == ":")):
+        raise ValueError(f"refusing {relative!r}: it would be written outside {folder}")
+    target = folder / relative
+    if not target.resolve().is_relative_to(folder.resolve()):  # a symlink inside the folder, say
+        raise ValueError(f"refusing {relative!r}: it would be written outside {folder}")
+    return target
+
+
 def download_dir(uri: str, local_dir: str | Path) -> Path:
-    """Copy every file under a URI into a local folder; returns the folder."""
+    """Copy every file under a URI into a local folder; returns the folder.
+
+    Every key must stay inside the folder: one with a `..` part or an absolute name is refused
+    (ValueError) before anything is written.
+    """
     local_dir = Path(local_dir)
     local_dir.mkdir(parents=True, exist_ok=True)
     if not is_s3(uri):
         shutil.copytree(uri, local_dir, dirs_exist_ok=True)
         return local_dir
     base = uri.rstrip("/") + "/"
-    for file_uri, _ in list_files(uri):
-        target = local_dir / file_uri[len(base):]
+    targets = [(file_uri, inside(local_dir, file_uri[len(base):])) for file_uri, _ in list_files(uri)]
+    for file_uri, target in targets:
         target.parent.mkdir(parents=True, exist_ok=True)
         target.write_bytes(read_bytes(file_uri))
     return local_dir

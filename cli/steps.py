@@ -41,10 +41,11 @@ def ingest_cmd(
     except IngestError as err:
         fail(str(err))
     typer.echo(f"ingested {result.files} images ({result.bytes} bytes): {result.uploaded} uploaded, "
-               f"{result.skipped} already there, {len(result.undecodable)} undecodable; "
+               f"{result.skipped} already there, {len(result.undecodable)} undecodable, "
+               f"{len(result.rejected)} refused (too big or a symbolic link); "
                f"manifest {result.manifest_uri}; fingerprint {result.fingerprint}", err=True)
     summary = {key: getattr(result, key) for key in ("files", "bytes", "uploaded", "skipped", "manifest_uri",
-                                                      "fingerprint")}
+                                                      "fingerprint", "rejected")}
     if as_json:
         emit_json(summary)
     else:

@@ -1,15 +1,22 @@
 """Ingest: raw images from a Kaggle archive, a zip, a folder or S3 into the dataset store, with a manifest.
 
 `ingest(source, dest)` copies every image of the archive layout to ``{dest}/images/<path in the
-archive>`` (each object carries its sha256 in its metadata), then writes ``{dest}/manifest.csv``
-and ``{dest}/ingest.json``.
+archive>`` (each object carries its sha256 in its metadata), then writes ``{dest}/ingest.json``
+and, last, ``{dest}/manifest.csv``. `ingest_version(source, datasets)` does the same into an
+immutable data version, ``{datasets}/<fingerprint>/`` (brainscan.layout): what the pipeline runs.
 
 - Labels come from the path (`brainscan.labels.label_from_path`); a file that does not fit the
   layout stops the run before anything is uploaded, with the list of such files.
+- Files larger than brainscan.limits.MAX_IMAGE_BYTES and symbolic links in a folder source are
+  refused before they are read and listed, with the reason, in the result's `rejected`; the
+  other files are ingested.
 - Idempotent and resumable: an object already stored with the same sha256 is skipped, so a
   rerun uploads nothing and a rerun after a crash or an S3 outage uploads only what is missing.
   The manifest is written last, only after every file is stored: a failed run never leaves a
   manifest that lists objects which are not there.
+- A data version is write-once: its name is its fingerprint, computed from a first read of the
+  source, and no object under it is ever replaced, so a model's lineage (the split it names, under
+  the version) stays readable whatever runs later or at the same time.
 - Each file is read, hashed, decoded (PIL) and uploaded by one worker of a thread pool: hashing
   and decoding release the GIL, so they overlap with the uploads of the other workers.
 """
@@ -41,10 +48,11 @@ from botocore.exceptions import ConnectionError as BotoConnectionError
 from PIL import Image
 from tqdm import tqdm
 
-from brainscan import storage
+from brainscan import layout, storage
 from brainscan.config import DEFAULT_SOURCE, IO_WORKERS
 from brainscan.dataset import MANIFEST_COLUMNS, fingerprint_of
 from brainscan.labels import IMAGE_SUFFIXES, CLASSES, UnknownLabelError, is_tumor, label_from_path
+from brainscan.limits import MAX_IMAGE_BYTES
 
 log = logging.getLogger(__name__)
 
@@ -100,20 +108,41 @@ class IngestResult:
     class_counts: dict[str, int]
     undecodable: list[str] = field(default_factory=list)
     ignored: list[str] = field(default_factory=list)
+    rejected: list[dict] = field(default_factory=list)  # {"path", "reason"}: too big, a symbolic link
+    reused: bool = False  # the data version was complete already: nothing was read or written
     seconds: float = 0.0
 
     def summary(self) -> dict:
         return asdict(self)
 
+    def version_record(self) -> dict:
+        """What a data version's ingest.json holds: its content only, the same for every run that writes
+        it (no source, counts of this run or timings), so a second writer finds the very same bytes."""
+        return {"dest": self.dest, "manifest_uri": self.manifest_uri, "fingerprint": self.fingerprint,
+                "files": self.files, "bytes": self.bytes, "class_counts": self.class_counts,
+                "undecodable": self.undecodable}
+
 
 @dataclass
 class _Item:
-    """One image of the source: its path inside the archive and how to read its bytes."""
+    """One image of the source: its path inside the archive, its size where a listing gives it, and how
+    to read its bytes."""
 
     rel: str
     read: Callable[[], bytes]
+    size: int | None = None
     modality: str = ""
     class7: str = ""
+
+
+@dataclass
+class SourceFiles:
+    """What a source holds: the images to ingest, the non-image names passed over, and the files
+    refused with their reason (larger than MAX_IMAGE_BYTES, a symbolic link)."""
+
+    items: list[_Item]
+    ignored: list[str]
+    rejected: list[dict]
 
 
 # --------------------------------------------------------------------------- sources
@@ -219,45 +248,79 @@ def _skip_name(rel: str) -> bool:
         PurePosixPath(rel).suffix.lower() not in IMAGE_SUFFIXES
 
 
-def _folder_items(root: Path) -> tuple[list[_Item], list[str]]:
-    items, ignored = [], []
-    for path in sorted(p for p in root.rglob("*") if p.is_file()):
-        rel = path.relative_to(root).as_posix()
-        if _skip_name(rel):
-            ignored.append(rel)
+def _sorted_files(files: SourceFiles, max_bytes: int) -> SourceFiles:
+    """Sorted by path, with the files over the size cap moved to `rejected` (before any is read)."""
+    kept = []
+    for item in sorted(files.items, key=lambda item: item.rel):
+        if item.size is not None and item.size > max_bytes:
+            files.rejected.append({"path": item.rel, "reason": f"{item.size} bytes, more than the limit of "
+                                                               f"{max_bytes} for one image"})
         else:
-            items.append(_Item(rel, path.read_bytes))
-    return items, ignored
+            kept.append(item)
+    files.rejected.sort(key=lambda entry: entry["path"])
+    return SourceFiles(kept, sorted(files.ignored), files.rejected)
 
 
-def _s3_items(prefix: str) -> tuple[list[_Item], list[str]]:
+def _folder_items(root: Path) -> SourceFiles:
+    """The files under a folder, symbolic links neither followed nor read: one could lead anywhere on
+    the machine (/etc/passwd, a mounted secret), so each is refused and reported instead."""
+    files = SourceFiles([], [], [])
+    for folder, dirs, names in os.walk(root, followlinks=False):
+        here = Path(folder)
+        for name in sorted(dirs + names):
+            path = here / name
+            rel = path.relative_to(root).as_posix()
+            if path.is_symlink():
+                files.rejected.append({"path": rel, "reason": "a symbolic link (not followed)"})
+            elif name in names and path.is_file():
+                if _skip_name(rel):
+                    files.ignored.append(rel)
+                else:
+                    files.items.append(_Item(rel, path.read_bytes, size=path.stat().st_size))
+    return files
+
+
+def _s3_items(prefix: str) -> SourceFiles:
     base = prefix.rstrip("/") + "/"
-    items, ignored = [], []
-    for uri, _size in storage.list_files(prefix):
+    files = SourceFiles([], [], [])
+    for uri, size in storage.list_files(prefix):
         rel = uri[len(base):]
         if _skip_name(rel):
-            ignored.append(rel)
+            files.ignored.append(rel)
         else:
-            items.append(_Item(rel, lambda uri=uri: storage.read_bytes(uri)))
-    return items, ignored
+            files.items.append(_Item(rel, lambda uri=uri: storage.read_bytes(uri), size=size))
+    return files
+
+
+def list_source(source: str, scratch: Path, zip_limits: ZipLimits, max_bytes: int = MAX_IMAGE_BYTES) -> SourceFiles:
+    """The files of a source read in place, sorted: images to ingest, ignored names, refused files.
+
+    A zip unpacks under `scratch`. Files over `max_bytes` and symbolic links are refused, not read.
+    """
+    if source.startswith("kaggle:"):
+        files = _folder_items(download_kaggle(source[len("kaggle:"):].strip("/")))
+    elif storage.is_s3(source):
+        files = _s3_items(source)
+    else:
+        path = Path(source).expanduser()
+        if path.is_file() and path.suffix.lower() == ".zip":
+            files = _folder_items(extract_zip(path, scratch / "unzipped", zip_limits))
+        elif path.is_dir():
+            files = _folder_items(path)
+        else:
+            raise IngestError(f"source {source!r} is not a folder, a .zip file, an s3:// prefix or "
+                              "kaggle:OWNER/DATASET" + (" (it does not exist)" if not path.exists() else ""))
+    return _sorted_files(files, max_bytes)
 
 
 def open_source(source: str, scratch: Path, zip_limits: ZipLimits) -> tuple[list[_Item], list[str]]:
     """The images of a source read in place (ingest's own reader; retrain fingerprints with it too).
 
-    Returns (items with `.rel` and `.read()`, ignored non-image names); a zip unpacks under `scratch`.
+    Returns (items with `.rel` and `.read()`, ignored non-image names); the files list_source refuses
+    are in neither, so a fingerprint covers exactly what ingest stores.
     """
-    if source.startswith("kaggle:"):
-        return _folder_items(download_kaggle(source[len("kaggle:"):].strip("/")))
-    if storage.is_s3(source):
-        return _s3_items(source)
-    path = Path(source).expanduser()
-    if path.is_file() and path.suffix.lower() == ".zip":
-        return _folder_items(extract_zip(path, scratch / "unzipped", zip_limits))
-    if path.is_dir():
-        return _folder_items(path)
-    raise IngestError(f"source {source!r} is not a folder, a .zip file, an s3:// prefix or kaggle:OWNER/DATASET"
-                      + (" (it does not exist)" if not path.exists() else ""))
+    files = list_source(source, scratch, zip_limits)
+    return files.items, files.ignored
 
 
 # --------------------------------------------------------------------------- per-file work
@@ -297,16 +360,36 @@ class _Store:
             return hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() and path.stat().st_size == size else None
         if self.existing.get(uri) != size:
             return None
-        head = self.client.head_object(Bucket=self.bucket, Key=self.key_prefix + rel)
+        return self.sha256_at(rel)
+
+    def sha256_at(self, rel: str) -> str | None:
+        """The sha256 an S3 object under this name carries in its metadata (None: absent or none)."""
+        try:
+            head = self.client.head_object(Bucket=self.bucket, Key=self.key_prefix + rel)
+        except ClientError as err:
+            if err.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+                return None
+            raise
         return head.get("Metadata", {}).get("sha256")
 
-    def put(self, rel: str, data: bytes, sha256: str) -> None:
+    def holds(self, rel: str) -> bool:
+        """Whether an object is stored under this name (whatever its bytes)."""
+        return Path(self.uri(rel)).exists() if self.local else self.uri(rel) in self.existing
+
+    def put(self, rel: str, data: bytes, sha256: str, once: bool = False) -> None:
         uri = self.uri(rel)
         if self.local:
-            storage.write_bytes(uri, data)
+            (storage.write_once if once else storage.write_bytes)(uri, data)
             return
         extra = {"Metadata": {"sha256": sha256},
                  "ContentType": mimetypes.guess_type(rel)[0] or "application/octet-stream"}
+        # A data version's object is created only where its name is free (a conditional PUT; a file big
+        # enough to go multipart is checked against the listing only: scans are far below that size).
+        if once and len(data) < MULTIPART_THRESHOLD:
+            if not storage.create_once(uri, data, client=self.client, **extra) and self.sha256_at(rel) != sha256:
+                raise storage.ImmutableObjectError(f"{uri} already holds other bytes; a data version is never "
+                                                   "changed")
+            return
         if len(data) < MULTIPART_THRESHOLD:  # one request: the transfer manager's machinery costs more than it saves
             self.client.put_object(Bucket=self.bucket, Key=self.key_prefix + rel, Body=data, **extra)
         else:  # big files go multipart, their parts in parallel
@@ -319,11 +402,17 @@ class _Store:
                                        Config=config)
 
 
-def _upload_one(store: _Store, item: _Item, data: bytes, sha256: str) -> bool:
-    """Store one file unless the same bytes are already there; True when it was uploaded."""
+def _upload_one(store: _Store, item: _Item, data: bytes, sha256: str, once: bool = False) -> bool:
+    """Store one file unless the same bytes are already there; True when it was uploaded.
+
+    once: other bytes under its name are never replaced (a data version): ImmutableObjectError.
+    """
     if store.stored_sha256(item.rel, len(data)) == sha256:
         return False
-    store.put(item.rel, data, sha256)
+    if once and store.holds(item.rel):
+        raise storage.ImmutableObjectError(f"{store.uri(item.rel)} already holds other bytes; a data version "
+                                           "is never changed")
+    store.put(item.rel, data, sha256, once=once)
     return True
 
 
@@ -365,105 +454,188 @@ def _progress_bar(total: int, show: bool):
 
 def ingest(source: str = DEFAULT_SOURCE, dest: str = "", workers: int = IO_WORKERS, progress: bool = True,
            zip_limits: ZipLimits = ZipLimits()) -> IngestResult:
-    """Copy an archive's images to ``{dest}/images/``, then write ``manifest.csv`` and ``ingest.json``.
+    """Copy an archive's images to ``{dest}/images/``, then write ``ingest.json`` and ``manifest.csv``.
 
     Raises UnknownLabelsError (nothing uploaded) for files outside the layout, UploadError naming
     the files not stored when S3 fails mid-run (what was stored stays; rerun to finish), and
-    IngestError for a bad source.
+    IngestError for a bad source. Files over MAX_IMAGE_BYTES and symbolic links are refused and
+    listed in the result's `rejected`; the rest is ingested.
     """
     if not dest:
         raise IngestError("no destination: give dest as s3://BUCKET/PREFIX or a folder")
-    source, dest = str(source), str(dest).rstrip("/")
     started = time.monotonic()
     scratch = Path(tempfile.mkdtemp(prefix="brainscan-ingest-"))
     try:
-        items, ignored = open_source(source, scratch, zip_limits)
-        if ignored:
-            log.info("ignoring %d non-image file(s), e.g. %s", len(ignored), ", ".join(ignored[:3]))
-        if not items:
-            raise IngestError(f"source {source!r} holds no images ({', '.join(IMAGE_SUFFIXES)})")
-        _label_all(items)  # before any upload: an unknown name stops the run with nothing written
-
-        images_uri = storage.join(dest, "images")
-        try:
-            if storage.is_s3(dest):
-                storage.ensure_bucket(storage.parse_s3(dest)[0])
-            store = _Store(images_uri, workers)
-        except Exception as err:
-            if isinstance(err, IngestError):
-                raise
-            raise IngestError(f"cannot prepare {dest}: {_s3_failure_reason(err)}") from err
-
-        abort = threading.Event()  # first S3 failure: stop starting new files, report the rest
-        failures: dict[str, str] = {}
-        lock = threading.Lock()
-        rows: dict[str, dict] = {}
-        uploaded = 0
-
-        def work(item: _Item) -> None:
-            nonlocal uploaded
-            if abort.is_set():
-                failures.setdefault(item.rel, "not attempted after an earlier failure")
-                return
-            try:
-                data = item.read()
-                sha256 = hashlib.sha256(data).hexdigest()
-                row = {"path": store.uri(item.rel), "sha256": sha256, "bytes": len(data), "modality": item.modality,
-                       "class7": item.class7, "tumor": int(is_tumor(item.class7)), **describe_image(data)}
-                did_upload = _upload_one(store, item, data, sha256)
-            except Exception as err:
-                with lock:
-                    failures[item.rel] = _s3_failure_reason(err)
-                abort.set()
-                return
-            with lock:
-                rows[item.rel] = row
-                uploaded += int(did_upload)
-
-        bar = _progress_bar(len(items), progress)
-        try:
-            with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="ingest") as pool:
-                try:
-                    for _ in pool.map(work, items):
-                        bar.update(1)
-                except BaseException:  # Ctrl-C: queued files return at once instead of uploading
-                    abort.set()
-                    raise
-        finally:
-            bar.close()
-
-        if failures:
-            first_reason = next(r for r in failures.values() if r != "not attempted after an earlier failure") \
-                if any(r != "not attempted after an earlier failure" for r in failures.values()) else "aborted"
-            raise UploadError(first_reason, sorted(failures), stored=len(rows), total=len(items))
-
-        ordered = [rows[rel] for rel in sorted(rows)]
-        manifest = io.StringIO()
-        writer = csv.DictWriter(manifest, fieldnames=MANIFEST_COLUMNS, lineterminator="\n")
-        writer.writeheader()
-        for row in ordered:
-            writer.writerow({**row, "decodable": "true" if row["decodable"] else "false"})
-        manifest_uri = storage.join(dest, "manifest.csv")
-        summary_uri = storage.join(dest, "ingest.json")
-        class_counts = {name: 0 for name in CLASSES}
-        for row in ordered:
-            class_counts[row["class7"]] += 1
-        result = IngestResult(
-            source=source, dest=dest, files=len(ordered), bytes=sum(r["bytes"] for r in ordered),
-            uploaded=uploaded, skipped=len(ordered) - uploaded, manifest_uri=manifest_uri, summary_uri=summary_uri,
-            fingerprint=fingerprint_of(ordered), class_counts=class_counts,
-            undecodable=[r["path"] for r in ordered if not r["decodable"]], ignored=ignored,
-        )
-        try:
-            storage.write_text(manifest_uri, manifest.getvalue(), "text/csv")
-            result.seconds = round(time.monotonic() - started, 3)
-            storage.write_json(summary_uri, result.summary())
-        except Exception as err:
-            raise IngestError(f"all {len(ordered)} images are stored, but writing the manifest failed "
-                              f"({_s3_failure_reason(err)}); rerun to finish") from err
-        if result.undecodable:
-            log.warning("%d file(s) do not decode (kept, decodable=false): %s", len(result.undecodable),
-                        ", ".join(result.undecodable[:5]))
-        return result
+        files = _open(str(source), scratch, zip_limits)
+        return _copy(str(source), files, str(dest).rstrip("/"), workers, progress, started)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+
+
+def ingest_version(source: str, datasets: str, workers: int = IO_WORKERS, progress: bool = True,
+                   zip_limits: ZipLimits = ZipLimits(), expected_fingerprint: str | None = None) -> IngestResult:
+    """Ingest a source as an immutable data version: ``{datasets}/<fingerprint>/`` (brainscan.layout).
+
+    The images are read and hashed first, so the version's name (the dataset fingerprint) is known
+    before anything is written. Nothing under a version is ever replaced: an object holding other
+    bytes, or a file whose bytes changed since that first read, stops the run with no manifest
+    written. `manifest.csv` comes last, so a version is complete (and read by anyone) only once it
+    is there; an interrupted run leaves an incomplete version that the next run of the same data
+    finishes. A complete version is reused as it is (`reused`: nothing uploaded or written).
+    expected_fingerprint: refuse (IngestError) when the source no longer has this fingerprint,
+    e.g. changed since the pipeline's fingerprint step (the step's outputs must follow its inputs).
+    """
+    started = time.monotonic()
+    scratch = Path(tempfile.mkdtemp(prefix="brainscan-ingest-"))
+    try:
+        files = _open(str(source), scratch, zip_limits)
+        first_read = _hash_all(files.items, workers)
+        fingerprint = fingerprint_of({"sha256": first_read[item.rel], "class7": item.class7} for item in files.items)
+        if expected_fingerprint and expected_fingerprint != fingerprint:
+            raise IngestError(f"source {source!r} has fingerprint {fingerprint}, not the expected "
+                              f"{expected_fingerprint}: it changed since it was fingerprinted; run again")
+        dest = layout.version_uri(datasets, fingerprint)
+        if storage.exists(storage.join(dest, "manifest.csv")):
+            log.info("data version %s is complete already: reused", dest)
+            return _complete_version(str(source), dest, files, started)
+        return _copy(str(source), files, dest, workers, progress, started, first_read=first_read)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _open(source: str, scratch: Path, zip_limits: ZipLimits) -> SourceFiles:
+    """The source's files, labelled (an unknown name stops the run before anything is written)."""
+    files = list_source(source, scratch, zip_limits)
+    if files.ignored:
+        log.info("ignoring %d non-image file(s), e.g. %s", len(files.ignored), ", ".join(files.ignored[:3]))
+    for entry in files.rejected:
+        log.warning("refused %s: %s", entry["path"], entry["reason"])
+    if not files.items:
+        raise IngestError(f"source {source!r} holds no images ({', '.join(IMAGE_SUFFIXES)})")
+    _label_all(files.items)
+    return files
+
+
+def _hash_all(items: list[_Item], workers: int) -> dict[str, str]:
+    """rel -> sha256 of every item (a first read, to name the data version before writing it)."""
+    def digest(item: _Item) -> tuple[str, str]:
+        return item.rel, hashlib.sha256(item.read()).hexdigest()
+
+    try:
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="ingest-hash") as pool:
+            return dict(pool.map(digest, items))
+    except Exception as err:
+        raise IngestError(f"cannot read the source: {_s3_failure_reason(err)}") from err
+
+
+def _complete_version(source: str, dest: str, files: SourceFiles, started: float) -> IngestResult:
+    """The result of an ingest that found its data version complete: the version's own record."""
+    record = storage.read_json(storage.join(dest, "ingest.json"))
+    return IngestResult(
+        source=source, dest=dest, files=record["files"], bytes=record["bytes"], uploaded=0, skipped=record["files"],
+        manifest_uri=record["manifest_uri"], summary_uri=storage.join(dest, "ingest.json"),
+        fingerprint=record["fingerprint"], class_counts=record["class_counts"], undecodable=record["undecodable"],
+        ignored=files.ignored, rejected=files.rejected, reused=True,
+        seconds=round(time.monotonic() - started, 3))
+
+
+def _copy(source: str, files: SourceFiles, dest: str, workers: int, progress: bool, started: float,
+          first_read: dict[str, str] | None = None) -> IngestResult:
+    """Store the files under {dest}/images/, then ingest.json, then manifest.csv.
+
+    first_read (a data version): the sha256 each file had when the version was named; a file that
+    reads otherwise now fails, and nothing stored is replaced (write-once).
+    """
+    items = files.items
+    once = first_read is not None
+    images_uri = storage.join(dest, "images")
+    try:
+        if storage.is_s3(dest):
+            storage.ensure_bucket(storage.parse_s3(dest)[0])
+        store = _Store(images_uri, workers)
+    except Exception as err:
+        if isinstance(err, IngestError):
+            raise
+        raise IngestError(f"cannot prepare {dest}: {_s3_failure_reason(err)}") from err
+
+    abort = threading.Event()  # first S3 failure: stop starting new files, report the rest
+    failures: dict[str, str] = {}
+    lock = threading.Lock()
+    rows: dict[str, dict] = {}
+    uploaded = 0
+
+    def work(item: _Item) -> None:
+        nonlocal uploaded
+        if abort.is_set():
+            failures.setdefault(item.rel, "not attempted after an earlier failure")
+            return
+        try:
+            data = item.read()
+            sha256 = hashlib.sha256(data).hexdigest()
+            if once and sha256 != first_read[item.rel]:
+                raise IngestError(f"{item.rel} changed while being ingested")
+            row = {"path": store.uri(item.rel), "sha256": sha256, "bytes": len(data), "modality": item.modality,
+                   "class7": item.class7, "tumor": int(is_tumor(item.class7)), **describe_image(data)}
+            did_upload = _upload_one(store, item, data, sha256, once=once)
+        except Exception as err:
+            with lock:
+                failures[item.rel] = _s3_failure_reason(err)
+            abort.set()
+            return
+        with lock:
+            rows[item.rel] = row
+            uploaded += int(did_upload)
+
+    bar = _progress_bar(len(items), progress)
+    try:
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="ingest") as pool:
+            try:
+                for _ in pool.map(work, items):
+                    bar.update(1)
+            except BaseException:  # Ctrl-C: queued files return at once instead of uploading
+                abort.set()
+                raise
+    finally:
+        bar.close()
+
+    if failures:
+        first_reason = next(r for r in failures.values() if r != "not attempted after an earlier failure") \
+            if any(r != "not attempted after an earlier failure" for r in failures.values()) else "aborted"
+        raise UploadError(first_reason, sorted(failures), stored=len(rows), total=len(items))
+
+    ordered = [rows[rel] for rel in sorted(rows)]
+    manifest = io.StringIO()
+    writer = csv.DictWriter(manifest, fieldnames=MANIFEST_COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    for row in ordered:
+        writer.writerow({**row, "decodable": "true" if row["decodable"] else "false"})
+    manifest_uri = storage.join(dest, "manifest.csv")
+    summary_uri = storage.join(dest, "ingest.json")
+    class_counts = {name: 0 for name in CLASSES}
+    for row in ordered:
+        class_counts[row["class7"]] += 1
+    result = IngestResult(
+        source=source, dest=dest, files=len(ordered), bytes=sum(r["bytes"] for r in ordered),
+        uploaded=uploaded, skipped=len(ordered) - uploaded, manifest_uri=manifest_uri, summary_uri=summary_uri,
+        fingerprint=fingerprint_of(ordered), class_counts=class_counts,
+        undecodable=[r["path"] for r in ordered if not r["decodable"]], ignored=files.ignored,
+        rejected=files.rejected,
+    )
+    result.seconds = round(time.monotonic() - started, 3)
+    try:
+        # The manifest last: a reader that finds it finds every object and the summary it lists.
+        if once:
+            storage.write_once(summary_uri, storage.json_bytes(result.version_record()), "application/json")
+            storage.write_once(manifest_uri, manifest.getvalue().encode(), "text/csv")
+        else:
+            storage.write_json(summary_uri, result.summary())
+            storage.write_text(manifest_uri, manifest.getvalue(), "text/csv")
+    except storage.ImmutableObjectError as err:
+        raise IngestError(f"data version {dest} holds another ingest's record: {err}") from err
+    except Exception as err:
+        raise IngestError(f"all {len(ordered)} images are stored, but writing the manifest failed "
+                          f"({_s3_failure_reason(err)}); rerun to finish") from err
+    if result.undecodable:
+        log.warning("%d file(s) do not decode (kept, decodable=false): %s", len(result.undecodable),
+                    ", ".join(result.undecodable[:5]))
+    return result

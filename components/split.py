@@ -262,8 +262,13 @@ def _assign(df: pd.DataFrame, val: float, test: float, seed: int) -> dict[int, s
 
 
 def split(data: str, out: str, val: float = VAL_FRACTION, test: float = TEST_FRACTION, seed: int = DEFAULTS.seed,
-          max_distance: int = MAX_DISTANCE, workers: int = IO_WORKERS) -> SplitResult:
-    """Split `{data}/manifest.csv` into `{out}/{train,val,test}.csv` with duplicates kept together."""
+          max_distance: int = MAX_DISTANCE, workers: int = IO_WORKERS, once: bool = False) -> SplitResult:
+    """Split `{data}/manifest.csv` into `{out}/{train,val,test}.csv` with duplicates kept together.
+
+    once: `out` is write-once (under a data version, brainscan.layout): a file already there with the
+    same bytes is kept, one with other bytes is never replaced (storage.ImmutableObjectError).
+    """
+    write = storage.write_once if once else storage.write_bytes
     if not (0 <= val < 1 and 0 <= test < 1 and val + test < 1):
         raise ValueError(f"val ({val}) and test ({test}) must be fractions in [0, 1) with val + test < 1")
     manifest_uri = storage.join(data, "manifest.csv")
@@ -304,7 +309,7 @@ def split(data: str, out: str, val: float = VAL_FRACTION, test: float = TEST_FRA
     counts, per_class = {}, {}
     for name in SPLITS:
         part = df[df["split"] == name].sort_values("path")[columns]
-        storage.write_text(storage.join(out, f"{name}.csv"), part.to_csv(index=False), "text/csv")
+        write(storage.join(out, f"{name}.csv"), part.to_csv(index=False).encode(), "text/csv")
         counts[name] = len(part)
         per_class[name] = {c: int(n) for c, n in sorted(Counter(part["class7"]).items())}
 
@@ -315,14 +320,14 @@ def split(data: str, out: str, val: float = VAL_FRACTION, test: float = TEST_FRA
                     for _, g in df.groupby("group") if g["class7"].nunique() > 1]
     result = SplitResult(out, counts, per_class, int(len(sizes)), len(duplicate_groups), exact_extra,
                          near_extra, excluded, 0, len(mixed_groups), report_uri)
-    storage.write_json(report_uri, {
+    write(report_uri, storage.json_bytes({
         "manifest": manifest_uri,
         "seed": seed, "val": val, "test": test, "max_hamming_distance": max_distance,
         **result.summary(),
         "excluded": excluded,
         "duplicate_group_members": duplicate_groups,
         "mixed_class_group_members": mixed_groups,
-    })
+    }), "application/json")
     log.info("split: %s", counts)
     return result
 

@@ -49,7 +49,7 @@ from brainscan.config import DEFAULTS, IO_WORKERS, Recipe
 from brainscan.network import (DROPOUT, SCRATCH_BN_MOMENTUM, TARGETS, Fitted, TrainingError, augmenter,
                                class_weights, export_model, fit_stages, target_kind, training_model,
                                with_short_names)
-from brainscan.dataset import read_split, splits_fingerprint
+from brainscan.dataset import read_split, splits_data_uri, splits_fingerprint
 from brainscan.labels import CLASS_INDEX, CLASSES, HEALTHY_INDICES
 from brainscan.preprocessing import METADATA_CROP_KEY, InvalidImageError, check_image_bytes, preprocess_image
 
@@ -310,7 +310,8 @@ def bundle_metadata(recipe: Recipe, splits: str, data: TrainingData, fitted: Fit
     return {
         **recipe.metadata(), "dropout": dropout, "bn_momentum": bn_momentum if recipe.from_scratch else None,
         "fine_tune_learning_rate": fine_tune_learning_rate, "splits": splits,
-        "dataset_fingerprint": splits_fingerprint(splits), "train_images": len(data.train_labels),
+        "dataset_fingerprint": splits_fingerprint(splits), "data_uri": splits_data_uri(splits),
+        "train_images": len(data.train_labels),
         "val_images": len(data.val_labels), "best_epoch": fitted.best_epoch,
         "best_val_loss": fitted.at_best("val_loss"), "best_val_accuracy": fitted.at_best("val_accuracy"),
         "best_val_tumor_auc": fitted.at_best("val_tumor_auc"),

@@ -292,14 +292,19 @@ def validate_manifest(manifest: pd.DataFrame, *, check_files: bool = True,
 def validate(data: str, report_dir: str, *, check_files: bool = True, min_per_class: int = VALIDATION.min_per_class,
              max_class_ratio: float = VALIDATION.max_class_ratio, min_side: int = VALIDATION.min_side,
              max_side: int = VALIDATION.max_side, allow_corrupt: float = VALIDATION.allow_corrupt,
-             max_duplicate_fraction: float = VALIDATION.max_duplicate_fraction) -> ValidationResult:
+             max_duplicate_fraction: float = VALIDATION.max_duplicate_fraction, once: bool = False
+             ) -> ValidationResult:
     """Validate `{data}/manifest.csv`; write the JSON and HTML reports (and quarantine list) to report_dir.
+
+    once: report_dir is write-once (under a data version, brainscan.layout): a report already there
+    with the same bytes is kept, one with other bytes is never replaced (storage.ImmutableObjectError).
 
     Thresholds: `min_per_class` images in each class; the largest class at most
     `max_class_ratio` times any other; image sides within [min_side, max_side];
     `allow_corrupt` the fraction of undecodable files tolerated (0: any fails the suite);
     `max_duplicate_fraction` the share of exact-duplicate files tolerated.
     """
+    write = storage.write_once if once else storage.write_bytes
     manifest_uri = storage.join(data, "manifest.csv")
     manifest = read_manifest(data, required=())  # the suite itself reports missing columns
     log.info("validate: %d rows from %s", len(manifest), manifest_uri)
@@ -320,7 +325,7 @@ def validate(data: str, report_dir: str, *, check_files: bool = True, min_per_cl
     if quarantine_uri:
         quarantine = corrupt_rows[["path", "sha256", "class7"]].copy()
         quarantine["reason"] = corrupt_rows["decode_error"].values
-        storage.write_text(quarantine_uri, quarantine.to_csv(index=False), "text/csv")
+        write(quarantine_uri, quarantine.to_csv(index=False).encode(), "text/csv")
     per_class = dict(zip(class_counts["class7"], class_counts["count"].astype(int)))
     result = ValidationResult(success, len(df), per_class, outcomes, corrupt, groups, json_uri, html_uri, quarantine_uri)
     report = {
@@ -336,8 +341,8 @@ def validate(data: str, report_dir: str, *, check_files: bool = True, min_per_cl
         "quarantine_csv": quarantine_uri,
         "duplicates": {"files": sum(len(g) - 1 for g in groups), "groups": groups},
     }
-    storage.write_json(json_uri, report)
-    storage.write_text(html_uri, _html(report), "text/html")
+    write(json_uri, storage.json_bytes(report), "application/json")
+    write(html_uri, _html(report).encode(), "text/html")
     log.info("validate: %s (%d expectations, %d failed)", "passed" if success else "FAILED",
              len(outcomes), len(result.failed))
     return result

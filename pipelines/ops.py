@@ -34,20 +34,20 @@ _COMMON = dict(base_image=PIPELINE_IMAGE, install_kfp_package=False)
 @dsl.component(**_COMMON)
 def ingest_op(source: str, bucket: str, prefix: str, source_fingerprint: str, dataset: Output[Dataset]) -> NamedTuple(
         "IngestOutputs", [("data_uri", str), ("fingerprint", str)]):
-    """Copy the raw images into the store (checksummed, idempotent) and write the manifest.
+    """Copy the raw images into an immutable data version named by their fingerprint (checksummed,
+    write-once, the manifest last) and write its manifest; returns the version's URI.
 
-    `source_fingerprint` is not used here: it is in the signature so that KFP's cache key changes
-    whenever the source's images or labels do.
+    `source_fingerprint` keys KFP's cache: the same images and labels, the same data version. Ingest
+    refuses a source whose fingerprint is no longer this one, so a cached output never names other data.
     """
     import collections
     import json
 
     from brainscan import layout
-    from components.ingest import ingest
+    from components.ingest import ingest_version
 
-    dataset_uri = layout.dataset_uri(bucket, prefix)
-
-    result = ingest(source, dataset_uri)
+    result = ingest_version(source, layout.datasets_uri(bucket, prefix), expected_fingerprint=source_fingerprint)
+    dataset_uri = result.dest
     summary = result.summary() if hasattr(result, "summary") else dict(vars(result))
     with open(dataset.path, "w") as handle:
         json.dump(summary, handle, indent=2, sort_keys=True, default=str)
@@ -61,13 +61,17 @@ def ingest_op(source: str, bucket: str, prefix: str, source_fingerprint: str, da
 def validate_op(data_uri: str, fingerprint: str, report: Output[HTML], metrics: Output[Metrics]) -> str:
     """Run the great-expectations suite; a failed suite fails the run (nothing is trained on bad data).
 
-    `fingerprint` keys the cache: the same data is validated once.
+    `fingerprint` keys the cache: the same data is validated once. The report is written once, inside
+    the data version, in a folder named by the validation settings.
     """
+    import dataclasses
+
     from brainscan import layout, storage
+    from brainscan.config import VALIDATION
     from components.validate import validate
 
-    report_dir = layout.validation_uri(data_uri)
-    result = validate(data_uri, report_dir)
+    report_dir = layout.validation_uri(data_uri, dataclasses.asdict(VALIDATION))
+    result = validate(data_uri, report_dir, once=True)
     with open(report.path, "w") as handle:
         handle.write(storage.read_text(storage.join(report_dir, "validation.html")))
     report.metadata["uri"] = storage.join(report_dir, "validation.html")
@@ -80,15 +84,16 @@ def validate_op(data_uri: str, fingerprint: str, report: Output[HTML], metrics: 
 
 @dsl.component(**_COMMON)
 def split_op(data_uri: str, fingerprint: str, val: float, test: float, seed: int, splits: Output[Dataset]) -> str:
-    """Stratified train/val/test split; duplicates never cross splits. One split per data version."""
+    """Stratified train/val/test split; duplicates never cross splits. Written once, inside the data
+    version: the same data, seed and fractions, the same split."""
     import json
 
     from brainscan import layout
     from components.split import split
 
-    splits_uri = layout.splits_uri(data_uri, fingerprint, seed)
+    splits_uri = layout.splits_uri(data_uri, seed, val, test)
 
-    result = split(data_uri, splits_uri, val=val, test=test, seed=seed)
+    result = split(data_uri, splits_uri, val=val, test=test, seed=seed, once=True)
     with open(splits.path, "w") as handle:
         json.dump(result.summary(), handle, indent=2, sort_keys=True, default=str)
     splits.metadata.update({"uri": splits_uri, **{f"rows_{k}": int(v) for k, v in result.counts.items()}})

@@ -21,9 +21,12 @@ import pytest
 from brainscan import storage
 
 from brainscan.local import stack
+from brainscan.limits import MAX_IMAGE_BYTES, MAX_IMAGE_PIXELS
+from components import fingerprint as fingerprint_module
 from components import ingest as ingest_module
 from components.ingest import (MANIFEST_COLUMNS, IngestError, UnknownLabelsError, UploadError, ZipLimits,
-                                         ingest)
+                                         ingest, ingest_version)
+from components.split import split
 from brainscan.labels import label_from_path
 from tests.fixtures.ingest import image_bytes, write_tree
 from tests.fixtures.stack import stack_environment
@@ -245,8 +248,9 @@ def test_cli_json_summary_is_last_line(image_tree, s3_prefix):
                                       "--no-progress"])
     assert result.exit_code == 0, result.output
     summary = json.loads(result.stdout.strip().splitlines()[-1])
-    assert set(summary) == {"files", "bytes", "uploaded", "skipped", "manifest_uri", "fingerprint"}
+    assert set(summary) == {"files", "bytes", "uploaded", "skipped", "manifest_uri", "fingerprint", "rejected"}
     assert summary["files"] == 14 and summary["manifest_uri"] == storage.join(s3_prefix, "manifest.csv")
+    assert summary["rejected"] == []
 
     bad = CliRunner().invoke(app, ["ingest", "--source", str(image_tree / "missing"), "--dest", s3_prefix])
     assert bad.exit_code == 1 and "error: source" in bad.output
@@ -404,3 +408,104 @@ def test_real_sample_ingest(s3_prefix, real_sample_dir):
     assert not result.undecodable
     assert {row["format"] for row in rows} == {"JPEG", "PNG"}
     assert {row["mode"] for row in rows} >= {"L", "RGB"}
+
+
+def test_folder_source_does_not_follow_symlinks(image_tree, s3_prefix, tmp_path):
+    """A symbolic link in a folder source (to /etc/passwd, to a folder outside the source) is refused
+    and reported, never read or uploaded; the fingerprint step leaves it out the same way."""
+    outside = write_tree(tmp_path / "outside", per_class=1, seed=9) / "Dataset" / "Brain Tumor CT scan Images"
+    healthy = image_tree / "Dataset" / "Brain Tumor CT scan Images" / "Healthy"
+    (healthy / "ct_healthy (9).jpg").symlink_to("/etc/passwd")
+    (image_tree / "Dataset" / "Brain Tumor MRI images" / "Tumor" / "linked").symlink_to(outside)
+
+    result = ingest(str(image_tree), s3_prefix, progress=False)
+    assert result.files == 14  # the tree's own images, all of them
+    rejected = {entry["path"]: entry["reason"] for entry in result.rejected}
+    assert set(rejected) == {"Dataset/Brain Tumor CT scan Images/Healthy/ct_healthy (9).jpg",
+                             "Dataset/Brain Tumor MRI images/Tumor/linked"}
+    assert all("symbolic link" in reason for reason in rejected.values())
+    assert not any("(9)" in key or "linked" in key for key in object_keys(s3_prefix))
+    assert storage.read_json(storage.join(s3_prefix, "ingest.json"))["rejected"] == result.rejected
+    assert result.fingerprint == fingerprint_module.source_fingerprint(str(image_tree))
+
+
+def test_file_over_the_size_cap_is_rejected_and_the_rest_ingested(image_tree, s3_prefix):
+    """One setting (brainscan.limits.MAX_IMAGE_BYTES, above any image the pixel limit admits) caps a
+    file; a bigger one is refused before it is read, with its reason, and nothing else is lost."""
+    assert MAX_IMAGE_BYTES >= 4 * MAX_IMAGE_PIXELS  # an uncompressed RGBA image at the pixel limit fits
+    huge = image_tree / "Dataset" / "Brain Tumor MRI images" / "Tumor" / "glioma (9).png"
+    with open(huge, "wb") as handle:  # sparse: no disk, and never read
+        handle.truncate(MAX_IMAGE_BYTES + 1)
+
+    result = ingest(str(image_tree), s3_prefix, progress=False)
+    assert result.files == 14 and len(read_manifest(s3_prefix)) == 14
+    assert result.rejected == [{"path": "Dataset/Brain Tumor MRI images/Tumor/glioma (9).png",
+                                "reason": f"{MAX_IMAGE_BYTES + 1} bytes, more than the limit of "
+                                          f"{MAX_IMAGE_BYTES} for one image"}]
+    assert not any("glioma (9)" in key for key in object_keys(s3_prefix))
+    assert result.fingerprint == fingerprint_module.source_fingerprint(str(image_tree))  # the step agrees
+
+
+# --------------------------------------------------------------------------- immutable data versions
+
+def test_a_data_version_is_named_by_its_content_and_reused_when_complete(image_tree, s3_prefix):
+    first = ingest_version(str(image_tree), s3_prefix, progress=False)
+    assert first.dest == storage.join(s3_prefix, expected_fingerprint(image_tree))  # named by the fingerprint
+    assert (first.files, first.uploaded, first.reused) == (14, 14, False)
+    assert all(row["path"].startswith(first.dest + "/images/") for row in read_manifest(first.dest))
+    listing = {(uri, size) for uri, size in storage.list_files(first.dest)}
+
+    again = ingest_version(str(image_tree), s3_prefix, progress=False)
+    assert (again.dest, again.fingerprint, again.uploaded, again.reused) == (first.dest, first.fingerprint, 0, True)
+    assert {(uri, size) for uri, size in storage.list_files(first.dest)} == listing
+
+    next(image_tree.rglob("glioma (2).jpg")).write_bytes(image_bytes(4242))  # new data: a new version
+    changed = ingest_version(str(image_tree), s3_prefix, progress=False)
+    assert changed.dest != first.dest and changed.uploaded == 14
+    assert {(uri, size) for uri, size in storage.list_files(first.dest)} == listing  # the old one untouched
+    assert len(read_manifest(first.dest)) == 14
+
+
+def test_an_interrupted_version_is_invisible_until_a_rerun_completes_it(image_tree, s3_prefix, monkeypatch):
+    """The manifest comes last: a run that fails half way leaves a version without manifest.csv, which
+    validate and split refuse to read; the next run of the same data finishes it."""
+    real_put, calls = ingest_module._Store.put, []
+
+    def failing_put(self, rel, data, sha256, once=False):
+        calls.append(rel)
+        if len(calls) > 5:
+            raise ConnectionError("S3 went away")
+        return real_put(self, rel, data, sha256, once=once)
+
+    monkeypatch.setattr(ingest_module._Store, "put", failing_put)
+    with pytest.raises(UploadError):
+        ingest_version(str(image_tree), s3_prefix, workers=1, progress=False)
+    version = storage.join(s3_prefix, expected_fingerprint(image_tree))
+    assert 0 < len(object_keys(storage.join(version, "images"))) < 14
+    assert not storage.exists(storage.join(version, "manifest.csv"))
+    with pytest.raises(FileNotFoundError):
+        split(version, storage.join(version, "splits", "x"))
+
+    monkeypatch.setattr(ingest_module._Store, "put", real_put)
+    done = ingest_version(str(image_tree), s3_prefix, workers=1, progress=False)
+    assert done.dest == version and done.files == 14 and done.uploaded == 14 - 5
+    assert storage.exists(storage.join(version, "manifest.csv"))
+
+
+def test_bytes_under_a_version_are_never_replaced(image_tree, s3_prefix):
+    """An object of an unfinished version that holds other bytes stops the run; it is not overwritten."""
+    version = storage.join(s3_prefix, expected_fingerprint(image_tree))
+    planted = storage.join(version, "images", "Dataset/Brain Tumor MRI images/Tumor/glioma (2).jpg")
+    storage.write_bytes(planted, b"other bytes")
+    with pytest.raises(UploadError, match="never changed"):
+        ingest_version(str(image_tree), s3_prefix, progress=False)
+    assert storage.read_bytes(planted) == b"other bytes"
+    assert not storage.exists(storage.join(version, "manifest.csv"))
+
+
+def test_a_source_that_changed_since_its_fingerprint_is_refused(image_tree, s3_prefix):
+    """The pipeline's ingest is cached on the fingerprint step's value: it refuses other data rather
+    than return a version that the cache key does not name."""
+    with pytest.raises(IngestError, match="changed since it was fingerprinted"):
+        ingest_version(str(image_tree), s3_prefix, progress=False, expected_fingerprint="0" * 64)
+    assert object_keys(s3_prefix) == []

@@ -21,6 +21,7 @@ import re
 import shutil
 from pathlib import Path
 
+import mlflow
 import pytest
 
 from brainscan import labels, storage
@@ -147,6 +148,14 @@ def test_local_pipeline_end_to_end_then_retrain_only_on_new_data(local_run, tmp_
     _, third = _run(source, local_run, synthetic_pretrained_base, epochs=2, fine_tune_epochs=0)
     assert third["trained"] is True
     assert third["dataset_fingerprint"] == decision.fingerprint != first["dataset_fingerprint"]
+    # each run's data is its own immutable version: the first model's lineage names it, still readable
+    assert third["data_uri"] != first["data_uri"] and first["data_uri"].endswith(first["dataset_fingerprint"])
+    client = mlflow.MlflowClient(first["tracking_uri"])
+    registered_run = client.get_run(client.get_model_version("brain-tumor", first["model_version"]).run_id)
+    assert registered_run.data.params["train_data_uri"] == first["data_uri"]
+    first_test = read_split(first["splits_uri"], "test")
+    assert first["splits_uri"].startswith(first["data_uri"] + "/")
+    assert _image_hashes(first_test["path"]) == set(first_test["sha256"])
     champion_rules = [r for r in third["gate"]["rules"] if r["rule"].startswith("champion_")]
     assert champion_rules, "the gate must compare the new model with the champion"
     if third["gate_passed"]:
