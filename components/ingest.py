@@ -33,7 +33,7 @@ import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import Callable
+from typing import BinaryIO, Callable
 
 import requests
 from botocore.exceptions import ClientError, HTTPClientError
@@ -108,10 +108,17 @@ class IngestResult:
 
 @dataclass
 class _Item:
-    """One image of the source: its path inside the archive and how to read its bytes."""
+    """One image of the source: its path inside the archive and how to read its bytes.
+
+    `stream` opens them for reading in pieces and `version` is what the listing showed of them (S3
+    ETag and size; a file's size and modification time): the fingerprint step hashes an image
+    without holding it and skips one whose version it has hashed before.
+    """
 
     rel: str
     read: Callable[[], bytes]
+    stream: Callable[[], BinaryIO]
+    version: str
     modality: str = ""
     class7: str = ""
 
@@ -221,24 +228,26 @@ def _skip_name(rel: str) -> bool:
 
 def _folder_items(root: Path) -> tuple[list[_Item], list[str]]:
     items, ignored = [], []
-    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+    for uri, size, mtime in storage.list_versions(str(root)):
+        path = Path(uri)
         rel = path.relative_to(root).as_posix()
         if _skip_name(rel):
             ignored.append(rel)
         else:
-            items.append(_Item(rel, path.read_bytes))
+            items.append(_Item(rel, path.read_bytes, lambda path=path: path.open("rb"), f"{size}:{mtime}"))
     return items, ignored
 
 
 def _s3_items(prefix: str) -> tuple[list[_Item], list[str]]:
     base = prefix.rstrip("/") + "/"
     items, ignored = [], []
-    for uri, _size in storage.list_files(prefix):
+    for uri, size, etag in storage.list_versions(prefix):
         rel = uri[len(base):]
         if _skip_name(rel):
             ignored.append(rel)
         else:
-            items.append(_Item(rel, lambda uri=uri: storage.read_bytes(uri)))
+            items.append(_Item(rel, lambda uri=uri: storage.read_bytes(uri), lambda uri=uri: storage.open_read(uri),
+                               f"{size}:{etag}"))
     return items, ignored
 
 
