@@ -45,6 +45,7 @@ from brainscan import storage
 from brainscan.config import DEFAULT_SOURCE, IO_WORKERS
 from brainscan.dataset import MANIFEST_COLUMNS, fingerprint_of
 from brainscan.labels import IMAGE_SUFFIXES, CLASSES, UnknownLabelError, is_tumor, label_from_path
+from brainscan.redact import redact
 
 log = logging.getLogger(__name__)
 
@@ -352,7 +353,7 @@ def _label_all(items: list[_Item]) -> None:
 def _s3_failure_reason(err: BaseException) -> str:
     if isinstance(err, (BotoConnectionError, HTTPClientError)):
         endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or "AWS S3"
-        return f"S3 unreachable at {endpoint}: {type(err).__name__}"
+        return f"S3 unreachable at {redact(endpoint)}: {type(err).__name__}"
     if isinstance(err, ClientError):
         return f"S3 refused: {err.response.get('Error', {}).get('Code', '?')} {err.response.get('Error', {}).get('Message', '')}".strip()
     return f"{type(err).__name__}: {err}"

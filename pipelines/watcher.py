@@ -28,6 +28,7 @@ from typing import Callable
 
 from brainscan import heartbeat as liveness
 from brainscan.config import MODEL_NAME, WATCH
+from brainscan.redact import redact
 from components.fingerprint import champion_fingerprint, source_fingerprint
 
 log = logging.getLogger(__name__)
@@ -71,7 +72,8 @@ def run_name(fingerprint: str, prefix: str = "brainscan-retrain") -> str:
 
 
 def _first_line(err: Exception) -> str:
-    return str(err).splitlines()[0] if str(err).strip() else type(err).__name__
+    """What a log line shows of an error: its first line, without credentials in the URIs it names."""
+    return redact(str(err).splitlines()[0]) if str(err).strip() else type(err).__name__
 
 
 def _beat(heartbeat: str | Path | None) -> None:

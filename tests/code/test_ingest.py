@@ -404,3 +404,12 @@ def test_real_sample_ingest(s3_prefix, real_sample_dir):
     assert not result.undecodable
     assert {row["format"] for row in rows} == {"JPEG", "PNG"}
     assert {row["mode"] for row in rows} >= {"L", "RGB"}
+
+
+def test_an_unreachable_s3_endpoint_is_named_without_its_credentials(monkeypatch):
+    from botocore.exceptions import EndpointConnectionError
+
+    monkeypatch.delenv("AWS_ENDPOINT_URL_S3", raising=False)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://AKIDEXAMPLE:wJalrXUtnFEMI@127.0.0.1:9")
+    reason = ingest_module._s3_failure_reason(EndpointConnectionError(endpoint_url="http://127.0.0.1:9"))
+    assert reason == "S3 unreachable at http://***@127.0.0.1:9: EndpointConnectionError"

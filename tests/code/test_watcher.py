@@ -310,3 +310,18 @@ def test_watch_touches_its_heartbeat_and_alive_fails_when_it_is_stale(source, tr
     assert stale.exit_code == 1 and "stuck" in stale.output
     missing = runner.invoke(app, ["retrain", "alive", "--heartbeat", str(tmp_path / "none"), "--max-age", "600"])
     assert missing.exit_code == 1 and "no heartbeat" in missing.output
+
+
+def test_watcher_logs_show_no_tracking_uri_credentials(source, monkeypatch, caplog):
+    """MLflow down, its URI holding a user and password: the failed check is logged without them."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://alice:s3cret@127.0.0.1:{port}")
+    monkeypatch.setattr(watcher.time, "sleep", lambda _s: None)
+    with caplog.at_level("ERROR", logger=watcher.log.name):
+        assert watcher.watch(str(source), lambda decision: None, interval_s=0, model_name=NAME, max_checks=1) == 0
+    (failure,) = [r.getMessage() for r in caplog.records if "check 1 failed" in r.getMessage()]
+    assert "s3cret" not in failure and f"http://***@127.0.0.1:{port}" in failure
