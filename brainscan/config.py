@@ -121,6 +121,9 @@ def check_canary(percent: int | None, deployment_mode: str | None, name: str = "
 
 PIPELINE_NAME = "brainscan-train"
 RETRAIN_PIPELINE_NAME = "brainscan-retrain-if-new-data"
+# Seconds a KFP API request may wait to connect, and then for each answer, before it fails: an API
+# that accepts a connection and never answers must not hold a caller (the retrain watcher) forever.
+KFP_TIMEOUT_S = 30.0
 
 # ----------------------------------------------------------------------------- data
 VAL_FRACTION = 0.15
@@ -411,6 +414,14 @@ class WatchSettings:
     interval_s: float = _param(300, "Seconds between checks.", min=1)
     settle_checks: int = _param(2, "Start a run once the same data was seen on this many checks in a row "
                                    "(an upload in progress changes it from check to check).", min=1)
+    kfp_timeout_s: float = _param(KFP_TIMEOUT_S, "Seconds a KFP API request may wait to connect, and then for "
+                                                 "each answer, before it fails (the next check tries again).", min=0.1)
+    heartbeat: str = _param("", "A file the watcher touches at every check and while it reads images: "
+                                "`brainscan retrain alive` tells a liveness probe whether it is fresh.")
+    # Above the interval plus the longest stretch of a check without progress (S3 and MLflow retries,
+    # the KFP requests of a submit at kfp_timeout_s each): a stale heartbeat means a stuck watcher.
+    max_age_s: float = _param(900, "`brainscan retrain alive`: seconds the heartbeat may be old before the "
+                                   "watcher counts as stuck.", min=1)
 
 
 WATCH = WatchSettings()

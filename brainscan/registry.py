@@ -1,7 +1,9 @@
 """The MLflow model registry as brainscan uses it: where it is, the champion, its history, rollback.
 
 Tracking URI: the argument, else $MLFLOW_TRACKING_URI, else sqlite:///<workdir>/mlflow.db (the
-embedded local default). Registry and tracking share it.
+embedded local default). Registry and tracking share it. What this module returns, raises or logs
+shows it without the `user:password@` it may hold (brainscan.redact); MLflow's own error for a
+server that does not answer repeats the URL as given, so it is never chained to ours.
 
 The champion is the version behind the alias `champion`; the versions that held it, oldest
 first, are the registered model's tag `champion_history`, so that `rollback` can move the
@@ -27,6 +29,7 @@ from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
 from brainscan.config import CHAMPION_ALIAS, DEFAULT_WORKDIR, EXPERIMENT, MODEL_NAME, champion_uri, version_uri
+from brainscan.redact import redact
 
 log = logging.getLogger(__name__)
 
@@ -46,8 +49,8 @@ class RegistryUnavailable(RegistryError):
 
     def __init__(self, uri: str, err: Exception):
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        super().__init__(f"MLflow at {uri} is unreachable ({first[:300]}): check that the tracking server "
-                         "runs and MLFLOW_TRACKING_URI points at it; the registry was left as it was")
+        super().__init__(f"MLflow at {redact(uri)} is unreachable ({redact(first)[:300]}): check that the tracking "
+                         "server runs and MLFLOW_TRACKING_URI points at it; the registry was left as it was")
 
 
 def default_tracking_uri(workdir: str | Path = DEFAULT_WORKDIR) -> str:
@@ -64,6 +67,8 @@ def connect(tracking_uri: str | None = None, workdir: str | Path = DEFAULT_WORKD
     for key, value in HTTP_LIMITS.items():
         os.environ.setdefault(key, value)
     uri = resolve_tracking_uri(tracking_uri, workdir)
+    if redact(uri) != uri:  # MLflow prints its run links on the URI as given: user and password included
+        os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
     if uri.startswith("sqlite:///"):
         Path(uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
     mlflow.set_tracking_uri(uri)
@@ -97,7 +102,7 @@ def champion_version(client: MlflowClient, name: str) -> str | None:
         return str(client.get_model_version_by_alias(name, CHAMPION_ALIAS).version)
     except MlflowException as err:
         if is_unreachable(err):
-            raise
+            raise RegistryUnavailable(client.tracking_uri, err) from None
         return None  # no such model or alias yet
 
 
@@ -107,7 +112,7 @@ def history(client: MlflowClient, name: str) -> list[str]:
         tags = client.get_registered_model(name).tags
     except MlflowException as err:
         if is_unreachable(err):
-            raise
+            raise RegistryUnavailable(client.tracking_uri, err) from None
         return []
     try:
         return [str(v) for v in json.loads(tags.get(HISTORY_TAG, "[]"))]
@@ -131,7 +136,7 @@ def rollback(name: str = MODEL_NAME, tracking_uri: str | None = None, workdir: s
     client, uri = connect(tracking_uri, workdir)
     current = champion_version(client, name)
     if current is None:
-        raise RegistryError(f"{name} has no {CHAMPION_ALIAS} alias in {uri}: nothing to roll back")
+        raise RegistryError(f"{name} has no {CHAMPION_ALIAS} alias in {redact(uri)}: nothing to roll back")
     past = history(client, name)
     while past and past[-1] == current:
         past.pop()
@@ -144,7 +149,7 @@ def rollback(name: str = MODEL_NAME, tracking_uri: str | None = None, workdir: s
                                  dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"))
     log.info("rolled back %s champion: version %s -> %s", name, current, target)
     return {"name": name, "from_version": current, "to_version": target,
-            "champion_uri": champion_uri(name), "tracking_uri": uri}
+            "champion_uri": champion_uri(name), "tracking_uri": redact(uri)}
 
 
 def champion_info(name: str = MODEL_NAME, tracking_uri: str | None = None,
@@ -161,7 +166,7 @@ def champion_info(name: str = MODEL_NAME, tracking_uri: str | None = None,
             "threshold": float(threshold) if threshold else None,
             "model_uri": version_uri(name, version), "champion_uri": champion_uri(name),
             "run_id": mv.run_id, "dataset_fingerprint": tags.get("dataset_fingerprint"),
-            "history": history(client, name), "tracking_uri": uri}
+            "history": history(client, name), "tracking_uri": redact(uri)}
 
 
 def list_versions(name: str = MODEL_NAME, tracking_uri: str | None = None,
@@ -205,6 +210,7 @@ def download_version(model_uri: str, dst: str | Path, tracking_uri: str | None =
         folder = Path(mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=str(dst)))
     except MlflowException as err:
         if is_unreachable(err):
-            raise RegistryUnavailable(uri, err) from err
-        raise RegistryError(f"cannot resolve {model_uri} in MLflow ({uri}): {str(err).splitlines()[0]}") from err
+            raise RegistryUnavailable(uri, err) from None
+        raise RegistryError(f"cannot resolve {model_uri} in MLflow ({redact(uri)}): "
+                            f"{redact(str(err).splitlines()[0])}") from None
     return folder, dict(version.tags) if version is not None else {}

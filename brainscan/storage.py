@@ -14,7 +14,7 @@ import shutil
 import tempfile
 from functools import lru_cache
 from pathlib import Path, PurePosixPath
-from typing import Any, Iterator
+from typing import Any, BinaryIO, Iterator
 
 import boto3
 from botocore.config import Config
@@ -196,17 +196,36 @@ def exists(uri: str) -> bool:
 
 def list_files(prefix: str) -> Iterator[tuple[str, int]]:
     """(uri, size) of every file under a prefix or folder, sorted by URI."""
+    for uri, size, _version in list_versions(prefix):
+        yield uri, size
+
+
+def list_versions(prefix: str) -> Iterator[tuple[str, int, str]]:
+    """(uri, size, version) of every file under a prefix or folder, sorted by URI.
+
+    The version is what a listing shows that changes when the bytes do, without reading them: the
+    ETag of an S3 object, the modification time (ns) of a file.
+    """
     if is_s3(prefix):
         bucket, key = parse_s3(prefix)
         key = key.rstrip("/") + "/" if key else ""
         paginator = s3_client().get_paginator("list_objects_v2")
         for page in paginator.paginate(Bucket=bucket, Prefix=key):
             for obj in page.get("Contents", []):
-                yield f"s3://{bucket}/{obj['Key']}", obj["Size"]
+                yield f"s3://{bucket}/{obj['Key']}", obj["Size"], obj.get("ETag", "")
         return
     root = Path(prefix)
     for path in sorted(p for p in root.rglob("*") if p.is_file()):
-        yield str(path), path.stat().st_size
+        stat = path.stat()
+        yield str(path), stat.st_size, str(stat.st_mtime_ns)
+
+
+def open_read(uri: str) -> BinaryIO:
+    """A binary stream over an object or file, read as it arrives (close it when done)."""
+    if is_s3(uri):
+        bucket, key = parse_s3(uri)
+        return s3_client().get_object(Bucket=bucket, Key=key)["Body"]
+    return open(uri, "rb")
 
 
 def upload_dir(local_dir: str | Path, uri: str) -> str:

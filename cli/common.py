@@ -18,16 +18,18 @@ import typer
 
 from brainscan import config
 from brainscan.config import DEFAULT_WORKDIR, MODEL_NAME, PRESETS, PipelineParams
+from brainscan.redact import redact
 
 
 def emit_json(summary) -> None:
-    """Print a JSON summary as the last output line."""
-    typer.echo(json.dumps(summary, sort_keys=True, default=str))
+    """Print a JSON summary as the last output line (URIs in it without their user and password)."""
+    typer.echo(redact(json.dumps(summary, sort_keys=True, default=str)))
 
 
 def fail(message: str, code: int = 1) -> None:
-    """A one-line error on stderr and a non-zero exit: no traceback for expected failures."""
-    typer.echo(f"error: {message}", err=True)
+    """A one-line error on stderr and a non-zero exit: no traceback for expected failures (and no
+    credentials: an error text may repeat a URI with its user and password)."""
+    typer.echo(f"error: {redact(message)}", err=True)
     raise typer.Exit(code)
 
 

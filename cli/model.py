@@ -33,9 +33,12 @@ def model_rollback(name: str = MODEL_NAME_OPTION, tracking_uri: Optional[str] = 
 def model_info(name: str = MODEL_NAME_OPTION, tracking_uri: Optional[str] = TRACKING_OPTION,
                workdir: Path = WORKDIR_OPTION) -> None:
     """The current champion (version, threshold, tags) as JSON; exit 3 when there is none."""
-    from brainscan.registry import champion_info  # lazy: loads MLflow
+    from brainscan.registry import RegistryError, champion_info  # lazy: loads MLflow
 
-    info = champion_info(name, tracking_uri=tracking_uri, workdir=workdir)
+    try:
+        info = champion_info(name, tracking_uri=tracking_uri, workdir=workdir)
+    except RegistryError as err:
+        fail(str(err))
     if info is None:
         typer.echo(f"{name} has no champion", err=True)
         raise typer.Exit(3)
@@ -46,8 +49,12 @@ def model_info(name: str = MODEL_NAME_OPTION, tracking_uri: Optional[str] = TRAC
 def model_list(name: str = MODEL_NAME_OPTION, tracking_uri: Optional[str] = TRACKING_OPTION,
                workdir: Path = WORKDIR_OPTION) -> None:
     """Every version of the model, oldest first, the champion marked."""
-    from brainscan.registry import list_versions  # lazy: loads MLflow
+    from brainscan.registry import RegistryError, list_versions  # lazy: loads MLflow
 
-    for row in list_versions(name, tracking_uri=tracking_uri, workdir=workdir):
+    try:
+        rows = list_versions(name, tracking_uri=tracking_uri, workdir=workdir)
+    except RegistryError as err:
+        fail(str(err))
+    for row in rows:
         typer.echo(f"{row['version']:>4} {'*' if row['champion'] else ' '} threshold={row['threshold']} "
                    f"code={str(row['code_version'])[:12]} data={str(row['dataset_fingerprint'])[:12]}")

@@ -10,6 +10,8 @@ from typing import Optional
 
 import typer
 
+from brainscan import config
+from brainscan import heartbeat as liveness
 from brainscan.config import DEFAULT_WORKDIR, WatchSettings, preset_arguments
 from cli.common import JSON_OPTION, PRESET_OPTION, emit_json, fail, pipeline_params, setting, with_settings
 
@@ -60,12 +62,15 @@ def retrain_watch(
     preset: Optional[str] = PRESET_OPTION,
     max_checks: Optional[int] = typer.Option(None, "--max-checks", min=1, help="Stop after this many checks."),
     settle_checks: int = setting("settle_checks", WatchSettings),
+    kfp_timeout: float = setting("kfp_timeout_s", WatchSettings, flag="--kfp-timeout"),
+    heartbeat: str = setting("heartbeat", WatchSettings),
 ) -> None:
     """Check on an interval; when the data changed, submit a run (--host) or run the pipeline locally.
 
     With --host: one run per data version, named after its fingerprint and not submitted again when the
     KFP API has it already (a restarted watcher does not double it); --namespace is also the Kubeflow
-    profile the run goes to. The pod's projected KFP token authenticates it (infra/k8s/retrain/)."""
+    profile the run goes to. The pod's projected KFP token authenticates it (infra/k8s/retrain/).
+    --heartbeat: the file `brainscan retrain alive` checks (the pod's liveness probe)."""
     # lazy: loads MLflow and kfp
     from brainscan.local import stack
     from pipelines import watcher
@@ -82,7 +87,7 @@ def retrain_watch(
 
             result = kfp_client.submit_once(host, watcher.run_name(decision.fingerprint),
                                             preset_arguments(preset, given), which="retrain",
-                                            namespace=given.get("namespace"))
+                                            namespace=given.get("namespace"), timeout_s=kfp_timeout)
             typer.echo(f"{'submitted' if result.action == 'submit' else 'already submitted:'} run {result.run_id} "
                        f"({result.name})", err=True)
         else:
@@ -93,6 +98,21 @@ def retrain_watch(
             except RuntimeError as err:  # a failed run is logged; the watch goes on
                 typer.echo(f"run failed: {str(err).splitlines()[0]}", err=True)
 
-    started = watcher.watch(params.source, start_run, interval_s=interval, model_name=params.model_name,
-                            max_checks=max_checks, settle_checks=settle_checks)
+    try:
+        started = watcher.watch(params.source, start_run, interval_s=interval, model_name=params.model_name,
+                                max_checks=max_checks, settle_checks=settle_checks, heartbeat=heartbeat or None)
+    except OSError as err:  # the heartbeat cannot be written: the probe would restart the pod forever
+        fail(f"cannot start watching: {str(err).splitlines()[0]}")
     typer.echo(f"{started} run(s) started", err=True)
+
+
+@retrain_app.command("alive")
+def retrain_alive(
+    heartbeat: str = typer.Option(..., "--heartbeat", help=config.param_help("heartbeat", WatchSettings)),
+    max_age: float = setting("max_age_s", WatchSettings, flag="--max-age"),
+) -> None:
+    """Exit 0 when the watcher's heartbeat is fresh, 1 when it is old or missing (a liveness probe)."""
+    alive, why = liveness.check(heartbeat, max_age)
+    typer.echo(why, err=not alive)
+    if not alive:
+        raise typer.Exit(1)

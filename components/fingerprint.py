@@ -7,7 +7,9 @@ watcher (pipelines/watcher.py) runs the same comparison on an interval.
 
 A source is listed first and its images are read only when the listing changed (keys, sizes and
 ETags on S3; paths, sizes and modification times in a folder), so an unchanged bucket costs one
-LIST request, not a download of the dataset.
+LIST request, not a download of the dataset. When it changed, only the images whose listing entry
+changed are read again (an S3 object with the same ETag and size is not), each hashed in pieces as
+it streams in, never held whole in memory.
 """
 
 from __future__ import annotations
@@ -15,16 +17,21 @@ from __future__ import annotations
 import hashlib
 import shutil
 import tempfile
+from contextlib import closing
 from pathlib import Path
+from typing import Callable
 
 from brainscan import labels, registry, storage
 from brainscan.config import MODEL_NAME
 from brainscan.dataset import fingerprint_of
 from components import ingest
 
+CHUNK_BYTES = 1 << 20  # what one read of an image holds in memory while it is hashed
 
 # source -> (listing signature, fingerprint) of the last time its images were read
 _LAST_READ: dict[str, tuple[str, str]] = {}
+# source -> {image path in the source: (its listing entry's version, sha256)} as of that read
+_HASHED: dict[str, dict[str, tuple[str, str]]] = {}
 
 
 def listing_signature(source: str) -> str | None:
@@ -33,18 +40,11 @@ def listing_signature(source: str) -> str | None:
     (kaggle:): the fingerprint is then always computed."""
     source = str(source)
     digest = hashlib.sha256()
-    if storage.is_s3(source):
-        bucket, key = storage.parse_s3(source)
-        prefix = key.rstrip("/") + "/" if key else ""
-        for page in storage.s3_client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
-            for obj in page.get("Contents", []):
-                digest.update(f"{obj['Key']}\t{obj['Size']}\t{obj.get('ETag', '')}\n".encode())
-        return digest.hexdigest()
     path = Path(source).expanduser()
-    if path.is_dir():
-        for item in sorted(p for p in path.rglob("*") if p.is_file()):
-            stat = item.stat()
-            digest.update(f"{item.relative_to(path).as_posix()}\t{stat.st_size}\t{stat.st_mtime_ns}\n".encode())
+    if storage.is_s3(source) or path.is_dir():
+        base = source if storage.is_s3(source) else str(path)
+        for uri, size, version in storage.list_versions(base):
+            digest.update(f"{uri[len(base):]}\t{size}\t{version}\n".encode())
         return digest.hexdigest()
     if path.is_file():
         stat = path.stat()
@@ -53,34 +53,52 @@ def listing_signature(source: str) -> str | None:
     return None
 
 
-def source_fingerprint(source: str) -> str:
+def source_fingerprint(source: str, progress: Callable[[], object] | None = None) -> str:
     """Fingerprint of a source read in place (folder, .zip, s3:// prefix, kaggle:OWNER/DATASET).
 
     Uses ingest's own source reader and fingerprint function, so the value equals what ingest
     records for the same data (and thus the champion's tag) by construction. The images are read
-    again only when the source's listing changed since this process last read them.
+    again only when the source's listing changed since this process last read them, and then only
+    those whose own entry changed. `progress` is called after each image (the watcher's heartbeat:
+    a long first read is not a stuck one).
     """
     signature = listing_signature(source)
     if signature is not None and _LAST_READ.get(str(source), (None, None))[0] == signature:
         return _LAST_READ[str(source)][1]
-    fingerprint = _read_fingerprint(source)
+    fingerprint = _read_fingerprint(source, progress)
     if signature is not None:
         _LAST_READ[str(source)] = (signature, fingerprint)
     return fingerprint
 
 
-def _read_fingerprint(source: str) -> str:
+def _sha256(item) -> str:
+    digest = hashlib.sha256()
+    with closing(item.stream()) as stream:
+        while chunk := stream.read(CHUNK_BYTES):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _read_fingerprint(source: str, progress: Callable[[], object] | None = None) -> str:
+    known = _HASHED.get(str(source), {})
+    hashed: dict[str, tuple[str, str]] = {}
     scratch = Path(tempfile.mkdtemp(prefix="brainscan-fingerprint-"))
     try:
         items, _ignored = ingest.open_source(str(source), scratch, ingest.ZipLimits())
         rows = []
         for item in items:
-            rows.append({"sha256": hashlib.sha256(item.read()).hexdigest(),
-                         "class7": labels.label_from_path(item.rel)[1]})
+            version, sha256 = known.get(item.rel, (None, None))
+            if version != item.version:
+                sha256 = _sha256(item)
+            hashed[item.rel] = (item.version, sha256)
+            rows.append({"sha256": sha256, "class7": labels.label_from_path(item.rel)[1]})
+            if progress is not None:
+                progress()
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     if not rows:
         raise ValueError(f"no images under {source!r}")
+    _HASHED[str(source)] = hashed  # only the images there now: the cache never outgrows the source
     return fingerprint_of(rows)
 
 

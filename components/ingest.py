@@ -40,7 +40,7 @@ import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import Callable
+from typing import BinaryIO, Callable
 
 import requests
 from botocore.exceptions import ClientError, HTTPClientError
@@ -53,6 +53,7 @@ from brainscan.config import DEFAULT_SOURCE, IO_WORKERS
 from brainscan.dataset import MANIFEST_COLUMNS, fingerprint_of
 from brainscan.labels import IMAGE_SUFFIXES, CLASSES, UnknownLabelError, is_tumor, label_from_path
 from brainscan.limits import MAX_IMAGE_BYTES
+from brainscan.redact import redact
 
 log = logging.getLogger(__name__)
 
@@ -125,11 +126,19 @@ class IngestResult:
 
 @dataclass
 class _Item:
-    """One image of the source: its path inside the archive, its size where a listing gives it, and how
-    to read its bytes."""
+    """One image of the source: its path inside the archive, how to read its bytes, and what the
+    listing showed of them.
+
+    `stream` opens them for reading in pieces and `version` is the listing's word for them (S3 ETag
+    and size; a file's size and modification time): the fingerprint step hashes an image without
+    holding it and skips one whose version it has hashed before. `size` lets ingest refuse a file
+    over the cap before reading it.
+    """
 
     rel: str
     read: Callable[[], bytes]
+    stream: Callable[[], BinaryIO]
+    version: str
     size: int | None = None
     modality: str = ""
     class7: str = ""
@@ -276,19 +285,22 @@ def _folder_items(root: Path) -> SourceFiles:
                 if _skip_name(rel):
                     files.ignored.append(rel)
                 else:
-                    files.items.append(_Item(rel, path.read_bytes, size=path.stat().st_size))
+                    stat = path.stat()
+                    files.items.append(_Item(rel, path.read_bytes, lambda path=path: path.open("rb"),
+                                             f"{stat.st_size}:{stat.st_mtime_ns}", size=stat.st_size))
     return files
 
 
 def _s3_items(prefix: str) -> SourceFiles:
     base = prefix.rstrip("/") + "/"
     files = SourceFiles([], [], [])
-    for uri, size in storage.list_files(prefix):
+    for uri, size, etag in storage.list_versions(prefix):
         rel = uri[len(base):]
         if _skip_name(rel):
             files.ignored.append(rel)
         else:
-            files.items.append(_Item(rel, lambda uri=uri: storage.read_bytes(uri), size=size))
+            files.items.append(_Item(rel, lambda uri=uri: storage.read_bytes(uri), lambda uri=uri: storage.open_read(uri),
+                                     f"{size}:{etag}", size=size))
     return files
 
 
@@ -432,7 +444,7 @@ def _label_all(items: list[_Item]) -> None:
 def _s3_failure_reason(err: BaseException) -> str:
     if isinstance(err, (BotoConnectionError, HTTPClientError)):
         endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or "AWS S3"
-        return f"S3 unreachable at {endpoint}: {type(err).__name__}"
+        return f"S3 unreachable at {redact(endpoint)}: {type(err).__name__}"
     if isinstance(err, ClientError):
         return f"S3 refused: {err.response.get('Error', {}).get('Code', '?')} {err.response.get('Error', {}).get('Message', '')}".strip()
     return f"{type(err).__name__}: {err}"

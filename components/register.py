@@ -36,6 +36,7 @@ from brainscan.config import DEFAULT_WORKDIR, MODEL_NAME, champion_uri, version_
 from brainscan.evaluation_report import EvaluationReport
 from brainscan.modelstore import ModelBundle, fetch_checked_bundle
 from brainscan.onnx_export import export_onnx
+from brainscan.redact import redact
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +52,7 @@ class RegisterResult:
     run_id: str | None = None
     previous_champion: str | None = None
     threshold: float | None = None
-    tracking_uri: str | None = None
+    tracking_uri: str | None = None  # as shown: without the user and password it may hold
 
     def summary(self) -> dict:
         return asdict(self)
@@ -178,13 +179,13 @@ def register(model, evaluation, name: str = MODEL_NAME, pipeline_run: str | None
             if version is not None:
                 _withdraw(client, name, version)
             if registry.is_unreachable(err):
-                raise registry.RegistryUnavailable(uri, err) from err
+                raise registry.RegistryUnavailable(uri, err) from None  # MLflow's error repeats the URL
             raise
     log.info("registered %s version %s (run %s); champion: %s -> %s", name, version, run_id, previous, version)
     return RegisterResult(True, name, f"registered version {version}; champion moved from {previous or 'none'}",
                           version=version, model_uri=version_uri(name, version),
                           champion_uri=champion_uri(name), run_id=run_id, previous_champion=previous,
-                          threshold=threshold, tracking_uri=uri)
+                          threshold=threshold, tracking_uri=redact(uri))
 
 
 def _withdraw(client, name: str, version: str) -> None:
@@ -194,5 +195,5 @@ def _withdraw(client, name: str, version: str) -> None:
         log.warning("registration of %s version %s did not finish: the version was removed again", name, version)
     except Exception as err:  # noqa: BLE001 - the original error is what the caller must hear
         log.error("registration of %s version %s did not finish and the version could not be removed (%s): "
-                  "it is not the champion; delete it by hand", name, version, str(err).splitlines()[0][:200])
+                  "it is not the champion; delete it by hand", name, version, redact(str(err).splitlines()[0])[:200])
 

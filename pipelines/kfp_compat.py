@@ -1,4 +1,4 @@
-"""Every adaptation of kfp's local runner (kfp.local) that brainscan needs, in one place (kfp 2.17.0).
+"""Every adaptation of kfp (its local runner and its API client) that brainscan needs, in one place (kfp 2.17.0).
 
 kfp.local's public API is `init(runner, pipeline_root, workspace_root, raise_on_error,
 enable_caching, cache_root)` and its runners; calling a pipeline then runs it and returns the
@@ -23,9 +23,16 @@ here, each with the kfp behaviour it relies on:
    <pipeline_root>/<pipeline name>-<timestamp>/<task>/executor_output.json
    (executor_input_utils.construct_local_task_root); only the pipeline's own outputs are
    returned by the call.
+4. Request timeouts (`with_request_timeout`): `kfp.Client` has no timeout and its methods pass
+   none, so a request to a KFP API that accepts and never answers waits forever. Its generated
+   API objects share one `kfp_server_api.ApiClient` (`client._run_api.api_client`), whose
+   `rest_client.request(..., _request_timeout=None)` (kfp_server_api/rest.py in kfp-server-api
+   2.17.3, which kfp does not pin: checked here too) turns a (connect, read) pair into a urllib3
+   timeout; the wrapper fills it in where the caller gave none.
 
-Upgrading kfp: the import below refuses any other version. Re-read the kfp.local files named
-above, remove each adaptation the new version covers, then change KFP_VERSION.
+Upgrading kfp: the import below refuses any other version. Re-read the kfp.local and kfp_server_api
+files named above, remove each adaptation the new version covers, then change KFP_VERSION (and
+KFP_SERVER_API_VERSION).
 """
 
 from __future__ import annotations
@@ -41,11 +48,13 @@ from typing import Iterator, TextIO
 from brainscan.versions import require_version
 
 KFP_VERSION = "2.17.0"
+KFP_SERVER_API_VERSION = "2.17.3"
 
 
 def check_version() -> None:
     """Refuse a kfp this module was not written for (its adaptations may silently break)."""
     require_version("kfp", KFP_VERSION, __name__, "kfp.local")
+    require_version("kfp-server-api", KFP_SERVER_API_VERSION, __name__, "kfp_server_api.rest")
 
 
 check_version()
@@ -119,3 +128,17 @@ def task_outputs(run_dir: Path) -> dict[str, dict]:
                 values[name] = {"path": artifact.get("uri"), **artifact.get("metadata", {})}
         outputs[path.parent.name] = values
     return outputs
+
+
+# --------------------------------------------------------------------------- 4. request timeouts
+def with_request_timeout(client, connect_s: float, read_s: float):
+    """`client` (a kfp.Client) with every request failing after `connect_s` to connect or `read_s`
+    waiting for an answer (urllib3 raises; a request that sets its own timeout keeps it)."""
+    rest = client._run_api.api_client.rest_client
+    request = rest.request
+
+    def request_with_timeout(*args, _request_timeout=None, **kwargs):
+        return request(*args, _request_timeout=_request_timeout or (connect_s, read_s), **kwargs)
+
+    rest.request = request_with_timeout
+    return client

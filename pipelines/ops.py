@@ -163,6 +163,7 @@ def evaluate_op(model_uri: str, splits_uri: str, target_recall: float, min_recal
     The gate compares with the current champion (if any) so that a worse model never replaces it.
     """
     import base64
+    import html
 
     from brainscan import layout, storage
     from brainscan.config import champion_uri
@@ -194,10 +195,12 @@ def evaluate_op(model_uri: str, splits_uri: str, target_recall: float, min_recal
         if storage.exists(uri):
             encoded = base64.b64encode(storage.read_bytes(uri)).decode()
             images.append(f'<figure><img src="data:image/png;base64,{encoded}"><figcaption>{name}</figcaption></figure>')
+    # The gate's reason and the promise are text (they quote model names, URIs, numbers): escaped, so the
+    # Kubeflow UI shows them as written and never runs markup that came in with them.
     with open(report.path, "w") as handle:
         handle.write(f"<h1>Evaluation: gate {'passed' if passed else 'FAILED'}</h1>"
-                     f"<p><b>{evaluation.promise.get('statement', '')}</b></p>"
-                     f"<p>{evaluation.gate.get('reason', '')}</p>" + "".join(images))
+                     f"<p><b>{html.escape(str(evaluation.promise.get('statement', '')))}</b></p>"
+                     f"<p>{html.escape(str(evaluation.gate.get('reason', '')))}</p>" + "".join(images))
     metrics.metadata["gate_passed"] = passed
     return passed
 

@@ -15,6 +15,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -147,6 +148,20 @@ def status(workdir: str | Path) -> StackInfo | None:
     return info if process_alive(info.pid) else None
 
 
+def _write_private(path: Path, text: str) -> None:
+    """Write a file that only its owner can read, from its first byte: mkstemp creates it 0600 whatever
+    the umask (a write then chmod leaves the secret readable by others in between), then it replaces
+    `path` in one step."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "w") as handle:
+            handle.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
 def up(workdir: str | Path, timeout: float = 90.0) -> StackInfo:
     """Start the local stack for a work dir, or return the one already running."""
     running = status(workdir)
@@ -162,8 +177,7 @@ def up(workdir: str | Path, timeout: float = 90.0) -> StackInfo:
     if not (access_key_file.exists() and secret_key_file.exists()):
         for path, value in ((access_key_file, "BS" + secrets.token_hex(9).upper()),
                             (secret_key_file, secrets.token_urlsafe(30))):
-            path.write_text(value)
-            path.chmod(0o600)
+            _write_private(path, value)
     identities = {"identities": [{
         "name": "brainscan",
         "credentials": [{"accessKey": access_key_file.read_text().strip(),
@@ -171,8 +185,7 @@ def up(workdir: str | Path, timeout: float = 90.0) -> StackInfo:
         "actions": ["Admin", "Read", "Write", "List", "Tagging"],
     }]}
     s3_config = stack_dir / "s3.json"
-    s3_config.write_text(json.dumps(identities))
-    s3_config.chmod(0o600)
+    _write_private(s3_config, json.dumps(identities))
 
     ports = dict(zip(_PORT_FLAGS, free_ports(len(_PORT_FLAGS))))
     command = [

@@ -59,3 +59,28 @@ def test_plain_bucket_and_prefix_pass():
     for prefix in ("pipeline", "team-a/pipeline_2", "demo"):
         PipelineParams(bucket="brainscan", prefix=prefix)
         assert layout.model_uri("brainscan", prefix, "r") == f"s3://brainscan/{prefix}/runs/r/model"
+
+
+def test_the_kfp_evaluation_html_escapes_the_gate_text(tmp_path, monkeypatch):
+    """The evaluate op's HTML artifact (rendered by the Kubeflow UI) shows the gate's reason and the promise
+    as text: markup in them (a model name, a URI, a note) is escaped, never run."""
+    from kfp.dsl import HTML, ClassificationMetrics, Metrics
+
+    import components.evaluate
+    from pipelines import ops
+
+    reason = 'FAILED: recall 0.91 < 0.95 for <script>alert("x")</script> & champion "v3"'
+    statement = "Catches <b>97%</b> of tumors"
+    report = EvaluationReport(threshold=0.5, gate={"passed": False, "reason": reason},
+                              promise={"statement": statement}, test={"recall": 0.91})
+    monkeypatch.setattr(components.evaluate, "evaluate", lambda *args, **kwargs: report)
+    page = HTML(name="report", uri=str(tmp_path / "report.html"))
+    passed = ops.evaluate_op.python_func(
+        model_uri=str(tmp_path / "runs" / "r" / "model"), splits_uri=str(tmp_path / "splits"), target_recall=0.95,
+        min_recall=0.9, min_auc=0.9, model_name="brain-tumor", metrics=Metrics(name="m", uri=str(tmp_path / "m")),
+        classification=ClassificationMetrics(name="c", uri=str(tmp_path / "c")), report=page)
+    text = (tmp_path / "report.html").read_text()
+    assert passed is False
+    assert "<script>" not in text and "<b>97%</b>" not in text
+    assert "&lt;script&gt;alert(&quot;x&quot;)&lt;/script&gt; &amp; champion &quot;v3&quot;" in text
+    assert "Catches &lt;b&gt;97%&lt;/b&gt; of tumors" in text

@@ -278,6 +278,28 @@ def test_retrain_watcher_runs_the_cli_it_names():
     assert deployment["spec"]["replicas"] == 1 and deployment["spec"]["strategy"]["type"] == "Recreate"
 
 
+def test_retrain_watcher_has_a_liveness_probe_on_its_heartbeat():
+    """Kubernetes restarts a stuck watcher: the probe runs `brainscan retrain alive` (a command the real CLI
+    accepts) on the file the watch touches, kept on an emptyDir, with a max age above the check interval."""
+    import typer.main
+
+    from cli import app
+
+    deployment, _ = _watcher()
+    pod = deployment["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    retrain = typer.main.get_command(app).commands["retrain"]
+    watch = retrain.commands["watch"].make_context("watch", list(container["args"][2:])).params
+    probe = container["livenessProbe"]["exec"]["command"]
+    assert probe[:3] == ["brainscan", "retrain", "alive"]
+    alive = retrain.commands["alive"].make_context("alive", probe[3:]).params
+    assert alive["heartbeat"] == watch["heartbeat"]
+    assert alive["max_age"] >= 2 * watch["interval"]  # one sleep, and a check at least as long again
+    (mount,) = [m for m in container["volumeMounts"] if watch["heartbeat"].startswith(m["mountPath"] + "/")]
+    (volume,) = [v for v in pod["volumes"] if v["name"] == mount["name"]]
+    assert "emptyDir" in volume
+
+
 def test_retrain_watcher_authenticates_to_the_kfp_api_with_a_projected_token():
     from kfp.client import KF_PIPELINES_SA_TOKEN_PATH
 

@@ -509,3 +509,12 @@ def test_a_source_that_changed_since_its_fingerprint_is_refused(image_tree, s3_p
     with pytest.raises(IngestError, match="changed since it was fingerprinted"):
         ingest_version(str(image_tree), s3_prefix, progress=False, expected_fingerprint="0" * 64)
     assert object_keys(s3_prefix) == []
+
+
+def test_an_unreachable_s3_endpoint_is_named_without_its_credentials(monkeypatch):
+    from botocore.exceptions import EndpointConnectionError
+
+    monkeypatch.delenv("AWS_ENDPOINT_URL_S3", raising=False)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://AKIDEXAMPLE:wJalrXUtnFEMI@127.0.0.1:9")
+    reason = ingest_module._s3_failure_reason(EndpointConnectionError(endpoint_url="http://127.0.0.1:9"))
+    assert reason == "S3 unreachable at http://***@127.0.0.1:9: EndpointConnectionError"

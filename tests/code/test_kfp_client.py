@@ -24,6 +24,9 @@ class FakeKfp(BaseHTTPRequestHandler):
     requests: list[dict] = []
     pipelines: dict[str, str] = {}
     runs: list[dict] = []
+    stall = threading.Event()  # while set, every request waits (a backend that accepts and never answers)
+    unstall = threading.Event()  # ... until this is set, or for STALL_S at most
+    STALL_S = 15
 
     def log_message(self, *args):  # keep test output quiet
         pass
@@ -37,6 +40,8 @@ class FakeKfp(BaseHTTPRequestHandler):
         self.wfile.write(data)
 
     def _record(self) -> dict:
+        if self.stall.is_set():
+            self.unstall.wait(self.STALL_S)
         length = int(self.headers.get("Content-Length") or 0)
         raw = self.rfile.read(length) if length else b""
         url = urlparse(self.path)
@@ -93,12 +98,14 @@ def fake_kfp():
     FakeKfp.requests = []
     FakeKfp.pipelines = {}
     FakeKfp.runs = []
+    FakeKfp.stall, FakeKfp.unstall = threading.Event(), threading.Event()
     server = ThreadingHTTPServer(("127.0.0.1", 0), FakeKfp)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
         yield f"http://127.0.0.1:{server.server_address[1]}", FakeKfp
     finally:
+        FakeKfp.unstall.set()
         server.shutdown()
         server.server_close()
 
@@ -253,3 +260,42 @@ def test_a_restarted_watcher_does_not_submit_the_same_data_again(fake_kfp, synth
     (run,) = _posts(fake, "/apis/v2beta1/runs")
     assert run["json"]["display_name"].startswith("brainscan-retrain-")
     assert run["json"]["runtime_config"]["parameters"] == {"source": source, "namespace": "kubeflow-user"}
+
+
+def test_a_hung_kfp_api_times_out_and_the_next_check_submits(fake_kfp, synthetic_archive, tmp_path, monkeypatch,
+                                                             caplog):
+    """The KFP API accepts the watcher's requests and never answers: the request times out, the watcher
+    logs it and goes on; at the next check (the API answers again) it submits the run."""
+    from pipelines import watcher
+
+    host, fake = fake_kfp
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+
+    def sleep_while_the_api_recovers(_seconds):
+        fake.stall.clear()
+        fake.unstall.set()
+
+    monkeypatch.setattr(watcher.time, "sleep", sleep_while_the_api_recovers)
+    fake.stall.set()
+    with caplog.at_level("ERROR", logger=watcher.log.name):
+        out = CliRunner().invoke(app, ["retrain", "watch", "--source", str(synthetic_archive.out_dir), "--host", host,
+                                       "--interval", "1", "--max-checks", "2", "--settle-checks", "1",
+                                       "--kfp-timeout", "0.5"])
+    assert out.exit_code == 0, out.output
+    failures = [r.getMessage() for r in caplog.records if "retried at the next check" in r.getMessage()]
+    assert len(failures) == 1 and "timed out" in failures[0], caplog.text
+    assert "submitted run rid-1" in out.output and "1 run(s) started" in out.output
+    (run,) = _posts(fake, "/apis/v2beta1/runs")
+    assert run["json"]["display_name"].startswith("brainscan-retrain-")
+
+
+def test_the_timeout_adaptation_refuses_another_kfp_server_api(monkeypatch):
+    """The request timeout relies on kfp_server_api's REST client, which kfp does not pin: checked like kfp."""
+    from importlib import metadata
+
+    from pipelines import kfp_compat
+
+    versions = {"kfp": kfp_compat.KFP_VERSION, "kfp-server-api": "2.18.0"}
+    monkeypatch.setattr(metadata, "version", lambda name: versions[name])
+    with pytest.raises(ImportError, match=r"written for kfp-server-api 2\.17\.3, found 2\.18\.0"):
+        kfp_compat.check_version()

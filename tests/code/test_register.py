@@ -119,12 +119,17 @@ def mlflow_server(s3_stack, s3_prefix, tmp_path):
 
 
 def test_register_on_a_remote_server_with_s3_artifacts(mlflow_server, tiny_trained_bundle_dir, passed_evaluation,
-                                                        test_files, tmp_path, monkeypatch):
+                                                        test_files, tmp_path, monkeypatch, capsys, caplog):
     url, bucket = mlflow_server
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", url)  # the environment decides, as on a cluster
+    # the environment decides, as on a cluster; with a user and password (basic auth, which this server ignores)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", url.replace("http://", "http://alice:s3cret@"))
     monkeypatch.setenv("BRAINSCAN_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "false")
+    monkeypatch.delenv("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT")  # unset, and unset again after the test
     result = reg.register(str(tiny_trained_bundle_dir), passed_evaluation, pipeline_run="remote-1")
-    assert result.registered and result.tracking_uri == url
+    assert result.registered and result.tracking_uri == url.replace("http://", "http://***@")
+    shown = capsys.readouterr()
+    assert "s3cret" not in shown.out + shown.err + caplog.text  # MLflow's run links included
     stored = [uri for uri, _ in storage.list_files(f"s3://{bucket}/mlartifacts")]
     assert any(uri.endswith("/model.keras") for uri in stored)
     assert any(uri.endswith("/evaluation/evaluation.json") for uri in stored)
@@ -259,3 +264,38 @@ def test_a_version_whose_registration_did_not_finish_is_withdrawn(tiny_trained_b
     monkeypatch.undo()
     assert [v["version"] for v in registry.list_versions(NAME, tracking_uri=uri)] == [first.version]
     assert registry.champion_info(NAME, tracking_uri=uri)["version"] == first.version
+
+
+# ----------------------------------------------------------------------------- credentials in tracking URIs
+def test_redact_hides_the_user_and_password_of_every_uri():
+    from brainscan.redact import redact
+
+    assert redact("https://alice:s3cret@mlflow.example.org:5000/api") == "https://***@mlflow.example.org:5000/api"
+    assert redact("http://token@h") == "http://***@h"
+    assert redact("a password with @: http://bob:p@ss@h/x") == "a password with @: http://***@h/x"
+    assert redact('{"a": "http://u:p@h", "b": "s3://bucket/key@1"}') == '{"a": "http://***@h", "b": "s3://bucket/key@1"}'
+    for plain in ("sqlite:////tmp/mlflow.db", "http://127.0.0.1:5000", "s3://b/p", "models:/brain-tumor@champion",
+                  "mail me@example.org", 'http://h","x":"me@y'):
+        assert redact(plain) == plain
+
+
+def test_an_unreachable_tracking_uri_with_credentials_is_shown_without_them(tmp_path):
+    """`brainscan model info|list|rollback` against an MLflow that does not answer: one error line that names
+    the server, not its password (MLflow's own error, and so a traceback, would repeat the URL as given)."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]  # closed again: nothing answers there
+    uri = f"http://alice:s3cret@127.0.0.1:{port}"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    for command in (["model", "info"], ["model", "list"], ["model", "rollback"]):
+        done = subprocess.run([sys.executable, "-m", "cli", *command, "--tracking-uri", uri, "--workdir", str(tmp_path)],
+                              capture_output=True, text=True, env=env, timeout=300)
+        shown = done.stdout + done.stderr
+        assert done.returncode == 1 and "s3cret" not in shown, shown[-3000:]
+        assert shown.strip().splitlines() == [f"error: MLflow at http://***@127.0.0.1:{port} is unreachable "
+                                              + shown.split(" is unreachable ", 1)[1].strip()], shown[-3000:]

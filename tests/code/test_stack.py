@@ -97,3 +97,33 @@ def test_cli_down_also_stops_the_local_model_server(tmp_path, serving_bundle):
     finally:
         local.stop(workdir)
         stack.down(workdir)
+
+
+def test_key_files_are_private_from_their_first_byte(tmp_path, monkeypatch):
+    """The S3 keys and the SeaweedFS identities file are created readable by their owner only: never
+    written with the umask's mode and narrowed afterwards (another user could read them in between)."""
+    import stat
+    from pathlib import Path
+
+    class Stop(Exception):
+        pass
+
+    def no_weed():  # stop `up` right after it wrote its secrets: no process is started
+        raise Stop
+
+    monkeypatch.setattr(stack, "_weed_binary", no_weed)
+    before_chmod = []
+    real_chmod = Path.chmod
+    monkeypatch.setattr(Path, "chmod", lambda path, mode, **kw: before_chmod.append(
+        (path.name, stat.S_IMODE(path.stat().st_mode))) or real_chmod(path, mode, **kw))
+    old_umask = os.umask(0o022)  # the usual umask: new files are world-readable unless made otherwise
+    try:
+        with pytest.raises(Stop):
+            stack.up(tmp_path)
+    finally:
+        os.umask(old_umask)
+    secrets = ("access_key_id", "secret_access_key", "s3.json")
+    folder = tmp_path / "stack"
+    assert {name: stat.S_IMODE((folder / name).stat().st_mode) for name in secrets} == dict.fromkeys(secrets, 0o600)
+    assert [(name, oct(mode)) for name, mode in before_chmod if name in secrets and mode & 0o077] == []
+    assert sorted(p.name for p in folder.iterdir()) == ["access_key_id", "data", "s3.json", "secret_access_key"]
