@@ -271,7 +271,8 @@ class PipelineParams(Recipe):
     gpus: int = _param(1, "GPUs for the training step (0: CPU only, on any node).", min=0)
     namespace: str = _param(NAMESPACE, "Kubernetes namespace of the InferenceService.")
     canary_percent: int = _param(0, "Traffic share for the new model: 0 replaces the served one at once, "
-                                    "10 starts a 10 % canary.", min=0, max=100)
+                                    "10 starts a 10 % canary (the champion moves only with all traffic).",
+                                    min=0, max=100)
     model_name: str = _param(MODEL_NAME, "MLflow registered model name.")
     deployment_mode: str = _param(SERVERLESS, "KServe deployment mode: Serverless (Knative; canaries, scale to "
                                               "zero) or RawDeployment (Standard: a Deployment, also gRPC, GPU node "

@@ -37,15 +37,15 @@ def model_rollback(
     """Move the `champion` alias back to the previous champion version; with --deploy, serve that version first."""
     # lazy: loads MLflow and kserve
     from brainscan.registry import RegistryError
-    from components.rollback import rollback
+    from components.deploy import rollback_champion
 
     if local and not redeploy:
         fail("--local redeploys the local model server: add --deploy")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
-        result = rollback(name, tracking_uri=tracking_uri, workdir=workdir, redeploy=redeploy, local=local,
-                          namespace=namespace, isvc=isvc, kubeconfig=kubeconfig, timeout_s=timeout,
-                          poll_interval_s=poll_interval)
+        result = rollback_champion(name, tracking_uri=tracking_uri, workdir=workdir, redeploy=redeploy, local=local,
+                                   namespace=namespace, isvc=isvc, kubeconfig=kubeconfig, timeout_s=timeout,
+                                   poll_interval_s=poll_interval)
     except (RegistryError, RuntimeError) as err:
         fail(str(err).splitlines()[0])
     typer.echo(result.message, err=True)
