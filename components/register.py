@@ -164,14 +164,14 @@ def register(model, evaluation, name: str = MODEL_NAME, pipeline_run: str | None
         code_dir = pyfunc.code_package(tmp / "code")
         try:
             experiment_id = registry.experiment_id(client, uri)
+            champion = registry.champion_version(client, name)  # read only: registration leaves it where it is
             run_id, logged_uri = _log_run(experiment_id, name, model_uri, report, meta, tags, tmp / "bundle",
                                           evidence, code_dir)
             # The registry changes from here on.
             version = str(mlflow.register_model(logged_uri, name, await_registration_for=60).version)
             for key, value in tags.items():
                 client.set_model_version_tag(name, version, key, value)
-            registry.mark_candidate(client, name, version)
-            champion = registry.champion_version(client, name)
+            registry.mark_candidate(client, name, version)  # the last change: nothing can fail after it
         except Exception as err:
             if version is not None:
                 _withdraw(client, name, version)
@@ -180,8 +180,9 @@ def register(model, evaluation, name: str = MODEL_NAME, pipeline_run: str | None
             raise
     log.info("registered %s version %s (run %s) as %s; champion stays %s", name, version, run_id, CANDIDATE_ALIAS,
              champion)
-    return RegisterResult(True, name, f"registered version {version} as {CANDIDATE_ALIAS}; {CHAMPION_ALIAS} stays "
-                                      f"{'version ' + champion if champion else 'unset'} until a deploy of it serves",
+    return RegisterResult(True, name, f"registered version {version} as {CANDIDATE_ALIAS}; {CHAMPION_ALIAS} stays at "
+                                      f"{'version ' + champion if champion else 'none'} until version {version} is "
+                                      f"deployed and serving",
                           version=version, model_uri=version_uri(name, version),
                           champion_uri=champion_uri(name), run_id=run_id, champion=champion,
                           threshold=threshold, tracking_uri=uri)
