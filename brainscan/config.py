@@ -20,7 +20,8 @@ from brainscan import layout, limits
 
 # ----------------------------------------------------------------------------- names
 MODEL_NAME = "brain-tumor"  # MLflow registered model, v2 model name, InferenceService name
-CHAMPION_ALIAS = "champion"  # the MLflow alias that is deployed
+CHAMPION_ALIAS = "champion"  # the MLflow alias of the version that is served; moves only once it serves
+CANDIDATE_ALIAS = "candidate"  # the MLflow alias of the latest registered version not yet promoted
 
 
 def champion_uri(name: str = MODEL_NAME) -> str:
@@ -36,6 +37,14 @@ def version_uri(name: str, version: str) -> str:
 def version_of(uri: str) -> str:
     """The version of a `models:/NAME/VERSION` URI."""
     return uri.rsplit("/", 1)[-1]
+
+
+def pinned_version(uri: str) -> tuple[str, str] | None:
+    """(NAME, VERSION) of a `models:/NAME/VERSION` URI; None for an alias, s3:// or a path."""
+    if not uri.startswith("models:/"):
+        return None
+    name, _, version = uri[len("models:/"):].rpartition("/")
+    return (name, version) if name and version.isdigit() else None
 
 
 CHAMPION_URI = champion_uri()
@@ -270,7 +279,8 @@ class PipelineParams(Recipe):
     gpus: int = _param(1, "GPUs for the training step (0: CPU only, on any node).", min=0)
     namespace: str = _param(NAMESPACE, "Kubernetes namespace of the InferenceService.")
     canary_percent: int = _param(0, "Traffic share for the new model: 0 replaces the served one at once, "
-                                    "10 starts a 10 % canary.", min=0, max=100)
+                                    "10 starts a 10 % canary (the champion moves only with all traffic).",
+                                    min=0, max=100)
     model_name: str = _param(MODEL_NAME, "MLflow registered model name.")
     deployment_mode: str = _param(SERVERLESS, "KServe deployment mode: Serverless (Knative; canaries, scale to "
                                               "zero) or RawDeployment (Standard: a Deployment, also gRPC, GPU node "

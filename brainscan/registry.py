@@ -5,9 +5,11 @@ embedded local default). Registry and tracking share it. What this module return
 shows it without the `user:password@` it may hold (brainscan.redact); MLflow's own error for a
 server that does not answer repeats the URL as given, so it is never chained to ours.
 
-The champion is the version behind the alias `champion`; the versions that held it, oldest
-first, are the registered model's tag `champion_history`, so that `rollback` can move the
-alias back one step.
+The champion is the version behind the alias `champion`: the version that is served. It moves
+in one place, `promote`, called once a deploy of that version serves (components/deploy.py)
+or by a rollback; registration only sets the alias `candidate`. The versions that held it,
+oldest first, are the registered model's tag `champion_history`, so that `rollback` can move
+the alias back one step.
 
 An unreachable tracking server is answered in seconds with `RegistryUnavailable` (one line:
 the URI and what to check), not after MLflow's default retries (7, exponential backoff, 120 s
@@ -28,7 +30,8 @@ import requests
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
-from brainscan.config import CHAMPION_ALIAS, DEFAULT_WORKDIR, EXPERIMENT, MODEL_NAME, champion_uri, version_uri
+from brainscan.config import (CANDIDATE_ALIAS, CHAMPION_ALIAS, DEFAULT_WORKDIR, EXPERIMENT, MODEL_NAME, champion_uri,
+                              version_uri)
 from brainscan.redact import redact
 
 log = logging.getLogger(__name__)
@@ -120,20 +123,59 @@ def history(client: MlflowClient, name: str) -> list[str]:
         return []
 
 
-def promote(client: MlflowClient, name: str, version: str) -> str | None:
-    """Move `champion` to version and append it to the history; returns the previous champion."""
+def check_version(client: MlflowClient, name: str, version: str) -> None:
+    """Raise RegistryError unless `version` of `name` is registered (RegistryUnavailable: no answer)."""
+    try:
+        client.get_model_version(name, version)
+    except MlflowException as err:
+        if is_unreachable(err):
+            raise RegistryUnavailable(client.tracking_uri, err) from err
+        raise RegistryError(f"{version_uri(name, version)} is not a registered version: "
+                            f"{str(err).splitlines()[0][:200]}") from err
+
+
+def aliases_of(client: MlflowClient, name: str, version: str) -> list[str]:
+    """The aliases that point at one version (MLflow deletes them with the version)."""
+    return list(client.get_model_version(name, version).aliases or [])
+
+
+def mark_candidate(client: MlflowClient, name: str, version: str) -> None:
+    """Registration's alias: the newest version that may be deployed; `champion` does not move."""
+    client.set_registered_model_alias(name, CANDIDATE_ALIAS, version)
+
+
+def promote(client: MlflowClient, name: str, version: str, new_history: list[str] | None = None) -> str | None:
+    """Move `champion` to `version`: the one place it moves. Returns the previous champion.
+
+    Called once `version` serves (components/deploy.py) or by `rollback`. The alias move is the
+    commit point: when it fails nothing changed; what follows is bookkeeping that may fail without
+    breaking a later rollback (a champion missing from the history is added back by the next
+    promotion, and `rollback` goes back to the last entry that is not the champion). The history
+    records the previous champion; `new_history` replaces it (a rollback drops its last step).
+    Promoting the champion again changes nothing (a retried deploy step).
+    """
     previous = champion_version(client, name)
-    past = history(client, name)
-    if previous and (not past or past[-1] != previous):
-        past.append(previous)  # a champion set outside brainscan: keep it restorable
+    if previous == version and new_history is None:
+        return previous
+    if new_history is None:
+        new_history = history(client, name)
+        if previous and (not new_history or new_history[-1] != previous):
+            new_history.append(previous)  # a champion set outside brainscan: keep it restorable
+        new_history.append(version)
     client.set_registered_model_alias(name, CHAMPION_ALIAS, version)
-    client.set_registered_model_tag(name, HISTORY_TAG, json.dumps(past + [version]))
+    try:
+        client.set_registered_model_tag(name, HISTORY_TAG, json.dumps(new_history))
+        if CANDIDATE_ALIAS in aliases_of(client, name, version):
+            client.delete_registered_model_alias(name, CANDIDATE_ALIAS)
+    except MlflowException as err:
+        log.warning("%s champion is version %s; its history tag or candidate alias was not updated (%s)",
+                    name, version, str(err).splitlines()[0][:200])
+    log.info("%s champion: version %s -> %s", name, previous, version)
     return previous
 
 
-def rollback(name: str = MODEL_NAME, tracking_uri: str | None = None, workdir: str | Path = DEFAULT_WORKDIR) -> dict:
-    """Move `champion` back to the previous champion; returns {name, from_version, to_version}."""
-    client, uri = connect(tracking_uri, workdir)
+def rollback_plan(client: MlflowClient, name: str, uri: str) -> tuple[str, str, list[str]]:
+    """(current champion, the previous champion to go back to, the history after going back)."""
     current = champion_version(client, name)
     if current is None:
         raise RegistryError(f"{name} has no {CHAMPION_ALIAS} alias in {redact(uri)}: nothing to roll back")
@@ -142,9 +184,23 @@ def rollback(name: str = MODEL_NAME, tracking_uri: str | None = None, workdir: s
         past.pop()
     if not past:
         raise RegistryError(f"{name}: version {current} is the first champion; there is no previous one to restore")
-    target = past[-1]
-    client.set_registered_model_alias(name, CHAMPION_ALIAS, target)
-    client.set_registered_model_tag(name, HISTORY_TAG, json.dumps(past))
+    return current, past[-1], past
+
+
+def rollback(name: str = MODEL_NAME, tracking_uri: str | None = None, workdir: str | Path = DEFAULT_WORKDIR,
+             expect: tuple[str, str] | None = None) -> dict:
+    """Move `champion` back to the previous champion; returns {name, from_version, to_version, ...}.
+
+    Only the alias: an InferenceService that pins `models:/NAME/VERSION` keeps serving what it
+    serves (components/rollback.py redeploys first). `expect`: (from, to) as planned before a
+    redeploy; when the champion moved meanwhile nothing is changed.
+    """
+    client, uri = connect(tracking_uri, workdir)
+    current, target, past = rollback_plan(client, name, uri)
+    if expect is not None and (current, target) != tuple(expect):
+        raise RegistryError(f"{name}: the champion changed during the rollback (now {current}, planned "
+                            f"{expect[0]} -> {expect[1]}); the alias was left as it is")
+    promote(client, name, target, new_history=past)
     client.set_model_version_tag(name, current, "rolled_back_at",
                                  dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"))
     log.info("rolled back %s champion: version %s -> %s", name, current, target)

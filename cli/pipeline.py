@@ -62,7 +62,8 @@ def _print_run_summary(summary_path: Path) -> None:
         typer.echo(summary["promise"], err=True)
     if summary.get("model_uri"):
         typer.echo(f"registered {summary['model_uri']} (tracking {summary['tracking_uri']}), "
-                   f"served at {summary.get('served_url')}", err=True)
+                   f"served at {summary.get('served_url')}; champion: version {summary.get('champion_version')}",
+                   err=True)
     elif summary.get("trained"):
         typer.echo(f"gate not passed: nothing registered ({(summary.get('gate') or {}).get('reason', '')})", err=True)
     else:

@@ -175,7 +175,8 @@ def register_cmd(
     workdir: Path = WORKDIR_OPTION,
     as_json: bool = JSON_OPTION,
 ) -> None:
-    """Register a gated model in MLflow and move the `champion` alias to it (refused when the gate failed)."""
+    """Register a gated model in MLflow as the `candidate` (refused when the gate failed); `champion` moves
+    when a deploy of it serves."""
     # lazy: loads MLflow and TensorFlow
     from components.register import register
     from brainscan.modelstore import BundleError
@@ -186,7 +187,7 @@ def register_cmd(
                           workdir=workdir)
     except (FileNotFoundError, ValueError, BundleError, RegistryError) as err:
         fail(str(err).splitlines()[0])
-    typer.echo(result.reason + (f"; {result.champion_uri} -> {result.model_uri}" if result.registered else ""), err=True)
+    typer.echo(result.reason + (f"; deploy it with --model {result.model_uri}" if result.registered else ""), err=True)
     if as_json:
         emit_json(result.summary())
     if not result.registered:
@@ -201,7 +202,8 @@ def deploy_cmd(
     canary: Optional[int] = typer.Option(None, "--canary", min=1, max=100,
                                          help="Send only this percent of traffic to the new model (canary rollout)."),
     local: bool = typer.Option(False, "--local", help="(Re)start the local model server instead of a cluster deploy."),
-    workdir: Path = typer.Option(Path(DEFAULT_WORKDIR), "--workdir", help="Local server state (with --local)."),
+    workdir: Path = typer.Option(Path(DEFAULT_WORKDIR), "--workdir", help="Local server state (with --local); the sqlite registry when no "
+                                                                  "--tracking-uri or $MLFLOW_TRACKING_URI."),
     timeout: float = setting("timeout_s", config.DeploySettings, flag="--timeout"),
     image: Optional[str] = typer.Option(None, "--image", help="Serving image (default: $BRAINSCAN_SERVING_IMAGE)."),
     gpus: int = setting("serving_gpus", flag="--gpus"),
@@ -215,10 +217,15 @@ def deploy_cmd(
     kubeconfig: Optional[Path] = typer.Option(None, "--kubeconfig",
                                               help="Kubeconfig (default: $KUBECONFIG, ~/.kube/config or in-cluster)."),
     poll_interval: float = setting("poll_interval_s", config.DeploySettings, flag="--poll-interval", hidden=True),
+    promote: bool = typer.Option(True, "--promote/--no-promote",
+                                 help="Move `champion` to a pinned version (models:/NAME/VERSION) once it serves all "
+                                      "traffic; the version must be registered."),
+    tracking_uri: Optional[str] = TRACKING_OPTION,
     as_json: bool = JSON_OPTION,
 ) -> None:
     """Deploy a model: create or patch the KServe InferenceService and wait until Ready (rolls back if
-    it is not Ready in time), or with --local (re)start the local model server."""
+    it is not Ready in time), or with --local (re)start the local model server; then a pinned
+    registered version becomes the champion."""
     from components.deploy import deploy  # lazy: loads kserve
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -227,7 +234,7 @@ def deploy_cmd(
                         timeout_s=timeout, image=image, gpus=gpus, kubeconfig=kubeconfig,
                         poll_interval_s=poll_interval, workdir=workdir, min_replicas=min_replicas,
                         max_replicas=max_replicas, deployment_mode=deployment_mode,
-                        gpu_node_selection=gpu_node_selection)
+                        gpu_node_selection=gpu_node_selection, promote=promote, tracking_uri=tracking_uri)
     except (ValueError, RuntimeError, FileNotFoundError) as err:
         fail(str(err).splitlines()[0])
     typer.echo(result.message, err=True)

@@ -1,10 +1,13 @@
-"""Register a gated model in MLflow: a run with its evidence, a model version, the `champion` alias.
+"""Register a gated model in MLflow: a run with its evidence, a model version, the `candidate` alias.
 
 Only a model whose evaluation gate passed is registered. It is logged as the brainscan MLflow
 pyfunc (brainscan/pyfunc.py: what MLServer, `mlflow models serve` and batch scoring load),
 carrying its own code and pinned requirements, with the bundle as its artifact and the
 calibrated decision thresholds written into the bundle's brainscan_model.json, so that
-`brainscan.modelstore.load_bundle("models:/brain-tumor@champion")` works too.
+`brainscan.modelstore.load_bundle("models:/brain-tumor/7")` works too.
+
+Registration does not move `champion`: the deploy step does, once the new version serves
+(components/deploy.py), so that the registry and what is served never disagree.
 
 The registered bundle also carries model.onnx, converted and checked against Keras here, once
 (brainscan/onnx_export.py: a version whose ONNX model disagrees is not registered), and the
@@ -14,7 +17,8 @@ version's tag `bundle_sha256`: every load checks it.
 Order matters when MLflow fails half-way: the run, its evidence and the logged model come
 first (tracking only); the registry changes last (new version, its tags, then the alias). A
 failure before that leaves the registry as it was; a failure after the version was created
-removes that version again when MLflow still answers.
+removes that version again when MLflow still answers, unless an alias points at it by then
+(a version that may be served is never deleted).
 """
 
 from __future__ import annotations
@@ -32,7 +36,7 @@ import numpy as np
 
 import brainscan
 from brainscan import bundle, pyfunc, registry, storage
-from brainscan.config import DEFAULT_WORKDIR, MODEL_NAME, champion_uri, version_uri
+from brainscan.config import CANDIDATE_ALIAS, CHAMPION_ALIAS, DEFAULT_WORKDIR, MODEL_NAME, champion_uri, version_uri
 from brainscan.evaluation_report import EvaluationReport
 from brainscan.modelstore import ModelBundle, fetch_checked_bundle
 from brainscan.onnx_export import export_onnx
@@ -50,7 +54,7 @@ class RegisterResult:
     model_uri: str | None = None  # models:/NAME/VERSION
     champion_uri: str | None = None  # models:/NAME@champion
     run_id: str | None = None
-    previous_champion: str | None = None
+    champion: str | None = None  # the champion's version, unchanged by registration
     threshold: float | None = None
     tracking_uri: str | None = None  # as shown: without the user and password it may hold
 
@@ -139,7 +143,8 @@ def _log_run(experiment_id: str, name: str, model_uri: str, report: EvaluationRe
 def register(model, evaluation, name: str = MODEL_NAME, pipeline_run: str | None = None,
              tracking_uri: str | None = None, workdir: str | Path = DEFAULT_WORKDIR) -> RegisterResult:
     """Register the bundle at `model` with its evaluation (URI of evaluation.json or its folder,
-    an EvaluationReport, or the parsed dict); moves `champion` to the new version.
+    an EvaluationReport, or the parsed dict); the new version gets the alias `candidate`, and
+    `champion` stays where it is until a deploy of the new version serves.
 
     Raises registry.RegistryUnavailable when MLflow stops answering; the registry is then as it was.
     """
@@ -168,32 +173,46 @@ def register(model, evaluation, name: str = MODEL_NAME, pipeline_run: str | None
         code_dir = pyfunc.code_package(tmp / "code")
         try:
             experiment_id = registry.experiment_id(client, uri)
+            champion = registry.champion_version(client, name)  # read only: registration leaves it where it is
             run_id, logged_uri = _log_run(experiment_id, name, model_uri, report, meta, tags, tmp / "bundle",
                                           evidence, code_dir)
             # The registry changes from here on.
             version = str(mlflow.register_model(logged_uri, name, await_registration_for=60).version)
             for key, value in tags.items():
                 client.set_model_version_tag(name, version, key, value)
-            previous = registry.promote(client, name, version)
+            registry.mark_candidate(client, name, version)  # the last change: nothing can fail after it
         except Exception as err:
             if version is not None:
                 _withdraw(client, name, version)
             if registry.is_unreachable(err):
                 raise registry.RegistryUnavailable(uri, err) from None  # MLflow's error repeats the URL
             raise
-    log.info("registered %s version %s (run %s); champion: %s -> %s", name, version, run_id, previous, version)
-    return RegisterResult(True, name, f"registered version {version}; champion moved from {previous or 'none'}",
+    log.info("registered %s version %s (run %s) as %s; champion stays %s", name, version, run_id, CANDIDATE_ALIAS,
+             champion)
+    return RegisterResult(True, name, f"registered version {version} as {CANDIDATE_ALIAS}; {CHAMPION_ALIAS} stays at "
+                                      f"{'version ' + champion if champion else 'none'} until version {version} is "
+                                      f"deployed and serving",
                           version=version, model_uri=version_uri(name, version),
-                          champion_uri=champion_uri(name), run_id=run_id, previous_champion=previous,
+                          champion_uri=champion_uri(name), run_id=run_id, champion=champion,
                           threshold=threshold, tracking_uri=redact(uri))
 
 
 def _withdraw(client, name: str, version: str) -> None:
-    """Remove a version whose registration did not finish (best effort: MLflow may be gone)."""
+    """Remove a version whose registration did not finish (best effort: MLflow may be gone).
+
+    Never one that an alias points at: something promoted it meanwhile, and deleting a version
+    deletes its aliases too (the champion would vanish from under what serves it).
+    """
     try:
+        aliases = registry.aliases_of(client, name, version)
+        if aliases:
+            log.error("registration of %s version %s did not finish, but %s points at it by now: the version is "
+                      "kept", name, version, ", ".join(sorted(aliases)))
+            return
         client.delete_model_version(name, version)
         log.warning("registration of %s version %s did not finish: the version was removed again", name, version)
     except Exception as err:  # noqa: BLE001 - the original error is what the caller must hear
         log.error("registration of %s version %s did not finish and the version could not be removed (%s): "
-                  "it is not the champion; delete it by hand", name, version, redact(str(err).splitlines()[0])[:200])
+                  "delete it by hand unless an alias points at it", name, version,
+                  redact(str(err).splitlines()[0])[:200])
 

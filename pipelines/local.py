@@ -28,7 +28,7 @@ import pandas as pd
 from kfp import local as kfp_local
 
 from brainscan import layout, storage
-from brainscan.config import DEFAULT_WORKDIR, LOCAL_DEPLOY_ENV, PipelineParams, champion_uri, version_of
+from brainscan.config import DEFAULT_WORKDIR, LOCAL_DEPLOY_ENV, PipelineParams, champion_uri
 from brainscan.evaluation_report import EvaluationReport
 from brainscan.local import stack
 from pipelines import kfp_compat
@@ -220,8 +220,7 @@ def _summarise(params, steps, elapsed, error, run_dir, tracking_uri, only_if_new
             evaluation = EvaluationReport.load(evaluation_uri)
         except Exception:
             evaluation = None
-    registered = out("register", "Output")
-    version = version_of(registered) if registered else None
+    registered = out("register", "model_uri")
     return {
         "status": "failed" if error else "succeeded",
         "error": str(error) if error else None,
@@ -242,12 +241,13 @@ def _summarise(params, steps, elapsed, error, run_dir, tracking_uri, only_if_new
         "gate_passed": out("evaluate", "Output"),
         "gate": evaluation.gate if evaluation else None,
         "model_name": params.model_name,
-        "model_version": version,
+        "model_version": out("register", "version"),
         "model_uri": registered,
         "champion_uri": champion_uri(params.model_name),
+        "champion_version": out("deploy", "champion") or None,  # moved by the deploy step once it served
         "tracking_uri": tracking_uri,
         "deployed": steps.get("deploy", StepRecord()).status == "SUCCESS",
-        "served_url": out("deploy", "Output") or None,
+        "served_url": out("deploy", "url") or None,
         "params": params.as_dict(),
         "pipeline_root": str(run_dir) if run_dir else None,
     }

@@ -207,10 +207,13 @@ def evaluate_op(model_uri: str, splits_uri: str, target_recall: float, min_recal
 
 @dsl.component(**_COMMON)
 def register_op(model_uri: str, model_name: str, pipeline_run: str, fingerprint: str,
-                registered: Output[Model]) -> str:
-    """Register the model in MLflow and move the `champion` alias to it; returns `models:/NAME/VERSION`."""
+                registered: Output[Model]) -> NamedTuple("Registered", [("model_uri", str), ("version", str)]):
+    """Register the model in MLflow as the `candidate` (champion moves at deploy); returns
+    `models:/NAME/VERSION` and the version."""
+    import collections
+
     from brainscan import layout
-    from brainscan.config import CHAMPION_ALIAS
+    from brainscan.config import CANDIDATE_ALIAS
     from components.register import register
 
     # The dataset fingerprint tag comes from the evaluation report; `fingerprint` orders this step after ingest's.
@@ -219,28 +222,32 @@ def register_op(model_uri: str, model_name: str, pipeline_run: str, fingerprint:
         raise RuntimeError(result.reason)
     registered_uri = result.model_uri
     registered.metadata.update({"uri": registered_uri, "source_uri": model_uri, "version": int(result.version),
-                                "alias": CHAMPION_ALIAS, "run_id": result.run_id, "threshold": result.threshold,
+                                "alias": CANDIDATE_ALIAS, "run_id": result.run_id, "threshold": result.threshold,
                                 "dataset_fingerprint": fingerprint})
     with open(registered.path, "w") as handle:
         handle.write(registered_uri)
-    return registered_uri
+    return collections.namedtuple("Registered", ["model_uri", "version"])(registered_uri, str(result.version))
 
 
 @dsl.component(**_COMMON)
-def deploy_op(model_uri: str, namespace: str, canary_percent: int, image: str, deployment_mode: str,
-              gpus: int) -> str:
-    """Roll the model out: the KServe InferenceService on a cluster; in a local run, the local model server."""
+def deploy_op(model_name: str, version: str, namespace: str, canary_percent: int, image: str, deployment_mode: str,
+              gpus: int) -> NamedTuple("Deployed", [("url", str), ("champion", str)]):
+    """Roll version `version` of `model_name` out (the KServe InferenceService on a cluster; in a local run, the
+    local model server) and, once it serves all traffic, make it the champion; returns its URL and the
+    champion's version ("" when a canary left the champion where it was)."""
+    import collections
     import os
 
     from components.deploy import deploy
-    from brainscan.config import LOCAL_DEPLOY_ENV
+    from brainscan.config import LOCAL_DEPLOY_ENV, version_uri
 
     local_workdir = os.environ.get(LOCAL_DEPLOY_ENV)
-    result = deploy(model_uri, namespace=namespace, canary_percent=canary_percent or None, image=image, gpus=gpus,
-                    deployment_mode=deployment_mode, local=bool(local_workdir), workdir=local_workdir or ".")
+    result = deploy(version_uri(model_name, version), namespace=namespace, canary_percent=canary_percent or None,
+                    image=image, gpus=gpus, deployment_mode=deployment_mode, local=bool(local_workdir),
+                    workdir=local_workdir or ".", promote=True)
     if not result.ready:
         raise RuntimeError(f"deploy failed: {result.message}")
-    return result.url or ""
+    return collections.namedtuple("Deployed", ["url", "champion"])(result.url or "", result.champion or "")
 
 
 @dsl.component(**_COMMON)

@@ -100,7 +100,8 @@ def _train_and_deploy(p, fingerprint) -> None:
         # 6Gi: the ONNX conversion child peaks at 4.0 GiB next to the step's own 1.1 GiB (71 px Xception)
         _resources(_with_credentials(register, mlflow=True), "1", "6Gi", p.pipeline_image)
 
-        deploy = c.deploy_op(model_uri=register.outputs["Output"], namespace=p.namespace,
+        # the version, not the alias: the deploy step promotes it to champion once it serves
+        deploy = c.deploy_op(model_name=p.model_name, version=register.outputs["version"], namespace=p.namespace,
                              canary_percent=p.canary_percent, image=p.serving_image,
                              deployment_mode=p.deployment_mode, gpus=p.serving_gpus)
         deploy.set_display_name("deploy").set_caching_options(False)

@@ -1,5 +1,6 @@
 """deploy: the cluster path against a fake Kubernetes API on 127.0.0.1 (exact objects sent, the wait
-for the new generation, the rollback), the local path, the CLI and bad input."""
+for the new generation, the rollback), the local path, the CLI and bad input. The registry side
+(the champion moving with what is served) is tests/code/test_champion.py."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from tests.fixtures.kube import write_kubeconfig
 
 NS = "ml-team"
 V1, V2 = "models:/brain-tumor/1", "models:/brain-tumor/2"
-FAST = {"poll_interval_s": 0.01, "timeout_s": 5}
+FAST = {"poll_interval_s": 0.01, "timeout_s": 5, "promote": False}  # no registry here: test_champion.py
 CLUSTER = {"image": "registry.local/brainscan-serving:1.0", "gpus": 2, "node_selector": {"pool": "gpu-a100"},
            "tolerations": [{"key": "dedicated", "operator": "Equal", "value": "gpu", "effect": "NoSchedule"}],
            "service_account": "brainscan-s3-sa"}
@@ -185,11 +186,12 @@ def test_local_deploy_starts_then_reloads_the_local_server(monkeypatch, tmp_path
 
     fake_local.start = start
     fake_local.status = lambda workdir: running.get(workdir)
+    fake_local.ready = lambda url: True
     monkeypatch.setattr(deploy_module, "predictor", fake_local)
 
-    first = deploy(V1, local=True, workdir=tmp_path)
+    first = deploy(V1, local=True, workdir=tmp_path, promote=False)
     assert (first.ready, first.target, first.action, first.url) == (True, "local", "started", "http://127.0.0.1:18080")
-    second = deploy(V2, local=True, workdir=tmp_path)
+    second = deploy(V2, local=True, workdir=tmp_path, promote=False)
     assert (second.action, second.previous_model_uri, second.model_uri) == ("reloaded", V1, V2)
     assert calls == [(V1, tmp_path), (V2, tmp_path)]
 
@@ -199,7 +201,8 @@ def test_cli_deploy_json_and_failure_exit(fake_kube):
 
     api, kubeconfig = fake_kube
     runner = CliRunner()
-    common = ["deploy", "--namespace", NS, "--kubeconfig", str(kubeconfig), "--poll-interval", "0.01", "--gpus", "1"]
+    common = ["deploy", "--namespace", NS, "--kubeconfig", str(kubeconfig), "--poll-interval", "0.01", "--gpus", "1",
+              "--no-promote"]
     ok = runner.invoke(app, common + ["--model", V1, "--timeout", "5", "--json"])
     assert ok.exit_code == 0, ok.output
     summary = json.loads(ok.stdout.strip().splitlines()[-1])

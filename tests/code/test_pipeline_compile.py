@@ -58,6 +58,18 @@ def test_dag_order_and_gate(train_yaml):
     assert set(inner) == {"register-op", "deploy-op"}
 
 
+def test_deploy_gets_the_registered_version_to_promote(train_yaml):
+    """Register hands deploy the version it created (not the alias): deploy serves it, then promotes it."""
+    spec, _ = train_yaml
+    deploy = _all_tasks(spec)["deploy-op"]["inputs"]["parameters"]
+    assert deploy["version"] == {"taskOutputParameter": {"producerTask": "register-op", "outputParameterKey": "version"}}
+    assert deploy["model_name"] == {"componentInputParameter": "pipelinechannel--model_name"}
+    register_outputs = spec["components"]["comp-register-op"]["outputDefinitions"]["parameters"]
+    assert {k: v["parameterType"] for k, v in register_outputs.items()} == {"model_uri": "STRING", "version": "STRING"}
+    deploy_outputs = spec["components"]["comp-deploy-op"]["outputDefinitions"]["parameters"]
+    assert {k: v["parameterType"] for k, v in deploy_outputs.items()} == {"url": "STRING", "champion": "STRING"}
+
+
 def test_parameters_have_ui_defaults(train_yaml):
     spec, _ = train_yaml
     params = spec["root"]["inputDefinitions"]["parameters"]
@@ -232,16 +244,17 @@ def test_deploy_step_hands_image_mode_and_gpus_to_the_inference_service(monkeypa
     def fake_deploy(model_uri, **kwargs):
         seen.update(kwargs, model_uri=model_uri)
         return deploy_mod.DeployResult(model_uri=model_uri, target="cluster", name="brain-tumor", namespace="ns",
-                                       action="created", ready=True, url="http://brain-tumor.ns")
+                                       action="created", ready=True, url="http://brain-tumor.ns", promoted=True,
+                                       champion="3")
 
     monkeypatch.setattr(deploy_mod, "deploy", fake_deploy)
     monkeypatch.delenv("BRAINSCAN_LOCAL_DEPLOY_WORKDIR", raising=False)
-    url = c.deploy_op.python_func(model_uri="models:/brain-tumor/3", namespace="ns", canary_percent=0,
+    out = c.deploy_op.python_func(model_name="brain-tumor", version="3", namespace="ns", canary_percent=0,
                                   image="registry.example/bs-serving:1", deployment_mode="RawDeployment", gpus=0)
-    assert url == "http://brain-tumor.ns"
+    assert (out.url, out.champion) == ("http://brain-tumor.ns", "3")
     assert seen == {"model_uri": "models:/brain-tumor/3", "namespace": "ns", "canary_percent": None,
                     "image": "registry.example/bs-serving:1", "gpus": 0, "deployment_mode": "RawDeployment",
-                    "local": False, "workdir": "."}
+                    "local": False, "workdir": ".", "promote": True}
 
 
 def test_pipeline_parameters_reject_an_unknown_mode_or_a_raw_canary():

@@ -1,6 +1,7 @@
-"""Registration in MLflow: refusal without a passed gate, the pyfunc + bundle, tags, champion alias,
-rollback, loading back by models:/brain-tumor@champion; on sqlite and on a real `mlflow server`
-(loopback) whose artifacts live in the session's SeaweedFS."""
+"""Registration in MLflow: refusal without a passed gate, the pyfunc + bundle, tags, the candidate
+alias, rollback, loading back by models:/brain-tumor@champion once promoted; on sqlite and on a
+real `mlflow server` (loopback) whose artifacts live in the session's SeaweedFS. How the champion
+follows deploys: tests/code/test_champion.py."""
 
 from __future__ import annotations
 
@@ -56,8 +57,11 @@ def test_register_load_back_and_rollback_on_sqlite(tiny_trained_bundle_dir, pass
     uri = registry.default_tracking_uri(tmp_path / "work")
     first = reg.register(str(tiny_trained_bundle_dir), passed_evaluation, pipeline_run="run-1", tracking_uri=uri)
     second = reg.register(str(tiny_trained_bundle_dir), passed_evaluation, pipeline_run="run-2", tracking_uri=uri)
-    assert first.registered and second.registered and second.previous_champion == first.version
+    assert first.registered and second.registered and second.champion is None
     assert {p.name for p in tmp_path.iterdir()} <= {"cache", "work"}  # no stray ./mlruns
+    client, _ = registry.connect(uri)
+    for result in (first, second):  # what a deploy of each does once it serves
+        registry.promote(client, NAME, result.version)
 
     info = registry.champion_info(NAME, tracking_uri=uri)
     evaluation = storage.read_json(str(Path(passed_evaluation) / "evaluation.json"))
@@ -89,12 +93,13 @@ def test_register_load_back_and_rollback_on_sqlite(tiny_trained_bundle_dir, pass
     expected = champion.policy().decide(frame["probabilities"])
     assert list(frame["tumor"]) == list(expected.tumor) and list(frame["label"]) == list(expected.label)
 
-    # Rollback with the CLI: champion goes back to the first version, which stays loadable.
+    # Rollback with the CLI (alias only): champion goes back to the first version, which stays loadable.
     runner = CliRunner()
-    rolled = runner.invoke(app, ["model", "rollback", "--tracking-uri", uri, "--json"])
+    rolled = runner.invoke(app, ["model", "rollback", "--tracking-uri", uri, "--workdir", str(tmp_path / "work"),
+                                 "--kubeconfig", str(tmp_path / "no-cluster"), "--json"])
     assert rolled.exit_code == 0, rolled.output
     assert registry.champion_info(NAME, tracking_uri=uri)["version"] == first.version
-    again = runner.invoke(app, ["model", "rollback", "--tracking-uri", uri])
+    again = runner.invoke(app, ["model", "rollback", "--tracking-uri", uri, "--workdir", str(tmp_path / "work")])
     assert again.exit_code == 1 and "no previous one" in again.output
     versions = registry.list_versions(NAME, tracking_uri=uri)
     assert [v["version"] for v in versions] == [first.version, second.version]
@@ -134,19 +139,21 @@ def test_register_on_a_remote_server_with_s3_artifacts(mlflow_server, tiny_train
     assert any(uri.endswith("/model.keras") for uri in stored)
     assert any(uri.endswith("/evaluation/evaluation.json") for uri in stored)
     assert any(uri.endswith("/bundle/model.onnx") for uri in stored)
-    champion = modelstore.load_bundle(f"models:/{NAME}@champion")
+    registered = modelstore.load_bundle(result.model_uri)
     local = modelstore.load_bundle(str(tiny_trained_bundle_dir))
-    np.testing.assert_allclose(_probabilities(champion, test_files), _probabilities(local, test_files), atol=1e-6)
-    info = registry.champion_info(NAME)
-    assert info["tags"]["pipeline_run"] == "remote-1"
-    expected = info["tags"][registry.DIGEST_TAG]
-    assert expected == bundle.digest(champion.local_dir)
+    np.testing.assert_allclose(_probabilities(registered, test_files), _probabilities(local, test_files), atol=1e-6)
+    client, _ = registry.connect()
+    tags = client.get_model_version(NAME, result.version).tags
+    assert tags["pipeline_run"] == "remote-1"
+    assert registry.champion_info(NAME) is None  # the champion moves when a deploy of it serves
+    expected = tags[registry.DIGEST_TAG]
+    assert expected == bundle.digest(registered.local_dir)
 
     # One byte of the weights changed in the artifact store: no loader serves it.
     weights = next(uri for uri in stored if uri.endswith("/bundle/model.keras"))
     storage.write_bytes(weights, _flip_one_byte(storage.read_bytes(weights)))
     with pytest.raises(modelstore.BundleIntegrityError, match=f"expected {expected}, found [0-9a-f]{{64}}\\)$"):
-        modelstore.load_bundle(f"models:/{NAME}@champion")
+        modelstore.load_bundle(result.model_uri)
     import mlflow
 
     with pytest.raises(bundle.BundleIntegrityError, match=f"refusing to load.*expected {expected}"):
@@ -211,6 +218,7 @@ def test_mlflow_stopped_mid_register_answers_in_one_line_and_changes_nothing(
     try:
         first = reg.register(str(tiny_trained_bundle_dir), passed_evaluation, tracking_uri=server.url)
         assert first.registered
+        registry.promote(registry.connect(server.url)[0], NAME, first.version)  # as its deploy would
         before = (registry.champion_info(NAME, tracking_uri=server.url), _versions(server))
 
         real_log_artifacts = mlflow.log_artifacts
@@ -240,20 +248,21 @@ def test_mlflow_stopped_mid_register_answers_in_one_line_and_changes_nothing(
         assert after[1] == before[1], "no new version"
         assert after[0]["version"] == before[0]["version"] and after[0]["history"] == before[0]["history"]
         again = reg.register(str(tiny_trained_bundle_dir), passed_evaluation, tracking_uri=server.url)
-        assert again.registered and again.previous_champion == first.version
+        assert again.registered and again.champion == first.version
     finally:
         server.stop()
 
 
 def test_a_version_whose_registration_did_not_finish_is_withdrawn(tiny_trained_bundle_dir, passed_evaluation,
                                                                   tmp_path, monkeypatch):
-    """A failure after the new version exists (here: moving the alias) removes that version again."""
+    """A failure after the new version exists (here: setting its alias) removes that version again."""
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
     monkeypatch.setenv("BRAINSCAN_CACHE", str(tmp_path / "cache"))
     uri = registry.default_tracking_uri(tmp_path / "work")
     first = reg.register(str(tiny_trained_bundle_dir), passed_evaluation, tracking_uri=uri)
+    registry.promote(registry.connect(uri)[0], NAME, first.version)  # as its deploy would
 
     def refuse(self, *args, **kwargs):
         raise MlflowException("alias service refused the request")

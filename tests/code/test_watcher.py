@@ -40,6 +40,7 @@ def _register_champion(bundle_dir, fingerprint: str, tracking_uri: str) -> str:
            "test": {"recall": 1.0, "roc_auc": 1.0}, "dataset_fingerprint": fingerprint}
     result = reg.register(str(bundle_dir), doc, name=NAME, tracking_uri=tracking_uri)
     assert result.registered, result.reason
+    registry.promote(registry.connect(tracking_uri)[0], NAME, result.version)  # as its deploy would
     return str(result.version)
 
 

@@ -129,7 +129,8 @@ def test_local_pipeline_end_to_end_then_retrain_only_on_new_data(local_run, tmp_
     assert prediction["label"] in labels.CLASSES
     assert 0.0 <= prediction["tumor_probability"] <= 1.0
     assert abs(sum(prediction["probabilities"].values()) - 1.0) < 1e-3
-    assert _champion_version() == first["model_version"]
+    # the deploy step made the served version the champion (registration did not)
+    assert _champion_version() == first["champion_version"] == first["model_version"]
 
     # 2. unchanged data: the fingerprint equals the champion's tag, nothing after the check runs
     assert check(str(source)).retrain is False
@@ -161,7 +162,7 @@ def test_local_pipeline_end_to_end_then_retrain_only_on_new_data(local_run, tmp_
     if third["gate_passed"]:
         assert third["steps"]["register"]["status"] == "SUCCESS"
         assert int(third["model_version"]) == int(first["model_version"]) + 1
-        assert _champion_version() == third["model_version"]
+        assert _champion_version() == third["champion_version"] == third["model_version"]
         assert check(str(source)).retrain is False
     else:
         assert third["steps"]["register"]["status"] == "SKIPPED" and third["model_uri"] is None

@@ -66,7 +66,7 @@ def test_serving_image_is_lean(serving_container):
 def registered_champion(s3_stack, tmp_path_factory):
     """An MLflow server (sqlite metadata, artifacts on the stack's S3 read and written by its clients, as
     on a cluster) holding a brain-tumor champion registered by the project's own register step."""
-    from brainscan import storage
+    from brainscan import registry, storage
     from components.register import register
     from brainscan.network import build_model
     from brainscan.modelstore import save_bundle
@@ -84,6 +84,7 @@ def registered_champion(s3_stack, tmp_path_factory):
                "test": {"recall": 1.0, "roc_auc": 1.0}, "dataset_fingerprint": "image-smoke"}
         result = register(str(bundle_dir), doc, name=MODEL, tracking_uri=server.url)
         assert result.registered, result.reason
+        registry.promote(registry.connect(server.url)[0], MODEL, result.version)  # as its deploy would
         yield server, bundle_dir
     finally:
         server.stop()
