@@ -42,6 +42,8 @@ def model_rollback(
     if local and not redeploy:
         fail("--local redeploys the local model server: add --deploy")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    # urllib3 warns at each of MLflow's (bounded) retries; an unreachable registry is said once, by `fail`
+    logging.getLogger("urllib3.connectionpool").setLevel(logging.ERROR)
     try:
         result = rollback_champion(name, tracking_uri=tracking_uri, workdir=workdir, redeploy=redeploy, local=local,
                                    namespace=namespace, isvc=isvc, kubeconfig=kubeconfig, timeout_s=timeout,

@@ -667,10 +667,15 @@ def test_predictor_reads_only_the_read_only_secret_key_by_key():
         assert "envFrom" not in runtime["spec"]["containers"][0]
 
 
-def test_serving_bucket_policy_allows_reading_the_model_artifacts_and_nothing_else():
+def test_serving_bucket_policy_allows_reading_the_model_artifacts_and_nothing_else(monkeypatch):
     """infra/s3/serving-readonly-policy.json, enforced by moto's IAM: the read-only key reads a model artifact
     and may not write, delete, or read outside the artifact prefix. (moto ignores policy conditions: the
     listing's prefix condition is checked on the document.)"""
+    # boto3 here must reach moto, not a local stack another test pointed the environment at
+    for name in [name for name in os.environ if name.startswith("AWS_")]:
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "admin")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "admin")
     import boto3
     from botocore.exceptions import ClientError
     from moto import mock_aws

@@ -22,7 +22,8 @@ from tests.code.test_kfp_client import FakeKfp, fake_kfp  # noqa: F401 (the fixt
 ROOT = Path(__file__).resolve().parents[2]
 K8S = ROOT / "infra" / "k8s"
 NS = "kubeflow-user"
-FAST = {"poll_interval_s": 0.01, "timeout_s": 5}
+# promote=False: moving the champion alias talks to MLflow, not Kubernetes (tests/code/test_champion.py)
+FAST = {"poll_interval_s": 0.01, "timeout_s": 5, "promote": False}
 
 # /apis/GROUP/VERSION/namespaces/NS/RESOURCE[/NAME[/SUBRESOURCE]] (core: /api/v1/...)
 KUBE_PATH = re.compile(r"^/apis?/(?:(?P<group>[^/]+)/)?(?P<version>v[^/]+)/namespaces/[^/]+/(?P<resource>[^/]+)"
