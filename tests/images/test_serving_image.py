@@ -56,7 +56,7 @@ CLIENT = textwrap.dedent("""
 
 def test_serving_image_is_lean(serving_container):
     probe = ("import importlib.util as u; print([m for m in ('kfp', 'great_expectations', 'awscli', 'flask', "
-             "'sqlalchemy', 'moto', 'pytest', 'tritonclient', 'lime', 'sklearn') if u.find_spec(m)])")
+             "'sqlalchemy', 'moto', 'pytest', 'tritonclient', 'lime', 'sklearn', 'tf2onnx', 'onnx') if u.find_spec(m)])")
     proc = serving_container.run(["python", "-c", probe], network=False, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.strip() == "[]"
