@@ -21,6 +21,7 @@ import io
 import json
 import logging
 import os
+import re
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -46,6 +47,7 @@ from brainscan.limits import IMAGE_FORMATS  # noqa: E402  (the formats serving a
 log = logging.getLogger(__name__)
 
 IMAGE_MODES = ("L", "LA", "RGB", "RGBA", "P")  # what preprocessing turns into RGB
+_OBJECT_ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")  # in the text of some decode errors
 UNKNOWN = "<unknown>"
 
 
@@ -129,7 +131,9 @@ def _inspect_file(path: str) -> tuple[bool, str | None, str]:
         with Image.open(io.BytesIO(data)) as image:
             image.load()  # decode the pixels, not only the header
     except Exception as err:
-        return False, digest, f"does not decode: {type(err).__name__}: {err}"
+        # PIL names the buffer it read ("<_io.BytesIO object at 0x...>"): no address in a report that is
+        # written once per data version, so that a rerun writes the very same bytes
+        return False, digest, f"does not decode: {type(err).__name__}: {_OBJECT_ADDRESS.sub('', str(err))}"
     return True, digest, ""
 
 

@@ -140,3 +140,16 @@ def test_validation_and_serving_share_one_pixel_limit():
     from brainscan.config import VALIDATION, ServeSettings
 
     assert VALIDATION.max_side ** 2 == ServeSettings().max_pixels == limits.MAX_IMAGE_PIXELS
+
+
+def test_a_report_on_a_file_that_is_no_image_is_the_same_bytes_every_run(tmp_path):
+    """The reason a file does not decode names no Python object address: a rerun of validate on the same
+    data version writes the same report (write-once) instead of failing on other bytes."""
+    from tests.fixtures.ingest import write_tree
+
+    archive = write_tree(tmp_path / "archive")
+    next(archive.rglob("glioma (1).jpg")).write_bytes(b"not an image")
+    build_manifest(archive, tmp_path / "data")
+    first = validate(str(tmp_path / "data"), str(tmp_path / "report"), once=True)
+    validate(str(tmp_path / "data"), str(tmp_path / "report"), once=True)  # raised ImmutableObjectError
+    assert len(first.corrupt) == 1 and " at 0x" not in (tmp_path / "report" / "validation.json").read_text()
