@@ -16,6 +16,7 @@ import pytest
 import yaml
 
 from brainscan import inferenceservice as isvc_mod
+from tests.code.test_supply_chain import pins  # one reader of the lock files
 
 ROOT = Path(__file__).resolve().parents[2]
 INFRA = ROOT / "infra"
@@ -99,14 +100,10 @@ def test_dockerfile_pinned_base_non_root_and_lock(dockerfile):
     assert "TENSORFLOW_VERSION" not in text and "tensorflow[and-cuda]==" not in text
 
 
-def _pins(path: Path) -> dict[str, str]:
-    return dict(re.findall(r"^([A-Za-z0-9][A-Za-z0-9._-]*)==([^\s;\\]+)", path.read_text(), re.M))
-
-
 def test_serving_lock_is_lean_and_pinned_by_the_main_lock():
     """The serving image installs what `brainscan serve` needs, at requirements.lock's versions (one pin
     per package), and none of the pipeline, server or test tooling."""
-    main, serving = _pins(ROOT / "requirements.lock"), _pins(ROOT / "requirements-serving.lock")
+    main, serving = pins(ROOT / "requirements.lock"), pins(ROOT / "requirements-serving.lock")
     assert {name: main.get(name) for name in serving} == serving
     wanted = {line.strip() for line in (ROOT / "requirements-serving.in").read_text().splitlines()
               if line.strip() and not line.startswith("#")}
